@@ -1,0 +1,1 @@
+"""polytropon: Poly and MHR adapters."""
