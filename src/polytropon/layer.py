@@ -108,23 +108,27 @@ class PolyAdapter(nn.Module):
                 self.poly_router.reset()
 
     # ------------------------------------------------------------------ the method
-    def mix(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix(self, weights: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Mix the skills with routing weights ``(k, n_splits, n_skills)``.
 
         Returns:
-            ``A`` of shape ``(k, in_features, r)`` and ``B`` of shape ``(k, r, out_features)``, B already
-            scaled by ``1 / r``, so that a task's update is ``x @ A[i] @ B[i]``.
+            ``A`` of shape ``(k, in_features, r)`` and ``B`` of shape ``(k, r, out_features)``, B scaled by
+            ``1 / r`` when ``scaled`` (the default), so that a task's update is ``x @ A[i] @ B[i]``.
         """
         k = weights.shape[0]
         weights = weights.to(self.poly_lora_A.dtype)
         a = torch.einsum("kqs,qsdr->kqdr", weights, self.poly_lora_A).reshape(k, self.in_features, self.r)
-        b = torch.einsum("kqs,qsrd->krqd", weights / self.r, self.poly_lora_B).reshape(k, self.r, self.out_features)
+        b_weights = weights / self.r if scaled else weights
+        b = torch.einsum("kqs,qsrd->krqd", b_weights, self.poly_lora_B).reshape(k, self.r, self.out_features)
         return a, b
 
-    def task_factors(self, task_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-routing factors of one task: ``A (in_features, r)``, ``B (r, out_features)`` (B scaled 1/r)."""
+    def task_factors(self, task_id: int, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-routing factors of one task: ``A (in_features, r)``, ``B (r, out_features)``.
+
+        ``B`` carries the ``1 / r`` scaling when ``scaled``; without it the update is ``x @ A @ B / r``.
+        """
         ids = torch.tensor([task_id], device=self.poly_lora_A.device)
-        a, b = self.mix(self.poly_router.eval_weights(ids))
+        a, b = self.mix(self.poly_router.eval_weights(ids), scaled=scaled)
         return a[0], b[0]
 
     def _eval_factors(self, routing: BatchRouting) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +216,7 @@ class PolyLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.routing = routing
         self.name = name
+        self._merged: Optional[tuple[str, int, torch.Tensor, torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -223,22 +228,49 @@ class PolyLayer(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self, adapter_name: str, task_id: int) -> torch.Tensor:
-        """The task's update in the base weight's own layout: ``(out, in)`` for Linear, ``(in, out)`` for Conv1D."""
+        """The task's update ``A_t @ B_t`` (eval routing, 1/r included) in the base weight's layout.
+
+        Shape ``(out_features, in_features)`` for Linear, ``(in_features, out_features)`` for Conv1D.
+        """
         a, b = self.adapters[adapter_name].task_factors(task_id)
+        return self._delta_from_factors(a, b)
+
+    def _delta_from_factors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         delta = a @ b  # (in, out)
         return delta if self.fan_in_fan_out else delta.T
 
-    @torch.no_grad()
-    def merge(self, adapter_name: str, task_id: int) -> None:
-        """Add the task's update to the base weight (in float32, then cast to the weight's dtype)."""
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + self.delta_weight(adapter_name, task_id).float()).to(weight.dtype))
+    @property
+    def merged(self) -> Optional[tuple[str, int]]:
+        """``(adapter_name, task_id)`` of the task folded into the base weight, or ``None``."""
+        return None if self._merged is None else self._merged[:2]
 
     @torch.no_grad()
-    def unmerge(self, adapter_name: str, task_id: int) -> None:
-        """Subtract the task's update from the base weight (exact up to float round-off)."""
+    def merge(self, adapter_name: str, task_id: int) -> None:
+        """``W <- W + delta_weight(adapter_name, task_id)``, computed in float32 and cast to W's dtype.
+
+        The task's factors ``A_t, B_t`` are kept (they are small), so :meth:`unmerge` subtracts exactly what
+        was added even if the adapter's weights change while merged (e.g. an optimizer step).
+
+        Raises:
+            ValueError: a task is already merged into this layer.
+        """
+        if self._merged is not None:
+            raise ValueError(f"layer {self.name!r} already has task {self._merged[1]} of adapter {self._merged[0]!r} merged")
+        a, b = self.adapters[adapter_name].task_factors(task_id)
+        a, b = a.detach().clone(), b.detach().clone()
         weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.delta_weight(adapter_name, task_id).float()).to(weight.dtype))
+        weight.copy_((weight.float() + self._delta_from_factors(a, b).float()).to(weight.dtype))
+        self._merged = (adapter_name, task_id, a, b)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged task's update from the base weight (exact up to float round-off); no-op if none."""
+        if self._merged is None:
+            return
+        _, _, a, b = self._merged
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() - self._delta_from_factors(a, b).float()).to(weight.dtype))
+        self._merged = None
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
