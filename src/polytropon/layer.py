@@ -272,5 +272,14 @@ class PolyLayer(nn.Module):
         weight.copy_((weight.float() - self._delta_from_factors(a, b).float()).to(weight.dtype))
         self._merged = None
 
+    def __getattr__(self, name: str):
+        # model code reads ``layer.weight`` / ``layer.bias`` (dtype checks, weight tying): the base layer's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

@@ -172,9 +172,9 @@ class PolyModel(nn.Module):
         self.routing = RoutingState()
         for param in model.parameters():
             param.requires_grad_(False)
-        self.training = model.training
         self._inject(adapter_name, plan)
         self.set_adapter(adapter_name)
+        self.training = model.training
 
     # ------------------------------------------------------------------ adapters
     def _inject(self, adapter_name: str, plan: _Plan) -> None:
@@ -183,21 +183,20 @@ class PolyModel(nn.Module):
             if isinstance(module, PolyLayer):
                 layer = module
             else:
-                layer = PolyLayer(module, self.routing, path)
-                layer.train(module.training)  # follow the wrapped model's train/eval mode
+                layer = PolyLayer(module, self.routing, path).train(module.training)
                 self._replace(path, layer)
             weight = layer.base_layer.weight
             adapter = PolyAdapter(
                 layer.in_features, layer.out_features, cfg.r, cfg.n_tasks, cfg.n_skills, cfg.n_splits,
                 init_weights=cfg.init_weights,
             )
-            # a new adapter takes the layer's mode: one added to a model in eval mode must not sample routes
-            layer.adapters[adapter_name] = adapter.to(weight.device).train(layer.training)
+            # new modules follow the mode of the model they join (an eval-mode model stays deterministic)
+            layer.adapters[adapter_name] = adapter.to(weight.device).train(layer.base_layer.training)
         for path, module in plan.saved:
             if isinstance(module, ModulesToSave):
                 wrapper = module
             else:
-                wrapper = ModulesToSave(module, self.routing)
+                wrapper = ModulesToSave(module, self.routing).train(module.training)
                 self._replace(path, wrapper)
             wrapper.add_copy(adapter_name)
         self.peft_config[adapter_name] = cfg
