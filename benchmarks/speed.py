@@ -263,8 +263,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller model and fewer repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument(
+        "--only", default="train,infer,generate,merged", help="comma-separated workloads to time (default: all)"
+    )
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_worker:
         memory_worker(args.memory_worker, args.quick)
         return
@@ -280,20 +286,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     models = {v: build(v, setup, base) for v in VARIANTS}
     work = {v: Workloads(v, m, setup) for v, m in models.items()}
     diff = check_equal(models, work["ours"])
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start")
     print(f"transformers {transformers.__version__}, peft {peft.__version__}")
     print(f"config: {setup}")
     print(f"ours vs PEFT Poly logits (eval, mixed tasks): max relative difference {diff:.2e}")
     if diff > 1e-5:
         raise SystemExit("ours and PEFT Poly disagree: the timings would compare different computations")
 
+    only = set(args.only.split(","))
     results: dict[str, dict[str, float]] = {}
-    results["train"] = time_interleaved({v: w.train for v, w in work.items()}, setup.repeats)
-    results["infer"] = time_interleaved({v: w.infer for v, w in work.items()}, setup.repeats)
-    results["generate"] = time_interleaved({v: w.generate for v, w in work.items()}, setup.gen_repeats, warmup=1)
-    models["ours"].merge_adapter(0)
-    merged = time_interleaved({"ours": work["ours"].infer_single, "base": work["base"].infer_single}, setup.repeats)
-    models["ours"].unmerge_adapter()
+    if "train" in only:
+        results["train"] = time_interleaved({v: w.train for v, w in work.items()}, setup.repeats)
+    if "infer" in only:
+        results["infer"] = time_interleaved({v: w.infer for v, w in work.items()}, setup.repeats)
+    if "generate" in only:
+        results["generate"] = time_interleaved({v: w.generate for v, w in work.items()}, setup.gen_repeats, warmup=1)
+    if "merged" in only:
+        models["ours"].merge_adapter(0)
+        results["merged"] = time_interleaved(
+            {"ours": work["ours"].infer_single, "base": work["base"].infer_single}, setup.repeats
+        )
+        models["ours"].unmerge_adapter()
     memory = None if args.no_memory else measure_memory(setup, args.quick)
 
     def row(label: str, t: dict[str, float]) -> str:
@@ -308,10 +321,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     print()
     print(head.replace("ours/peft_poly", "vs poly").replace("ours/peft_lora", "vs lora").replace("ours/base", "vs base"))
     print("|" + "---|" * (1 + len(VARIANTS) + 3))
-    print(row("train step (mixed)", results["train"]))
-    print(row("inference (mixed)", results["infer"]))
-    print(row("generate (mixed)", results["generate"]))
-    print(row("inference, 1 merged", merged))
+    labels = {"train": "train step (mixed)", "infer": "inference (mixed)", "generate": "generate (mixed)",
+              "merged": "inference, 1 merged"}
+    for key, label in labels.items():
+        if key in results:
+            print(row(label, results[key]))
     if memory is not None:
         cells = [f"{memory[v]:9.1f}" for v in VARIANTS]
         ratios = [f"{memory['ours'] / memory[o]:6.2f}x" for o in ("peft_poly", "peft_lora", "base")]

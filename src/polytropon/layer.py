@@ -36,6 +36,30 @@ def layer_features(module: nn.Module, name: str = "") -> tuple[int, int, bool]:
     )
 
 
+def _accumulate(result: torch.Tensor, hidden: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``result + hidden @ b`` in ``result``'s shape, in place when that is safe and free.
+
+    ``hidden`` is ``(rows, r)`` with ``b (r, out)``, or ``(n, t, r)`` with ``b (n, r, out)``; ``result`` has the
+    same number of elements as the product. In place means ``addmm_``/``baddbmm_`` on ``result`` itself (or,
+    with autograd off, on a view sharing its memory): one GEMM that reads and writes the output once.
+    """
+    target_shape = hidden.shape[:-1] + b.shape[-1:]
+    same_dtype = result.dtype == b.dtype
+    if same_dtype and result.shape == target_shape and (result._base is None or not torch.is_grad_enabled()):
+        target = result
+    elif same_dtype and not torch.is_grad_enabled() and result.is_contiguous():
+        target = result.view(target_shape)
+    else:
+        source = result.reshape(target_shape).to(b.dtype)
+        out = torch.addmm(source, hidden, b) if hidden.dim() == 2 else torch.baddbmm(source, hidden, b)
+        return out.view(result.shape).to(result.dtype)
+    if hidden.dim() == 2:
+        target.addmm_(hidden, b)
+    else:
+        target.baddbmm_(hidden, b)
+    return result
+
+
 class PolyAdapter(nn.Module):
     """The skill inventory and router of one adapter in one layer.
 
@@ -80,7 +104,7 @@ class PolyAdapter(nn.Module):
         self.poly_lora_A = nn.Parameter(torch.empty(n_splits, n_skills, in_features // n_splits, r))
         self.poly_lora_B = nn.Parameter(torch.empty(n_splits, n_skills, r, out_features // n_splits))
         self.poly_router = router if router is not None else PolyRouter(n_tasks, n_skills, n_splits, reset=False)
-        self._cache: Optional[tuple[tuple, torch.Tensor, torch.Tensor]] = None
+        self._cache: Optional[tuple] = None  # see _eval_factors
         self.reset_parameters(init_weights, reset_router=router is None)
 
     def reset_parameters(self, init_weights: bool = True, reset_router: bool = True) -> None:
@@ -132,59 +156,62 @@ class PolyAdapter(nn.Module):
         return a[0], b[0]
 
     def _eval_factors(self, routing: BatchRouting) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixed factors of the batch's distinct tasks at eval, cached while weights and tasks are unchanged.
+        """Eval-routing factors for every row of the batch, cached while weights and tasks are unchanged.
 
-        Generation calls every layer once per token with the same task ids; the cache turns the mixing into
-        a lookup. The key holds every parameter's storage and in-place version counter, so any optimizer
-        step, ``load_state_dict`` or device move invalidates it. Only used when autograd is off.
+        Returns ``A (1, in, r), B (1, r, out)`` when the batch holds one task (shared by all rows), else
+        ``A (n, in, r), B (n, r, out)``, row ``i`` holding the factors of its task. The skills are mixed once
+        per distinct task (``k`` of them), then gathered to rows.
+
+        Generation calls every layer once per token with the same task ids; the cache turns the mixing (and,
+        for the same :class:`BatchRouting`, the gather) into a lookup. Its key holds every parameter's storage
+        and in-place version counter, so any optimizer step, ``load_state_dict`` or device move invalidates
+        it; the mode is part of the key too. Only used when autograd is off.
         """
         params = (self.poly_lora_A, self.poly_lora_B, self.poly_router.module_logits)
         key = (routing.key, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version) for p in params)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1], self._cache[2]
-        a, b = self.mix(self.poly_router(routing.unique))
-        self._cache = (key, a, b)
-        return a, b
+        cache = self._cache
+        if cache is not None and cache[0] == key:
+            if cache[3] is routing:
+                return cache[4], cache[5]
+            a, b = cache[1], cache[2]
+        else:
+            a, b = self.mix(self.poly_router.eval_weights(routing.unique))
+        rows_a, rows_b = (a, b) if a.shape[0] == 1 else (a[routing.inverse], b[routing.inverse])
+        self._cache = (key, a, b, routing, rows_a, rows_b)
+        return rows_a, rows_b
 
     def add_update(self, result: torch.Tensor, x: torch.Tensor, routing: BatchRouting) -> torch.Tensor:
-        """Return ``result + x @ A_t @ B_t`` with each row's task ``t``.
+        """Return ``result + x @ A_t @ B_t`` with each row's task ``t`` (``B_t`` carries the ``1/r``).
+
+        * training: one relaxed-Bernoulli route per example, as in the papers and PEFT (``n`` mixtures);
+        * eval: the skills are mixed once per distinct task of the batch; with autograd off the mixtures are
+          cached across calls (:meth:`_eval_factors`);
+        * a batch of one task uses the shared factors as plain matrices (two GEMMs over all rows).
+
+        The update is accumulated into ``result`` in place (``baddbmm_``/``addmm_``) whenever autograd allows
+        it, i.e. without an extra pass over the output; never in place on a view that autograd tracks, which
+        would make its backward copy the whole output.
 
         Args:
-            result: base layer output ``(batch, ..., out_features)``; updated in place when dtypes allow.
+            result: base layer output ``(batch, ..., out_features)``.
             x: layer input ``(batch, ..., in_features)``.
             routing: the batch's task ids, one per row of ``x``.
         """
         dtype = self.poly_lora_A.dtype
-        n = x.shape[0]
-        x3 = x.to(dtype).reshape(n, -1, self.in_features)
+        if x.dtype != dtype:
+            x = x.to(dtype)
         if self.training:
-            # one relaxed-Bernoulli sample per example, as in the papers and PEFT
             a, b = self.mix(self.poly_router(routing.task_ids))
-            shared = False
-        else:
-            if torch.is_grad_enabled():
-                a, b = self.mix(self.poly_router(routing.unique))
-            else:
-                a, b = self._eval_factors(routing)
-            shared = a.shape[0] == 1
-            if not shared:
+        elif torch.is_grad_enabled():
+            a, b = self.mix(self.poly_router.eval_weights(routing.unique))
+            if a.shape[0] > 1:
                 a, b = a[routing.inverse], b[routing.inverse]
-        # accumulate into the base output without extra passes (Linear/Conv1D do not keep it for backward)
-        in_place = result.dtype == dtype
-        if shared:
-            x2 = x3.reshape(-1, self.in_features)
-            out2 = result.reshape(-1, self.out_features)
-            hidden = x2 @ a[0]
-            if in_place and out2.data_ptr() == result.data_ptr():
-                out2.addmm_(hidden, b[0])
-                return result
-            return result + (hidden @ b[0]).view(result.shape).to(result.dtype)
-        out3 = result.reshape(n, -1, self.out_features)
-        hidden = torch.bmm(x3, a)
-        if in_place and out3.data_ptr() == result.data_ptr():
-            out3.baddbmm_(hidden, b)
-            return result
-        return result + torch.bmm(hidden, b).view(result.shape).to(result.dtype)
+        else:
+            a, b = self._eval_factors(routing)
+        if a.shape[0] == 1:  # every row has the same task
+            return _accumulate(result, x.reshape(-1, self.in_features) @ a[0], b[0])
+        n = x.shape[0]
+        return _accumulate(result, torch.bmm(x.reshape(n, -1, self.in_features), a), b)
 
     def extra_repr(self) -> str:
         return (
