@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 #: Added to the per-split sum of routing weights before normalising (as PEFT and the papers' code do).
 EPS = 1e-12
+
+
+def relaxed_bernoulli_rsample(logits: torch.Tensor) -> torch.Tensor:
+    """One reparameterised sample of ``RelaxedBernoulli(temperature=1, logits=logits)``, same shape as ``logits``.
+
+    The same operations, in the same order and with the same single ``torch.rand`` draw, as
+    ``torch.distributions.RelaxedBernoulli(1.0, logits=logits).rsample()``, so the sample (and its gradient)
+    is bit-identical under the same seed, without building a distribution object and validating its arguments
+    in every adapted layer of every training step::
+
+        p = clamp(sigmoid(logits), eps, 1 - eps)
+        u = clamp(U(0, 1), eps, 1 - eps)
+        y = clamp(sigmoid(log u - log(1 - u) + log p - log(1 - p)), tiny, 1 - eps)
+    """
+    finfo = torch.finfo(logits.dtype)
+    probs = torch.sigmoid(logits).clamp(min=finfo.eps, max=1 - finfo.eps)
+    uniforms = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device).clamp(min=finfo.eps, max=1 - finfo.eps)
+    noisy = uniforms.log() - (-uniforms).log1p() + probs.log() - (-probs).log1p()
+    return torch.sigmoid(noisy).clamp(min=finfo.tiny, max=1.0 - finfo.eps)
 
 
 class PolyRouter(nn.Module):
@@ -50,7 +68,7 @@ class PolyRouter(nn.Module):
         """Routing weights for ``task_ids`` (LongTensor ``(n,)``) -> ``(n, n_splits, n_skills)``."""
         if not self.training:
             return self.eval_weights(task_ids)
-        probs = RelaxedBernoulli(temperature=1.0, logits=self._logits(task_ids)).rsample()
+        probs = relaxed_bernoulli_rsample(self._logits(task_ids))
         return probs / (probs.sum(dim=-1, keepdim=True) + EPS)
 
     def eval_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
