@@ -71,7 +71,6 @@ class _RoutedLowRank(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, a_t, b_t, hidden = ctx.saved_tensors
-        grad = grad.contiguous()
         need_result, need_x, need_a, need_b = ctx.needs_input_grad
         grad_hidden = torch.bmm(grad, b_t.transpose(1, 2).contiguous().transpose(1, 2))
         grad_x = torch.bmm(grad_hidden, a_t) if need_x else None
@@ -191,10 +190,14 @@ class PolyAdapter(nn.Module):
         when ``scaled``); both contiguous.
         """
         k = weights.shape[0]
-        weights = weights.to(self.poly_lora_A.dtype)
-        a_t = torch.einsum("kqs,qsdr->krqd", weights, self.poly_lora_A).reshape(k, self.r, self.in_features)
-        b_weights = weights / self.r if scaled else weights
-        b_t = torch.einsum("kqs,qsrd->kqdr", b_weights, self.poly_lora_B).reshape(k, self.out_features, self.r)
+        n_splits, n_skills, r = self.n_splits, self.n_skills, self.r
+        weights = weights.to(self.poly_lora_A.dtype).transpose(0, 1)  # (q, k, s)
+        # one bmm over the splits on free views of the parameters (autograd saves the views, not copies)
+        a = torch.bmm(weights, self.poly_lora_A.view(n_splits, n_skills, -1))  # (q, k, d_in * r)
+        a_t = a.view(n_splits, k, -1, r).permute(1, 3, 0, 2).reshape(k, r, self.in_features)
+        b_weights = weights / r if scaled else weights
+        b = torch.bmm(b_weights, self.poly_lora_B.view(n_splits, n_skills, -1))  # (q, k, r * d_out)
+        b_t = b.view(n_splits, k, r, -1).permute(1, 0, 3, 2).reshape(k, self.out_features, r)
         return a_t, b_t
 
     def mix(self, weights: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
