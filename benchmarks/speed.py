@@ -29,8 +29,10 @@ warm-up calls; the table shows medians over repeats and ratios of medians.
 Peak memory of a training step: each variant runs in a fresh subprocess that builds the model, does one
 warm-up step, then resets the kernel's resident-set high-water mark (``echo 5 > /proc/self/clear_refs``),
 records the current resident set, runs one step and reads ``VmHWM`` from ``/proc/self/status``. The
-difference is the extra resident memory the step needed at its peak (activations, gradients, temporaries),
-as the allocator saw it. ``tracemalloc`` cannot see torch's allocations, and CPU torch has no allocator
+difference is the extra resident memory the step needed at its peak (saved activations, gradients,
+temporaries). The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so that
+glibc maps every tensor of 64 KiB or more separately and returns it when freed: the resident set then
+follows the live tensors, instead of staying at whatever the allocator kept from the warm-up step. ``tracemalloc`` cannot see torch's allocations, and CPU torch has no allocator
 statistics, hence the process-level measurement. Linux only; the column is skipped elsewhere.
 """
 
@@ -207,6 +209,12 @@ def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, warmup:
 
 
 # ---------------------------------------------------------------------- memory (one subprocess per measurement)
+#: glibc settings for the memory subprocesses: every allocation of 64 KiB or more gets its own mapping and is
+#: unmapped when freed, and the heap is trimmed, so the resident set follows the live tensors instead of
+#: keeping freed memory around (without this a step's peak hides in memory the allocator already holds).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -239,7 +247,8 @@ def measure_memory(setup: Setup, quick: bool) -> Optional[dict[str, float]]:
     for _ in range(setup.memory_repeats):
         for variant in VARIANTS:
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", variant] + (["--quick"] if quick else [])
-            res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=True)
+            env = dict(os.environ, **MALLOC_ENV)
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")][-1]
             out[variant].append(json.loads(line)["peak_mib"])
     return {v: statistics.median(x) for v, x in out.items()}

@@ -65,18 +65,18 @@ def test_routed_low_rank_gradcheck(as_view):
     torch.manual_seed(0)
     n, t, d_in, d_out, r = 3, 4, 6, 5, 2
     x = torch.randn(n, t, d_in, dtype=torch.float64, requires_grad=True)
-    a_t = torch.randn(n, r, d_in, dtype=torch.float64, requires_grad=True)
-    b_t = torch.randn(n, d_out, r, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(n, d_in, r, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, r, d_out, dtype=torch.float64, requires_grad=True)
     base = torch.randn(n * t, d_out, dtype=torch.float64, requires_grad=True)
 
-    def fn(base, x, a_t, b_t):
+    def fn(base, x, a, b):
         result = base * 1.0  # a fresh non-leaf tensor, as a layer output is
         result = result.view(n, t, d_out) if as_view else result.reshape(n, t, d_out).clone()
-        return _RoutedLowRank.apply(result, x, a_t, b_t)
+        return _RoutedLowRank.apply(result, x, a, b)
 
-    assert torch.autograd.gradcheck(fn, (base, x, a_t, b_t))
-    expected = base.view(n, t, d_out) + x @ a_t.transpose(1, 2) @ b_t.transpose(1, 2)
-    torch.testing.assert_close(fn(base, x, a_t, b_t), expected)
+    assert torch.autograd.gradcheck(fn, (base, x, a, b))
+    expected = base.view(n, t, d_out) + x @ a @ b
+    torch.testing.assert_close(fn(base, x, a, b), expected)
 
 
 @pytest.mark.parametrize("n_splits", [1, 2])
@@ -171,8 +171,8 @@ def test_conv1d_training_gradients_match_plain_autograd():
     # the same computation through plain differentiable ops
     from polytropon import layer as layer_module
 
-    def slow(result, x, a_t, b_t):
-        return result + torch.bmm(torch.bmm(x, a_t.transpose(1, 2)), b_t.transpose(1, 2))
+    def slow(result, x, a, b):
+        return result + torch.bmm(torch.bmm(x, a), b)
 
     original = layer_module._RoutedLowRank.apply
     layer_module._RoutedLowRank.apply = slow

@@ -37,77 +37,75 @@ def layer_features(module: nn.Module, name: str = "") -> tuple[int, int, bool]:
 
 
 class _RoutedLowRank(torch.autograd.Function):
-    """``result + x @ A_i @ B_i`` per row ``i`` with a backward laid out for fast skinny GEMMs.
+    """``result + x @ A_i @ B_i`` for every row ``i``, with GEMM operand layouts chosen for skinny products.
 
-    Shapes: ``result (n, t, out)``, ``x (n, t, in)``, ``a_t = A^T (n, r, in)``, ``b_t = B^T (n, out, r)`` (all
-    contiguous). Forward::
+    Shapes: ``result (n, t, out)``, ``x (n, t, in)``, ``a (n, in, r)``, ``b (n, r, out)`` (``a``, ``b``
+    contiguous). The rank-``r`` intermediate is kept transposed, ``h^T (n, r, t)``. Forward::
 
-        h = x @ a_t^T                  (n, t, r)
-        y = result + h @ b_t^T         in place (``baddbmm_``) when ``result`` is not a view, else a new tensor
+        h^T = A^T @ x^T                (n, r, t)
+        y   = result + (h^T)^T @ B     in place (``baddbmm_``) when ``result`` is not a view, else a new tensor
 
     Backward, for ``g = dL/dy``::
 
-        dh = g @ B                     (B = b_t^T made contiguous: (n, r, out); a (r, out) operand is fast)
-        dx = dh @ a_t                  (n, t, in)
-        da_t = dh^T @ x                (n, r, in)   = (x^T @ dh)^T, computed in the layout of a_t
-        db   = h^T @ g                 (n, r, out), returned as its transpose for b_t
+        dh^T = B @ g^T                 (n, r, t)
+        dx   = (dh^T)^T @ A^T          (n, t, in)      A^T made contiguous (a small copy)
+        dA   = (dh^T @ x)^T            (n, in, r)      returned as a transposed view
+        dB   = h^T @ g                 (n, r, out)
         dresult = g
 
-    With the operands in these layouts every product hands MKL a contraction-contiguous right-hand side; on a
-    CPU this makes the six skinny GEMMs of a step about 40% cheaper than autograd's default backward of the
-    same expression (measured in ``benchmarks/speed.py``'s configuration). Only ``h`` (``r`` columns) is saved
-    besides the inputs; ``x`` is the tensor the base layer saves anyway.
+    On a CPU (MKL), products whose large operand is the transposed ``x``/``g`` and whose small operand is
+    ``r``-major run about twice as fast as autograd's default backward of ``result + x @ A @ B`` at r = 8
+    (measured on the shapes of ``benchmarks/speed.py``). Only ``h^T`` (``r`` rows) is saved besides the
+    inputs, and ``x`` is the tensor the base layer saves anyway.
     """
 
     @staticmethod
-    def forward(ctx, result: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-        hidden = torch.bmm(x, a_t.transpose(1, 2))
-        ctx.save_for_backward(x, a_t, b_t, hidden)
+    def forward(ctx, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        hidden_t = torch.bmm(a.transpose(1, 2), x.transpose(1, 2))
+        ctx.save_for_backward(x, a, b, hidden_t)
         if result._base is None:
             ctx.mark_dirty(result)
-            return result.baddbmm_(hidden, b_t.transpose(1, 2))
-        return torch.baddbmm(result, hidden, b_t.transpose(1, 2))
+            return result.baddbmm_(hidden_t.transpose(1, 2), b)
+        return torch.baddbmm(result, hidden_t.transpose(1, 2), b)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, a_t, b_t, hidden = ctx.saved_tensors
+        x, a, b, hidden_t = ctx.saved_tensors
         need_result, need_x, need_a, need_b = ctx.needs_input_grad
-        grad_hidden = torch.bmm(grad, b_t.transpose(1, 2).contiguous().transpose(1, 2))
-        grad_x = torch.bmm(grad_hidden, a_t) if need_x else None
-        grad_a = torch.bmm(grad_hidden.transpose(1, 2), x) if need_a else None
-        grad_b = torch.bmm(hidden.transpose(1, 2), grad).transpose(1, 2) if need_b else None
+        grad_hidden_t = torch.bmm(b, grad.transpose(1, 2))
+        grad_x = torch.bmm(grad_hidden_t.transpose(1, 2), a.transpose(1, 2).contiguous()) if need_x else None
+        grad_a = torch.bmm(grad_hidden_t, x).transpose(1, 2) if need_a else None
+        grad_b = torch.bmm(hidden_t, grad) if need_b else None
         return (grad if need_result else None), grad_x, grad_a, grad_b
 
 
-def _add_low_rank(result: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """``result + x @ a_t^T @ b_t^T`` in ``result``'s shape and dtype.
+def _add_low_rank(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``result + x @ a @ b`` in ``result``'s shape and dtype.
 
-    ``x`` is ``(rows, in)`` with shared factors ``a_t (r, in)``, ``b_t (out, r)``, or ``(n, t, in)`` with per-row
-    factors ``a_t (n, r, in)``, ``b_t (n, out, r)``; ``result`` has as many elements as the update. With autograd
+    ``x`` is ``(rows, in)`` with shared factors ``a (in, r)``, ``b (r, out)``, or ``(n, t, in)`` with per-row
+    factors ``a (n, in, r)``, ``b (n, r, out)``; ``result`` has as many elements as the update. With autograd
     off the update goes into ``result`` in place (``addmm_``/``baddbmm_``: one pass over the output); with
     autograd on, per-row factors go through :class:`_RoutedLowRank` and shared ones through plain ops, never in
-    place on a view autograd tracks (its backward would copy the whole output).
+    place on a view autograd tracks (its backward would copy the whole output). The rank-``r`` intermediate
+    is computed transposed (``a^T @ x^T``), the faster layout on CPU (see :class:`_RoutedLowRank`).
     """
-    shape = x.shape[:-1] + b_t.shape[-2:-1]
-    same_dtype = result.dtype == b_t.dtype
+    shape = x.shape[:-1] + b.shape[-1:]
+    same_dtype = result.dtype == b.dtype
     if not torch.is_grad_enabled() and same_dtype and (result.shape == shape or result.is_contiguous()):
         target = result if result.shape == shape else result.view(shape)
         if x.dim() == 2:
-            target.addmm_(x @ a_t.T, b_t.T)
+            target.addmm_((a.T @ x.T).T, b)
         else:
-            target.baddbmm_(torch.bmm(x, a_t.transpose(1, 2)), b_t.transpose(1, 2))
+            target.baddbmm_(torch.bmm(a.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2), b)
         return result
     if not same_dtype:
-        if x.dim() == 2:
-            update = (x @ a_t.T) @ b_t.T
-        else:
-            update = torch.bmm(torch.bmm(x, a_t.transpose(1, 2)), b_t.transpose(1, 2))
+        update = (x @ a) @ b if x.dim() == 2 else torch.bmm(torch.bmm(x, a), b)
         return result + update.view(result.shape).to(result.dtype)
     source = result if result.shape == shape else result.reshape(shape)
     if x.dim() == 2:
-        out = torch.addmm(source, x @ a_t.T, b_t.T)
+        out = torch.addmm(source, x @ a, b)
     else:
-        out = _RoutedLowRank.apply(source, x, a_t, b_t)
+        out = _RoutedLowRank.apply(source, x, a, b)
     return out if out.shape == result.shape else out.view(result.shape)
 
 
@@ -183,33 +181,26 @@ class PolyAdapter(nn.Module):
                 self.poly_router.reset()
 
     # ------------------------------------------------------------------ the method
-    def _mix_t(self, weights: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mixed factors transposed, as the GEMMs want them: ``A^T (k, r, in)``, ``B^T (k, out, r)``.
+    def mix(self, weights: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mix the skills with routing weights ``w`` of shape ``(k, n_splits, n_skills)``::
 
-        ``A^T[k, :, q*d:(q+1)*d] = sum_s w[k, q, s] * A[q, s]^T`` and likewise for ``B^T`` (scaled ``1/r``
-        when ``scaled``); both contiguous.
+            A_k[:, q*d:(q+1)*d block of rows] = sum_s w[k, q, s] * A[q, s]       -> A (k, in_features, r)
+            B_k[:, q-th block of columns]     = sum_s w[k, q, s] * B[q, s] / r   -> B (k, r, out_features)
+
+        Returns:
+            ``A`` and ``B``, contiguous, ``B`` scaled by ``1 / r`` when ``scaled`` (the default), so that a
+            task's update is ``x @ A[i] @ B[i]``.
         """
         k = weights.shape[0]
         n_splits, n_skills, r = self.n_splits, self.n_skills, self.r
         weights = weights.to(self.poly_lora_A.dtype).transpose(0, 1)  # (q, k, s)
         # one bmm over the splits on free views of the parameters (autograd saves the views, not copies)
         a = torch.bmm(weights, self.poly_lora_A.view(n_splits, n_skills, -1))  # (q, k, d_in * r)
-        a_t = a.view(n_splits, k, -1, r).permute(1, 3, 0, 2).reshape(k, r, self.in_features)
+        a = a.view(n_splits, k, -1, r).transpose(0, 1).reshape(k, self.in_features, r)
         b_weights = weights / r if scaled else weights
         b = torch.bmm(b_weights, self.poly_lora_B.view(n_splits, n_skills, -1))  # (q, k, r * d_out)
-        b_t = b.view(n_splits, k, r, -1).permute(1, 0, 3, 2).reshape(k, self.out_features, r)
-        return a_t, b_t
-
-    def mix(self, weights: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mix the skills with routing weights ``(k, n_splits, n_skills)``.
-
-        Returns:
-            ``A`` of shape ``(k, in_features, r)`` and ``B`` of shape ``(k, r, out_features)``, B scaled by
-            ``1 / r`` when ``scaled`` (the default), so that a task's update is ``x @ A[i] @ B[i]``. (Both are
-            transposed views of contiguous ``(k, r, in)`` / ``(k, out, r)`` tensors, see :meth:`_mix_t`.)
-        """
-        a_t, b_t = self._mix_t(weights, scaled)
-        return a_t.transpose(1, 2), b_t.transpose(1, 2)
+        b = b.view(n_splits, k, r, -1).permute(1, 2, 0, 3).reshape(k, r, self.out_features)
+        return a, b
 
     def task_factors(self, task_id: int, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-routing factors of one task: ``A (in_features, r)``, ``B (r, out_features)``.
@@ -223,9 +214,8 @@ class PolyAdapter(nn.Module):
     def _eval_factors(self, routing: BatchRouting) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-routing factors for every row of the batch, cached while weights and tasks are unchanged.
 
-        Returns transposed factors (see :meth:`_mix_t`): ``A^T (1, r, in), B^T (1, out, r)`` when the batch
-        holds one task (shared by all rows), else ``A^T (n, r, in), B^T (n, out, r)``, row ``i`` holding the
-        factors of its task. The skills are mixed once
+        Returns ``A (1, in, r), B (1, r, out)`` when the batch holds one task (shared by all rows), else
+        ``A (n, in, r), B (n, r, out)``, row ``i`` holding the factors of its task. The skills are mixed once
         per distinct task (``k`` of them), then gathered to rows.
 
         Generation calls every layer once per token with the same task ids; the cache turns the mixing (and,
@@ -241,7 +231,7 @@ class PolyAdapter(nn.Module):
                 return cache[4], cache[5]
             a, b = cache[1], cache[2]
         else:
-            a, b = self._mix_t(self.poly_router.eval_weights(routing.unique))
+            a, b = self.mix(self.poly_router.eval_weights(routing.unique))
         rows_a, rows_b = (a, b) if a.shape[0] == 1 else (a[routing.inverse], b[routing.inverse])
         self._cache = (key, a, b, routing, rows_a, rows_b)
         return rows_a, rows_b
@@ -267,16 +257,16 @@ class PolyAdapter(nn.Module):
         if x.dtype != dtype:
             x = x.to(dtype)
         if self.training:
-            a_t, b_t = self._mix_t(self.poly_router(routing.task_ids))
+            a, b = self.mix(self.poly_router(routing.task_ids))
         elif torch.is_grad_enabled():
-            a_t, b_t = self._mix_t(self.poly_router.eval_weights(routing.unique))
-            if a_t.shape[0] > 1:
-                a_t, b_t = a_t[routing.inverse], b_t[routing.inverse]
+            a, b = self.mix(self.poly_router.eval_weights(routing.unique))
+            if a.shape[0] > 1:
+                a, b = a[routing.inverse], b[routing.inverse]
         else:
-            a_t, b_t = self._eval_factors(routing)
-        if a_t.shape[0] == 1:  # every row has the same task
-            return _add_low_rank(result, x.reshape(-1, self.in_features), a_t[0], b_t[0])
-        return _add_low_rank(result, x.reshape(x.shape[0], -1, self.in_features), a_t, b_t)
+            a, b = self._eval_factors(routing)
+        if a.shape[0] == 1:  # every row has the same task
+            return _add_low_rank(result, x.reshape(-1, self.in_features), a[0], b[0])
+        return _add_low_rank(result, x.reshape(x.shape[0], -1, self.in_features), a, b)
 
     def extra_repr(self) -> str:
         return (
