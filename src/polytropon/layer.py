@@ -134,11 +134,11 @@ class PolyAdapter(nn.Module):
         a lookup. The key holds every parameter's storage and in-place version counter, so any optimizer
         step, ``load_state_dict`` or device move invalidates it. Only used when autograd is off.
         """
-        params = (self.poly_lora_A, self.poly_lora_B, self.poly_router.module_logits)
+        params = (self.poly_lora_A, self.poly_lora_B, *self.poly_router.parameters(), *self.poly_router.buffers())
         key = (routing.key, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version) for p in params)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
-        a, b = self.mix(self.poly_router(routing.unique))
+        a, b = self.mix(routing.weights(self.poly_router, per_example=False))
         self._cache = (key, a, b)
         return a, b
 
@@ -155,11 +155,11 @@ class PolyAdapter(nn.Module):
         x3 = x.to(dtype).reshape(n, -1, self.in_features)
         if self.training:
             # one relaxed-Bernoulli sample per example, as in the papers and PEFT
-            a, b = self.mix(self.poly_router(routing.task_ids))
+            a, b = self.mix(routing.weights(self.poly_router, per_example=True))
             shared = False
         else:
             if torch.is_grad_enabled():
-                a, b = self.mix(self.poly_router(routing.unique))
+                a, b = self.mix(routing.weights(self.poly_router, per_example=False))
             else:
                 a, b = self._eval_factors(routing)
             shared = a.shape[0] == 1

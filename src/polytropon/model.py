@@ -14,7 +14,10 @@ from .checkpoint import ADAPTER_KEYS, KEY_PREFIX, WEIGHTS_NAME, adapter_director
 from .config import PolyConfig
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
+from .router import PolyRouter
 from .routing import RoutingState, TaskIds, check_task_ids
+from .tasks import resolve_task_names, task_index
+from .variants import build_routers, check_tied_router_tensors
 from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
 
 
@@ -102,7 +105,8 @@ def _expected_shapes(plan: _Plan) -> dict[str, tuple[int, ...]]:
         q, s = cfg.n_splits, cfg.n_skills
         shapes[f"{KEY_PREFIX}{path}.poly_lora_A"] = (q, s, d_in // q, cfg.r)
         shapes[f"{KEY_PREFIX}{path}.poly_lora_B"] = (q, s, cfg.r, d_out // q)
-        shapes[f"{KEY_PREFIX}{path}.poly_router.module_logits"] = (cfg.n_tasks, q * s)
+        if cfg.poly_type == "poly":  # fixed-allocation routers have no tensors (rebuilt from the config)
+            shapes[f"{KEY_PREFIX}{path}.poly_router.module_logits"] = (cfg.n_tasks, q * s)
     for path, module in plan.saved:
         original = module.original_module if isinstance(module, ModulesToSave) else module
         for name, tensor in original.state_dict().items():
@@ -142,6 +146,7 @@ def _read_checkpoint(model: nn.Module, directory: str, config: Optional[PolyConf
             raise ValueError(
                 f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model expects {shape}"
             )
+    check_tied_router_tensors(plan.config, [p for p, _ in plan.targets], tensors, source=path)
     return plan, tensors
 
 
@@ -177,6 +182,7 @@ class PolyModel(nn.Module):
     # ------------------------------------------------------------------ adapters
     def _inject(self, adapter_name: str, plan: _Plan) -> None:
         cfg = plan.config
+        routers = build_routers(cfg, [path for path, _ in plan.targets])
         for path, module in plan.targets:
             if isinstance(module, PolyLayer):
                 layer = module
@@ -184,10 +190,13 @@ class PolyModel(nn.Module):
                 layer = PolyLayer(module, self.routing, path)
                 self._replace(path, layer)
             weight = layer.base_layer.weight
+            router, first = routers[path]
             adapter = PolyAdapter(
                 layer.in_features, layer.out_features, cfg.r, cfg.n_tasks, cfg.n_skills, cfg.n_splits,
-                init_weights=cfg.init_weights,
+                init_weights=cfg.init_weights, router=router,
             )
+            if first:  # drawn after this layer's skills: PEFT's order of random draws
+                router.reset()
             layer.adapters[adapter_name] = adapter.to(weight.device)
         for path, module in plan.saved:
             if isinstance(module, ModulesToSave):
@@ -318,7 +327,10 @@ class PolyModel(nn.Module):
             return None
         if active is None:
             raise ValueError("task_ids were given but the model has no active adapter")
-        ids = check_task_ids(task_ids, self.peft_config[active].n_tasks, batch_size)
+        config = self.peft_config[active]
+        allow_unknown = config.unknown_task == "average" and not self.training
+        task_ids = resolve_task_names(task_ids, config, allow_unknown=allow_unknown)
+        ids = check_task_ids(task_ids, config.n_tasks, batch_size, allow_unknown=allow_unknown)
         if state.merged_task is not None and not state.disabled:
             merged = state.merged_task[1]
             other = ids[ids != merged]
@@ -348,8 +360,10 @@ class PolyModel(nn.Module):
             return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ merging
-    def _check_task_id(self, task_id: int, adapter_name: str) -> int:
+    def _check_task_id(self, task_id: Union[int, str], adapter_name: str) -> int:
         n_tasks = self.peft_config[adapter_name].n_tasks
+        if isinstance(task_id, str):
+            task_id = task_index(task_id, self.peft_config[adapter_name])
         if isinstance(task_id, bool) or not isinstance(task_id, int):
             raise TypeError(f"task_id must be an int, got {task_id!r} ({type(task_id).__name__})")
         if not 0 <= task_id < n_tasks:
@@ -437,7 +451,8 @@ class PolyModel(nn.Module):
                 adapter = layer.adapters[adapter_name]
                 out[f"{KEY_PREFIX}{path}.poly_lora_A"] = adapter.poly_lora_A
                 out[f"{KEY_PREFIX}{path}.poly_lora_B"] = adapter.poly_lora_B
-                out[f"{KEY_PREFIX}{path}.poly_router.module_logits"] = adapter.poly_router.module_logits
+                if isinstance(adapter.poly_router, PolyRouter):  # a shared router is written under every layer
+                    out[f"{KEY_PREFIX}{path}.poly_router.module_logits"] = adapter.poly_router.module_logits
         for path, wrapper in self._saved_modules():
             if adapter_name in wrapper.modules_to_save:
                 for name, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():

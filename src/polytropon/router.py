@@ -17,22 +17,46 @@ class PolyRouter(nn.Module):
     For task ids ``t`` (shape ``(n,)``) it returns routing weights ``w`` of shape ``(n, n_splits, n_skills)``::
 
         z = logits[t].view(n, n_splits, n_skills)
-        p = RelaxedBernoulli(temperature=1, logits=z).rsample()   # training (one sample per row)
+        p = RelaxedBernoulli(temperature, logits=z).rsample()     # training (one sample per row)
         p = sigmoid(z)                                            # eval
         w = p / (p.sum(-1, keepdim=True) + EPS)                   # each split's weights sum to 1
+
+    With ``hard=True`` the forward pass uses a binary allocation instead (Ponti et al. 2022, eq. 4: a task's
+    module is the average of its active skills)::
+
+        h = 1[p >= 0.5]                                           # 0/1, shape (n, n_splits, n_skills)
+        h[argmax p] = 1 where a split has no active skill          # every task keeps at least one skill
+        w = h / h.sum(-1) + (soft - soft.detach())                # straight-through: value h/|h|, gradient of soft
+
+    where ``soft = p / (p.sum(-1) + EPS)``: the forward value is exactly ``h / h.sum(-1)`` and the gradient is
+    the soft weights' gradient.
 
     Args:
         n_tasks: number of tasks (rows).
         n_skills: number of skills per split.
         n_splits: number of splits (MHR heads); 1 for Poly.
         reset: draw the initial logits now (``False`` leaves them for the owner to draw with :meth:`reset`).
+        temperature: relaxed-Bernoulli temperature used in training (positive).
+        hard: binary forward allocation with straight-through gradients.
     """
 
-    def __init__(self, n_tasks: int, n_skills: int, n_splits: int = 1, reset: bool = True) -> None:
+    def __init__(
+        self,
+        n_tasks: int,
+        n_skills: int,
+        n_splits: int = 1,
+        reset: bool = True,
+        temperature: float = 1.0,
+        hard: bool = False,
+    ) -> None:
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"PolyRouter temperature must be positive, got {temperature}")
         self.n_tasks = n_tasks
         self.n_skills = n_skills
         self.n_splits = n_splits
+        self.temperature = float(temperature)
+        self.hard = bool(hard)
         self.module_logits = nn.Parameter(torch.empty(n_tasks, n_splits * n_skills))
         if reset:
             self.reset()
@@ -50,13 +74,31 @@ class PolyRouter(nn.Module):
         """Routing weights for ``task_ids`` (LongTensor ``(n,)``) -> ``(n, n_splits, n_skills)``."""
         if not self.training:
             return self.eval_weights(task_ids)
-        probs = RelaxedBernoulli(temperature=1.0, logits=self._logits(task_ids)).rsample()
-        return probs / (probs.sum(dim=-1, keepdim=True) + EPS)
+        probs = RelaxedBernoulli(temperature=self.temperature, logits=self._logits(task_ids)).rsample()
+        return self._normalise(probs)
 
     def eval_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
-        """The deterministic (eval) routing weights, whatever the mode: ``(n, n_splits, n_skills)``."""
-        probs = torch.sigmoid(self._logits(task_ids))
-        return probs / (probs.sum(dim=-1, keepdim=True) + EPS)
+        """The deterministic (eval) routing weights, whatever the mode: ``(n, n_splits, n_skills)``.
+
+        Soft routing: ``sigmoid(z)`` normalised per split. Hard routing: the Bernoulli modes
+        ``1[sigmoid(z) >= 0.5]`` (at least one skill per split), averaged.
+        """
+        return self._normalise(torch.sigmoid(self._logits(task_ids)))
+
+    def _normalise(self, probs: torch.Tensor) -> torch.Tensor:
+        soft = probs / (probs.sum(dim=-1, keepdim=True) + EPS)
+        if not self.hard:
+            return soft
+        with torch.no_grad():
+            mask = probs >= 0.5
+            empty = ~mask.any(dim=-1, keepdim=True)
+            top = torch.zeros_like(mask).scatter_(-1, probs.argmax(dim=-1, keepdim=True), True)
+            mask = mask | (empty & top)
+            hard = mask.to(probs.dtype)
+            hard = hard / hard.sum(dim=-1, keepdim=True)
+        return hard + (soft - soft.detach())
 
     def extra_repr(self) -> str:
-        return f"n_tasks={self.n_tasks}, n_skills={self.n_skills}, n_splits={self.n_splits}"
+        extra = f", temperature={self.temperature}" if self.temperature != 1.0 else ""
+        extra += ", hard=True" if self.hard else ""
+        return f"n_tasks={self.n_tasks}, n_skills={self.n_skills}, n_splits={self.n_splits}{extra}"

@@ -13,7 +13,11 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-TaskIds = Union[torch.Tensor, Sequence[int]]
+TaskIds = Union[torch.Tensor, Sequence[Union[int, str]]]
+
+#: Task id given to examples of an unknown task when ``PolyConfig.unknown_task="average"`` (eval only):
+#: they are routed with uniform weights, i.e. to the average of the skills.
+UNKNOWN_TASK = -1
 
 
 @dataclass
@@ -25,12 +29,55 @@ class BatchRouting:
         unique: the distinct task ids of the batch, sorted, shape ``(k,)``.
         inverse: for every row, the index of its task in ``unique``, shape ``(batch,)``.
         key: ``unique`` as a tuple, usable as a cache key.
+
+    Ids equal to :data:`UNKNOWN_TASK` mark examples routed to the average of the skills.
     """
 
     task_ids: torch.Tensor
     unique: torch.Tensor
     inverse: torch.Tensor
     key: tuple[int, ...]
+    _weights: dict[tuple[int, bool], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def weights(self, router: torch.nn.Module, per_example: bool) -> torch.Tensor:
+        """Routing weights of ``router`` for this batch, computed once per call and router.
+
+        Layers that share a router (``router_granularity="block"`` or ``"model"``) thus share one
+        computation -- and, in training, one relaxed-Bernoulli sample per example -- per call.
+
+        Args:
+            router: a router mapping task ids ``(k,)`` to weights ``(k, n_splits, n_skills)``.
+            per_example: ``True``: one row per example, ``(batch, n_splits, n_skills)`` (training, where every
+                example draws its own sample); ``False``: one row per distinct task, ``(len(unique), ...)``.
+        """
+        key = (id(router), per_example)
+        cached = self._weights.get(key)
+        if cached is None:
+            cached = router_weights(router, self.task_ids if per_example else self.unique)
+            self._weights[key] = cached
+        return cached
+
+
+def router_weights(router: torch.nn.Module, task_ids: torch.Tensor) -> torch.Tensor:
+    """``router(task_ids)``, with rows of :data:`UNKNOWN_TASK` set to uniform weights ``1 / n_skills``.
+
+    Uniform weights make every split's mixed factors the plain average of the skills (MHR-mu).
+    Shapes: ``task_ids (k,)`` -> ``(k, n_splits, n_skills)``.
+    """
+    unknown = task_ids == UNKNOWN_TASK
+    if not bool(unknown.any()):
+        return router(task_ids)
+    known = task_ids[~unknown]
+    out_shape = (task_ids.shape[0], router.n_splits, router.n_skills)
+    if known.numel():
+        known_weights = router(known)
+        out = known_weights.new_full(out_shape, 1.0 / router.n_skills)
+        out = out.index_put((torch.nonzero(~unknown.to(out.device)).squeeze(-1),), known_weights)
+        return out
+    params = list(router.parameters()) + list(router.buffers())
+    dtype = params[0].dtype if params else torch.float32
+    device = params[0].device if params else task_ids.device
+    return torch.full(out_shape, 1.0 / router.n_skills, dtype=dtype, device=device)
 
 
 @dataclass
@@ -94,13 +141,16 @@ class RoutingState:
         return routing
 
 
-def check_task_ids(task_ids: Any, n_tasks: int, batch_size: Optional[int] = None) -> torch.Tensor:
+def check_task_ids(
+    task_ids: Any, n_tasks: int, batch_size: Optional[int] = None, allow_unknown: bool = False
+) -> torch.Tensor:
     """Validate user task ids and return them as a LongTensor of shape ``(n,)``.
 
     Args:
         task_ids: a 1-D integer tensor or a sequence of Python ints, one task per example.
         n_tasks: number of tasks of the active adapter; ids must lie in ``[0, n_tasks)``.
         batch_size: the batch size of the call when known: ``n`` must equal it or divide it.
+        allow_unknown: also accept :data:`UNKNOWN_TASK` (examples routed to the average of the skills).
 
     Raises:
         TypeError: not a tensor or sequence of ints, or a tensor of non-integer dtype.
@@ -124,11 +174,13 @@ def check_task_ids(task_ids: Any, n_tasks: int, batch_size: Optional[int] = None
         raise ValueError(f"task_ids must be 1-D of shape (batch,), got shape {tuple(tensor.shape)}")
     if tensor.numel() == 0:
         raise ValueError("task_ids must not be empty")
-    low, high = int(tensor.min()), int(tensor.max())
-    if low < 0:
-        raise ValueError(f"task_ids must be >= 0, got task id {low}")
-    if high >= n_tasks:
-        raise ValueError(f"task id {high} is out of range: the adapter has n_tasks={n_tasks} (ids 0..{n_tasks - 1})")
+    known = tensor[tensor != UNKNOWN_TASK] if allow_unknown else tensor
+    if known.numel():
+        low, high = int(known.min()), int(known.max())
+        if low < 0:
+            raise ValueError(f"task_ids must be >= 0, got task id {low}")
+        if high >= n_tasks:
+            raise ValueError(f"task id {high} is out of range: the adapter has n_tasks={n_tasks} (ids 0..{n_tasks - 1})")
     n = tensor.shape[0]
     if batch_size is not None and (batch_size % n != 0):
         raise ValueError(
