@@ -47,7 +47,7 @@ def test_unknown_name_lists_known_names():
     with pytest.raises(ValueError, match=r"'cola'.*sst2.*qnli.*mnli"):
         _run(model, ["sst2", "cola", "sst2", "sst2"])
     unnamed = _model()
-    with pytest.raises(ValueError, match="no task_names"):
+    with pytest.raises(TypeError, match="'sst2'.*no task_names"):
         _run(unnamed, ["sst2"] * 4)
 
 

@@ -240,5 +240,14 @@ class PolyLayer(nn.Module):
         weight = self.base_layer.weight
         weight.copy_((weight.float() - self.delta_weight(adapter_name, task_id).float()).to(weight.dtype))
 
+    def __getattr__(self, name: str):
+        # model code reads ``layer.weight`` / ``layer.bias`` (dtype checks, weight tying): the base layer's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

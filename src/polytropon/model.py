@@ -178,6 +178,7 @@ class PolyModel(nn.Module):
             param.requires_grad_(False)
         self._inject(adapter_name, plan)
         self.set_adapter(adapter_name)
+        self.training = model.training
 
     # ------------------------------------------------------------------ adapters
     def _inject(self, adapter_name: str, plan: _Plan) -> None:
@@ -187,7 +188,7 @@ class PolyModel(nn.Module):
             if isinstance(module, PolyLayer):
                 layer = module
             else:
-                layer = PolyLayer(module, self.routing, path)
+                layer = PolyLayer(module, self.routing, path).train(module.training)
                 self._replace(path, layer)
             weight = layer.base_layer.weight
             router, first = routers[path]
@@ -197,12 +198,13 @@ class PolyModel(nn.Module):
             )
             if first:  # drawn after this layer's skills: PEFT's order of random draws
                 router.reset()
-            layer.adapters[adapter_name] = adapter.to(weight.device)
+            # new modules follow the mode of the model they join (an eval-mode model stays deterministic)
+            layer.adapters[adapter_name] = adapter.to(weight.device).train(layer.base_layer.training)
         for path, module in plan.saved:
             if isinstance(module, ModulesToSave):
                 wrapper = module
             else:
-                wrapper = ModulesToSave(module, self.routing)
+                wrapper = ModulesToSave(module, self.routing).train(module.training)
                 self._replace(path, wrapper)
             wrapper.add_copy(adapter_name)
         self.peft_config[adapter_name] = cfg

@@ -40,16 +40,20 @@ class BatchRouting:
     _weights: dict[tuple[int, bool], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def weights(self, router: torch.nn.Module, per_example: bool) -> torch.Tensor:
-        """Routing weights of ``router`` for this batch, computed once per call and router.
+        """Routing weights of ``router`` for this batch.
 
-        Layers that share a router (``router_granularity="block"`` or ``"model"``) thus share one
-        computation -- and, in training, one relaxed-Bernoulli sample per example -- per call.
+        A router shared by several layers (``router_granularity="block"`` or ``"model"``; it has
+        ``shared = True``) is computed once per call: its layers share one computation -- and, in training,
+        one relaxed-Bernoulli sample per example. A router of a single layer is evaluated at every call of
+        that layer, as in PEFT (a layer run twice in one call draws two samples).
 
         Args:
             router: a router mapping task ids ``(k,)`` to weights ``(k, n_splits, n_skills)``.
             per_example: ``True``: one row per example, ``(batch, n_splits, n_skills)`` (training, where every
                 example draws its own sample); ``False``: one row per distinct task, ``(len(unique), ...)``.
         """
+        if not getattr(router, "shared", False):  # a router of one layer: computed at every layer call
+            return router_weights(router, self.task_ids if per_example else self.unique)
         key = (id(router), per_example)
         cached = self._weights.get(key)
         if cached is None:

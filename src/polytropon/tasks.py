@@ -31,12 +31,13 @@ def task_index(name: str, config: PolyConfig) -> int:
     """The id of task ``name``.
 
     Raises:
-        ValueError: the config has no ``task_names``, or ``name`` is not one of them (listing the known names).
+        TypeError: the config has no ``task_names`` (so task ids must be ints).
+        ValueError: ``name`` is not one of the task names (listing the known names).
     """
     if config.task_names is None:
-        raise ValueError(
-            f"task {name!r} given by name, but the adapter has no task_names: pass integer ids, or set "
-            "PolyConfig.task_names (or polytropon.set_task_names)"
+        raise TypeError(
+            f"task ids must be ints, got {name!r} (str): the adapter has no task_names; set "
+            "PolyConfig.task_names (or polytropon.set_task_names) to refer to tasks by name"
         )
     try:
         return config.task_names.index(name)
@@ -54,6 +55,7 @@ def resolve_task_names(task_ids: Any, config: PolyConfig, allow_unknown: bool = 
             (``unknown_task="average"`` at eval) instead of raising.
 
     Raises:
+        TypeError: a name while the config has no ``task_names``.
         ValueError: an unknown name (naming it and the known names) when ``allow_unknown`` is off.
     """
     if isinstance(task_ids, torch.Tensor):
@@ -66,7 +68,7 @@ def resolve_task_names(task_ids: Any, config: PolyConfig, allow_unknown: bool = 
     for value in task_ids:
         if isinstance(value, str):
             known = config.task_names is not None and value in config.task_names
-            if not known and allow_unknown:
+            if not known and allow_unknown and config.task_names is not None:
                 out.append(UNKNOWN_TASK)
             else:
                 out.append(task_index(value, config))

@@ -142,6 +142,12 @@ def build_routers(config: PolyConfig, paths: Sequence[str]) -> dict[str, tuple[R
         if first:
             routers[key] = new_router(config)
         out[path] = (routers[key], first)
+    counts: dict[str, int] = {}
+    for key in groups.values():
+        counts[key] = counts.get(key, 0) + 1
+    for key, router in routers.items():
+        # layers sharing a router compute its weights once per call (see BatchRouting.weights)
+        router.shared = counts[key] > 1
     return out
 
 
