@@ -112,7 +112,10 @@ def test_seeded_init_matches_peft():
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5", "bert"])  # PEFT's Poly does not support Conv1D (gpt2)
-@pytest.mark.parametrize("extra", [dict(), dict(router_granularity="block"), dict(router_temperature=0.3)])
+@pytest.mark.parametrize(
+    "extra",
+    [dict(), dict(router_granularity="block"), dict(router_temperature=0.3), dict(task_names=["a", "b", "c"], unknown_task="average")],
+)
 def test_peft_loads_compatible_variants_with_equal_outputs(tmp_path, kind, extra):
     from peft import PeftModel
 
