@@ -263,3 +263,24 @@ def test_collapsed_adapter_saves_loads_and_trains(tmp_path):
         )
     with pytest.raises(ValueError, match="already exists"):
         collapse_to_average(model, adapter_name="default", new_adapter_name="mu")
+
+
+def test_collapsed_adapter_exports_as_a_peft_lora(tmp_path):
+    """MHR-mu through the LoRA export: PEFT's LoRA computes what the collapsed adapter computes."""
+    if not hasattr(PolyModel, "export_lora"):
+        pytest.skip("PolyModel.export_lora is not on this branch yet")
+    import warnings
+
+    from peft import PeftModel
+
+    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, n_splits=2))
+    randomize(model)
+    collapse_to_average(model, new_adapter_name="mu")
+    model.eval()
+    model.export_lora(str(tmp_path), 0, adapter_name="mu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    with torch.no_grad():
+        expected = logits(model(**inputs("llama"), task_ids=[0]))
+        torch.testing.assert_close(logits(lora(**inputs("llama"))), expected, atol=1e-5, rtol=1e-5)
