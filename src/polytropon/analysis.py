@@ -40,7 +40,7 @@ def routing_weights(
     adapter_name = _adapter_name(model, adapter_name)
     config = model.peft_config[adapter_name]
     if task is not None:
-        ids = torch.tensor([model._check_task_id(task, adapter_name)])
+        ids = torch.tensor([model._resolve_task_id(task, adapter_name)])
     else:
         ids = torch.arange(config.n_tasks)
     out: dict[str, torch.Tensor] = {}

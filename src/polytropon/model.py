@@ -228,6 +228,12 @@ class PolyModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {sorted(self.peft_config)}")
 
+    def _resolve_task_id(self, task: Union[int, str], adapter_name: str) -> int:
+        """A task given by id or by name (``PolyConfig.task_names``) as a checked id."""
+        if isinstance(task, str):
+            task = task_index(task, self.peft_config[adapter_name])
+        return self._check_task_id(task, adapter_name)
+
     def add_adapter(self, adapter_name: str, config: PolyConfig) -> None:
         """Add another adapter (not active, not trainable until :meth:`set_adapter`).
 
@@ -362,10 +368,8 @@ class PolyModel(nn.Module):
             return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ merging
-    def _check_task_id(self, task_id: Union[int, str], adapter_name: str) -> int:
+    def _check_task_id(self, task_id: int, adapter_name: str) -> int:
         n_tasks = self.peft_config[adapter_name].n_tasks
-        if isinstance(task_id, str):
-            task_id = task_index(task_id, self.peft_config[adapter_name])
         if isinstance(task_id, bool) or not isinstance(task_id, int):
             raise TypeError(f"task_id must be an int, got {task_id!r} ({type(task_id).__name__})")
         if not 0 <= task_id < n_tasks:
@@ -380,7 +384,7 @@ class PolyModel(nn.Module):
         """
         adapter_name = adapter_name or self.routing.active_adapter
         self._check_adapter(adapter_name)
-        task_id = self._check_task_id(task_id, adapter_name)
+        task_id = self._resolve_task_id(task_id, adapter_name)
         if self.routing.merged_task == (adapter_name, task_id):
             return
         if self.routing.merged_task is not None:
