@@ -292,10 +292,14 @@ def test_shared_router_runs_once_per_call(training):
     model = get_peft_model(tiny_llama(layers=3), PolyConfig(n_tasks=3, router_granularity="model"))
     (router,) = _routers(model)
     calls = []
-    router.register_forward_hook(lambda *_: calls.append(1))
+    original = router._logits
+    router._logits = lambda ids: (calls.append(1), original(ids))[1]
     model.train(training)
     model(**inputs("llama"), task_ids=[0, 1, 2, 0])
     assert len(calls) == 1  # 6 adapted layers, one routing computation
+    model(**inputs("llama"), task_ids=[0, 1, 2, 0])
+    assert len(calls) == 2  # the next call computes again
+    assert not model.routing.call_store  # nothing kept once the call is over
 
 
 def test_shared_router_uses_one_sample_per_call_in_training():

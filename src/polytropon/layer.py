@@ -138,7 +138,7 @@ class PolyAdapter(nn.Module):
         key = (routing.key, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version) for p in params)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
-        a, b = self.mix(routing.weights(self.poly_router, per_example=False))
+        a, b = self.mix(self.poly_router(routing.unique))
         self._cache = (key, a, b)
         return a, b
 
@@ -155,11 +155,11 @@ class PolyAdapter(nn.Module):
         x3 = x.to(dtype).reshape(n, -1, self.in_features)
         if self.training:
             # one relaxed-Bernoulli sample per example, as in the papers and PEFT
-            a, b = self.mix(routing.weights(self.poly_router, per_example=True))
+            a, b = self.mix(self.poly_router(routing.task_ids))
             shared = False
         else:
             if torch.is_grad_enabled():
-                a, b = self.mix(routing.weights(self.poly_router, per_example=False))
+                a, b = self.mix(self.poly_router(routing.unique))
             else:
                 a, b = self._eval_factors(routing)
             shared = a.shape[0] == 1

@@ -183,7 +183,7 @@ class PolyModel(nn.Module):
     # ------------------------------------------------------------------ adapters
     def _inject(self, adapter_name: str, plan: _Plan) -> None:
         cfg = plan.config
-        routers = build_routers(cfg, [path for path, _ in plan.targets])
+        routers = build_routers(cfg, [path for path, _ in plan.targets], self.routing)
         for path, module in plan.targets:
             if isinstance(module, PolyLayer):
                 layer = module

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
+
+from .routing import RoutingState, with_unknown_rows
 
 #: Added to the per-split sum of routing weights before normalising (as PEFT and the papers' code do).
 EPS = 1e-12
@@ -57,6 +61,10 @@ class PolyRouter(nn.Module):
         self.n_splits = n_splits
         self.temperature = float(temperature)
         self.hard = bool(hard)
+        #: set by :func:`polytropon.variants.build_routers` when several layers share this router, with the
+        #: model's routing state (whose per-call store caches the shared weights)
+        self.shared = False
+        self.routing_state: Optional[RoutingState] = None
         self.module_logits = nn.Parameter(torch.empty(n_tasks, n_splits * n_skills))
         if reset:
             self.reset()
@@ -71,11 +79,13 @@ class PolyRouter(nn.Module):
         return logits.view(-1, self.n_splits, self.n_skills)
 
     def forward(self, task_ids: torch.Tensor) -> torch.Tensor:
-        """Routing weights for ``task_ids`` (LongTensor ``(n,)``) -> ``(n, n_splits, n_skills)``."""
+        """Routing weights for ``task_ids`` (LongTensor ``(n,)``) -> ``(n, n_splits, n_skills)``.
+
+        Ids equal to :data:`~polytropon.routing.UNKNOWN_TASK` get uniform weights (the average of the skills).
+        """
         if not self.training:
             return self.eval_weights(task_ids)
-        probs = RelaxedBernoulli(temperature=self.temperature, logits=self._logits(task_ids)).rsample()
-        return self._normalise(probs)
+        return self._per_call("sample", task_ids, self._sample)
 
     def eval_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
         """The deterministic (eval) routing weights, whatever the mode: ``(n, n_splits, n_skills)``.
@@ -83,7 +93,35 @@ class PolyRouter(nn.Module):
         Soft routing: ``sigmoid(z)`` normalised per split. Hard routing: the Bernoulli modes
         ``1[sigmoid(z) >= 0.5]`` (at least one skill per split), averaged.
         """
+        return self._per_call("eval", task_ids, self._eval)
+
+    def _sample(self, task_ids: torch.Tensor) -> torch.Tensor:
+        probs = RelaxedBernoulli(temperature=self.temperature, logits=self._logits(task_ids)).rsample()
+        return self._normalise(probs)
+
+    def _eval(self, task_ids: torch.Tensor) -> torch.Tensor:
         return self._normalise(torch.sigmoid(self._logits(task_ids)))
+
+    def _per_call(self, kind: str, task_ids: torch.Tensor, compute) -> torch.Tensor:
+        """``compute(task_ids)`` (unknown-task rows uniform), computed once per call for a shared router.
+
+        A router shared by several layers (``shared = True``, ``router_granularity`` "block"/"model") is
+        given the very same task-id tensor by all its layers during one model call (the call's
+        :class:`~polytropon.routing.BatchRouting`); the result is kept in the model's
+        ``RoutingState.call_store``, which lives for that call only. So the layers of a group share one
+        computation and, in training, one relaxed-Bernoulli sample per example. A router of a single layer
+        computes at every call, as in PEFT.
+        """
+        state = self.routing_state
+        if not self.shared or state is None or state.task_ids is None:
+            return with_unknown_rows(compute, task_ids, self.n_splits, self.n_skills)
+        key = (id(self), kind, id(task_ids), torch.is_grad_enabled())
+        entry = state.call_store.get(key)
+        if entry is not None and entry[0] is task_ids:
+            return entry[1]
+        out = with_unknown_rows(compute, task_ids, self.n_splits, self.n_skills)
+        state.call_store[key] = (task_ids, out)  # holding task_ids keeps its id unique during the call
+        return out
 
     def _normalise(self, probs: torch.Tensor) -> torch.Tensor:
         soft = probs / (probs.sum(dim=-1, keepdim=True) + EPS)

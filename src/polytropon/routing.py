@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -30,58 +30,35 @@ class BatchRouting:
         inverse: for every row, the index of its task in ``unique``, shape ``(batch,)``.
         key: ``unique`` as a tuple, usable as a cache key.
 
-    Ids equal to :data:`UNKNOWN_TASK` mark examples routed to the average of the skills.
+    Ids equal to :data:`UNKNOWN_TASK` mark examples routed to the average of the skills (routers map them
+    to uniform weights, see :func:`with_unknown_rows`).
     """
 
     task_ids: torch.Tensor
     unique: torch.Tensor
     inverse: torch.Tensor
     key: tuple[int, ...]
-    _weights: dict[tuple[int, bool], torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def weights(self, router: torch.nn.Module, per_example: bool) -> torch.Tensor:
-        """Routing weights of ``router`` for this batch.
-
-        A router shared by several layers (``router_granularity="block"`` or ``"model"``; it has
-        ``shared = True``) is computed once per call: its layers share one computation -- and, in training,
-        one relaxed-Bernoulli sample per example. A router of a single layer is evaluated at every call of
-        that layer, as in PEFT (a layer run twice in one call draws two samples).
-
-        Args:
-            router: a router mapping task ids ``(k,)`` to weights ``(k, n_splits, n_skills)``.
-            per_example: ``True``: one row per example, ``(batch, n_splits, n_skills)`` (training, where every
-                example draws its own sample); ``False``: one row per distinct task, ``(len(unique), ...)``.
-        """
-        if not getattr(router, "shared", False):  # a router of one layer: computed at every layer call
-            return router_weights(router, self.task_ids if per_example else self.unique)
-        key = (id(router), per_example)
-        cached = self._weights.get(key)
-        if cached is None:
-            cached = router_weights(router, self.task_ids if per_example else self.unique)
-            self._weights[key] = cached
-        return cached
 
 
-def router_weights(router: torch.nn.Module, task_ids: torch.Tensor) -> torch.Tensor:
-    """``router(task_ids)``, with rows of :data:`UNKNOWN_TASK` set to uniform weights ``1 / n_skills``.
+def with_unknown_rows(
+    compute: Callable[[torch.Tensor], torch.Tensor], task_ids: torch.Tensor, n_splits: int, n_skills: int
+) -> torch.Tensor:
+    """``compute(task_ids)`` with the rows of :data:`UNKNOWN_TASK` set to uniform weights ``1 / n_skills``.
 
-    Uniform weights make every split's mixed factors the plain average of the skills (MHR-mu).
-    Shapes: ``task_ids (k,)`` -> ``(k, n_splits, n_skills)``.
+    Uniform weights make every split's mixed factors the plain average of the skills (MHR-mu). ``compute``
+    maps known ids ``(k,)`` to weights ``(k, n_splits, n_skills)``; it is called on the known ids only.
     """
     unknown = task_ids == UNKNOWN_TASK
     if not bool(unknown.any()):
-        return router(task_ids)
-    known = task_ids[~unknown]
-    out_shape = (task_ids.shape[0], router.n_splits, router.n_skills)
-    if known.numel():
-        known_weights = router(known)
-        out = known_weights.new_full(out_shape, 1.0 / router.n_skills)
-        out = out.index_put((torch.nonzero(~unknown.to(out.device)).squeeze(-1),), known_weights)
-        return out
-    params = list(router.parameters()) + list(router.buffers())
-    dtype = params[0].dtype if params else torch.float32
-    device = params[0].device if params else task_ids.device
-    return torch.full(out_shape, 1.0 / router.n_skills, dtype=dtype, device=device)
+        return compute(task_ids)
+    out_shape = (task_ids.shape[0], n_splits, n_skills)
+    known = torch.nonzero(~unknown).squeeze(-1)
+    if known.numel() == 0:
+        probe = compute(task_ids[:0].clamp_min(0))  # no rows: only gives dtype and device
+        return probe.new_full(out_shape, 1.0 / n_skills)
+    weights = compute(task_ids[known])
+    out = weights.new_full(out_shape, 1.0 / n_skills)
+    return out.index_put((known.to(out.device),), weights)
 
 
 @dataclass
@@ -100,16 +77,18 @@ class RoutingState:
     merged_task: Optional[tuple[str, int]] = None
     task_ids: Optional[torch.Tensor] = None
     _per_batch: dict[tuple[int, str], BatchRouting] = field(default_factory=dict, repr=False)
+    #: scratch space that lives for one call (e.g. weights of routers shared by several layers)
+    call_store: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @contextmanager
     def route(self, task_ids: Optional[torch.Tensor]) -> Iterator[None]:
         """Make ``task_ids`` (already validated) visible to the layers for the duration of one call."""
-        previous, previous_cache = self.task_ids, self._per_batch
-        self.task_ids, self._per_batch = task_ids, {}
+        previous, previous_cache, previous_store = self.task_ids, self._per_batch, self.call_store
+        self.task_ids, self._per_batch, self.call_store = task_ids, {}, {}
         try:
             yield
         finally:
-            self.task_ids, self._per_batch = previous, previous_cache
+            self.task_ids, self._per_batch, self.call_store = previous, previous_cache, previous_store
 
     def for_batch(self, batch_size: int, device: torch.device, where: str = "") -> BatchRouting:
         """The task ids of the current call expanded to a layer input of ``batch_size`` rows.

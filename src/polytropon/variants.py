@@ -24,6 +24,7 @@ from torch import nn
 from .checkpoint import KEY_PREFIX
 from .config import PolyConfig
 from .router import PolyRouter
+from .routing import RoutingState, with_unknown_rows
 
 Router = Union[PolyRouter, "FixedRouter"]
 
@@ -72,12 +73,17 @@ class FixedRouter(nn.Module):
         return cls(allocation, config.n_splits, config.poly_type)
 
     def forward(self, task_ids: torch.Tensor) -> torch.Tensor:
-        """Routing weights for ``task_ids`` (LongTensor ``(n,)``) -> ``(n, n_splits, n_skills)``."""
+        """Routing weights for ``task_ids`` (LongTensor ``(n,)``) -> ``(n, n_splits, n_skills)``.
+
+        Ids equal to :data:`~polytropon.routing.UNKNOWN_TASK` get uniform weights (the average of the skills).
+        """
         return self.eval_weights(task_ids)
 
     def eval_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`forward`: the allocation does not depend on the mode."""
-        return self.weights[task_ids.to(self.weights.device)]
+        return with_unknown_rows(
+            lambda ids: self.weights[ids.to(self.weights.device)], task_ids, self.n_splits, self.n_skills
+        )
 
     def reset(self) -> None:
         """Nothing to draw: the allocation is fixed."""
@@ -125,8 +131,13 @@ def new_router(config: PolyConfig) -> Router:
     return FixedRouter.from_config(config)
 
 
-def build_routers(config: PolyConfig, paths: Sequence[str]) -> dict[str, tuple[Router, bool]]:
+def build_routers(
+    config: PolyConfig, paths: Sequence[str], state: Optional[RoutingState] = None
+) -> dict[str, tuple[Router, bool]]:
     """One router per group of ``paths`` (see :func:`router_groups`).
+
+    A learned router shared by several layers gets ``shared = True`` and ``routing_state = state`` (the
+    model's), so that it is computed once per call.
 
     Returns:
         path -> ``(router, first)``, where ``first`` is ``True`` for the first path of its group: the caller
@@ -146,8 +157,9 @@ def build_routers(config: PolyConfig, paths: Sequence[str]) -> dict[str, tuple[R
     for key in groups.values():
         counts[key] = counts.get(key, 0) + 1
     for key, router in routers.items():
-        # layers sharing a router compute its weights once per call (see BatchRouting.weights)
-        router.shared = counts[key] > 1
+        if isinstance(router, PolyRouter) and counts[key] > 1:
+            # layers sharing a learned router compute its weights once per call (see PolyRouter._per_call)
+            router.shared, router.routing_state = True, state
     return out
 
 
