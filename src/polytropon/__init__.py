@@ -15,7 +15,9 @@ __all__ = ["PolyConfig", "PolyModel", "get_peft_model", "PolyLayer", "PolyAdapte
 # polytropon.plots (imported on demand: matplotlib/scipy are optional)
 from .analysis import allocation_matrix, routing_weights, task_similarity
 from .tasks import add_tasks, set_task_names
-from .training import collapse_to_average, freeze_skills, ibp_loss, param_groups, unfreeze_skills
+from .few_shot import collapse_to_average, freeze_skills, unfreeze_skills
+from .optim import param_groups
+from .priors import ibp_loss
 from .variants import FixedRouter
 
 __all__ += [

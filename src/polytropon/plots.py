@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
-import torch
 
 from .analysis import allocation_matrix, task_labels, task_similarity
 
