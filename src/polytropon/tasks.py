@@ -36,7 +36,7 @@ def task_index(name: str, config: PolyConfig) -> int:
     """
     if config.task_names is None:
         raise TypeError(
-            f"task ids must be ints, got {name!r} (str): the adapter has no task_names; set "
+            f"task_id must be an int, got {name!r} (str): the adapter has no task_names; set "
             "PolyConfig.task_names (or polytropon.set_task_names) to refer to tasks by name"
         )
     try:
