@@ -1,6 +1,6 @@
 """Read-outs of the learned routing: per-layer weights, task x skill allocation matrices, task similarity.
 
-Ponti et al. 2022 (arXiv 2202.13914, sec. 6) and Caccia et al. 2022 (arXiv 2211.03831) read the learned
+Ponti et al. 2022 (arXiv 2202.13914) and Caccia et al. 2022 (arXiv 2211.03831) read the learned
 allocation as an account of which tasks share which skills, and cluster tasks by it. All read-outs use the
 deterministic eval weights (``router.eval_weights``: ``sigmoid(logits)`` normalised per split, or the
 binary modes for hard routing, or the fixed allocation), whatever the model's train/eval mode.

@@ -1,4 +1,4 @@
-"""Few-shot adaptation regimes of MHR (Caccia et al. 2022, arXiv 2211.03831, sec. 5).
+"""Few-shot adaptation regimes of MHR (Caccia et al. 2022, arXiv 2211.03831).
 
 * MHR-z -- :func:`freeze_skills`: keep the trained skills, learn only the routing of (new) tasks.
 * MHR-mu -- :func:`collapse_to_average`: drop the routing, average the skills into one LoRA and fine-tune it.

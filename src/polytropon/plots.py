@@ -1,6 +1,6 @@
 """PNG figures of the learned routing: the task x skill heatmap and the task hierarchy (dendrogram).
 
-The papers' interpretability claim (Ponti et al. 2022, arXiv 2202.13914, sec. 6; Caccia et al. 2022,
+The papers' interpretability claim (Ponti et al. 2022, arXiv 2202.13914; Caccia et al. 2022,
 arXiv 2211.03831) is that tasks that share skills are related; these plots show the allocation and the
 hierarchical clustering of tasks by it. matplotlib (Agg backend, no display needed) and scipy are imported
 only when a plot is drawn (``pip install polytropon[plot]``).

@@ -1,4 +1,4 @@
-"""The Indian Buffet Process prior of Poly (Ponti et al. 2022, arXiv 2202.13914, sec. 3) as a loss term.
+"""The Indian Buffet Process prior of Poly (Ponti et al. 2022, arXiv 2202.13914) as a loss term.
 
 Poly places an IBP prior on the binary task x skill allocation matrix; :func:`ibp_log_prior` is its finite
 (Beta-Bernoulli) form with the skill probabilities integrated out, on a relaxed allocation, and

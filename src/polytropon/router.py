@@ -25,7 +25,7 @@ class PolyRouter(nn.Module):
         p = sigmoid(z)                                            # eval
         w = p / (p.sum(-1, keepdim=True) + EPS)                   # each split's weights sum to 1
 
-    With ``hard=True`` the forward pass uses a binary allocation instead (Ponti et al. 2022, eq. 4: a task's
+    With ``hard=True`` the forward pass uses a binary allocation instead (Ponti et al. 2022: a task's
     module is the average of its active skills)::
 
         h = 1[p >= 0.5]                                           # 0/1, shape (n, n_splits, n_skills)

@@ -3,7 +3,7 @@
 * ``PolyConfig.task_names`` lets ``task_ids`` (and ``merge_adapter``) take names; the names are saved in
   ``adapter_config.json`` and restored with it.
 * :func:`add_tasks` grows every router of an adapter by new rows, for few-shot adaptation to unseen tasks
-  (Caccia et al. 2022, arXiv 2211.03831, sec. 5: the skills stay, a new task only learns its routing -- see
+  (Caccia et al. 2022, arXiv 2211.03831: the skills stay, a new task only learns its routing -- see
   :func:`polytropon.few_shot.freeze_skills`). Trained rows are kept bit for bit.
 * ``PolyConfig.unknown_task="average"`` routes, at eval, an unknown task to the average of the skills
   (uniform weights -- what MHR-mu does for unseen tasks), instead of raising.
