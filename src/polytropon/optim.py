@@ -1,8 +1,8 @@
 """Two-speed learning rates: optimizer groups that separate router logits from skill weights.
 
 The reference code of Ponti et al. 2022 (arXiv 2202.13914) and Caccia et al. 2022 (arXiv 2211.03831) gives
-the routing logits their own, larger learning rate than the LoRA skills; :func:`param_groups` builds the groups for any ``torch.optim``
-optimizer or the HF ``Trainer``.
+the routing logits their own, larger learning rate than the LoRA skills; :func:`param_groups` builds the
+groups for any ``torch.optim`` optimizer or the HF ``Trainer``.
 """
 
 from __future__ import annotations

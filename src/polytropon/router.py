@@ -65,6 +65,8 @@ class PolyRouter(nn.Module):
         #: model's routing state (whose per-call store caches the shared weights)
         self.shared = False
         self.routing_state: Optional[RoutingState] = None
+        #: route ids equal to ``UNKNOWN_TASK`` to the average of the skills (``unknown_task="average"``)
+        self.unknown_rows = False
         self.module_logits = nn.Parameter(torch.empty(n_tasks, n_splits * n_skills))
         if reset:
             self.reset()
@@ -114,14 +116,20 @@ class PolyRouter(nn.Module):
         """
         state = self.routing_state
         if not self.shared or state is None or state.task_ids is None:
-            return with_unknown_rows(compute, task_ids, self.n_splits, self.n_skills)
+            return self._compute(compute, task_ids)
         key = (id(self), kind, id(task_ids), torch.is_grad_enabled())
         entry = state.call_store.get(key)
         if entry is not None and entry[0] is task_ids:
             return entry[1]
-        out = with_unknown_rows(compute, task_ids, self.n_splits, self.n_skills)
+        out = self._compute(compute, task_ids)
         state.call_store[key] = (task_ids, out)  # holding task_ids keeps its id unique during the call
         return out
+
+    def _compute(self, compute, task_ids: torch.Tensor) -> torch.Tensor:
+        # looking for unknown-task ids costs a device sync: only adapters with unknown_task="average" do
+        if self.unknown_rows:
+            return with_unknown_rows(compute, task_ids, self.n_splits, self.n_skills)
+        return compute(task_ids)
 
     def _normalise(self, probs: torch.Tensor) -> torch.Tensor:
         soft = probs / (probs.sum(dim=-1, keepdim=True) + EPS)

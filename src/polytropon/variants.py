@@ -56,6 +56,8 @@ class FixedRouter(nn.Module):
         self.n_tasks, self.n_skills = allocation.shape
         self.n_splits = n_splits
         self.kind = kind
+        #: route ids equal to ``UNKNOWN_TASK`` to the average of the skills (``unknown_task="average"``)
+        self.unknown_rows = False
         rows = allocation / allocation.sum(dim=-1, keepdim=True)
         self.register_buffer("weights", rows[:, None, :].expand(-1, n_splits, -1).contiguous(), persistent=False)
 
@@ -81,9 +83,10 @@ class FixedRouter(nn.Module):
 
     def eval_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`forward`: the allocation does not depend on the mode."""
-        return with_unknown_rows(
-            lambda ids: self.weights[ids.to(self.weights.device)], task_ids, self.n_splits, self.n_skills
-        )
+        rows = lambda ids: self.weights[ids.to(self.weights.device)]  # noqa: E731
+        if self.unknown_rows:
+            return with_unknown_rows(rows, task_ids, self.n_splits, self.n_skills)
+        return rows(task_ids)
 
     def reset(self) -> None:
         """Nothing to draw: the allocation is fixed."""
@@ -124,11 +127,14 @@ def router_groups(paths: Sequence[str], granularity: str) -> dict[str, str]:
 def new_router(config: PolyConfig) -> Router:
     """A fresh router for ``config``; a learned router's logits are left undrawn (call ``reset()``)."""
     if config.poly_type == "poly":
-        return PolyRouter(
+        router: Router = PolyRouter(
             config.n_tasks, config.n_skills, config.n_splits, reset=False,
             temperature=config.router_temperature, hard=config.hard_routing,
         )
-    return FixedRouter.from_config(config)
+    else:
+        router = FixedRouter.from_config(config)
+    router.unknown_rows = config.unknown_task == "average"
+    return router
 
 
 def build_routers(
