@@ -49,3 +49,31 @@ def test_training_reduces_loss_and_learns_task_dependent_labels():
         if "original_module" in name or "base_layer" in name or name in frozen:
             key = name.replace(".base_layer", "").replace(".original_module", "")
             torch.testing.assert_close(param, frozen[key], rtol=0, atol=0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Checkpointed layers are recomputed inside backward(), after the call: they still get the task ids."""
+    import copy
+
+    from conftest import batch_inputs, randomize_, tiny_llama
+
+    plain = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, n_splits=2, init_weights=False))
+    randomize_(plain)
+    checkpointed = copy.deepcopy(plain)
+    enable = getattr(checkpointed.model, "activation_checkpointing_enable", None) or checkpointed.model.gradient_checkpointing_enable
+    enable()
+    inputs = batch_inputs("llama")
+    grads, calls = [], []
+    for model in (plain, checkpointed):
+        model.train()
+        count = []
+        model.model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: count.append(1))
+        torch.manual_seed(3)  # same relaxed-Bernoulli samples (checkpointing restores the RNG when recomputing)
+        model(**inputs, labels=inputs["input_ids"], task_ids=[0, 1, 2, 0]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        calls.append(len(count))
+    assert calls == [1, 2]  # the checkpointed layer really ran again inside backward()
+    assert set(grads[0]) == set(grads[1])
+    for name, grad in grads[0].items():
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-7)

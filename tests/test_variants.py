@@ -322,3 +322,22 @@ def test_loading_untied_router_copies_into_a_shared_router_is_refused(tmp_path):
     with pytest.raises(ValueError, match="different values"):
         PolyModel.from_pretrained(base, str(tmp_path), config=cfg)
     assert not any("Poly" in type(m).__name__ for m in base.modules())  # base untouched
+
+
+def test_activation_checkpointing_needs_per_module_routers():
+    """Per-module routers train under checkpointing; shared routers refuse it with a clear error."""
+    x = inputs("llama")["input_ids"]
+    for granularity, adapter_mode in (("module", True), ("block", True), ("block", False)):
+        base = tiny_llama()
+        base.gradient_checkpointing_enable()
+        model = get_peft_model(base, PolyConfig(n_tasks=3, init_weights=False, router_granularity=granularity))
+        model.train()
+        for _, layer in model._poly_layers():  # eval routing inside checkpointed layers that train
+            layer.adapters["default"].train(adapter_mode)
+        loss = model(input_ids=x, labels=x, task_ids=[0, 1, 2, 0]).loss
+        if granularity == "module":
+            loss.backward()
+            assert all(r.module_logits.grad is not None and r.module_logits.grad.abs().sum() > 0 for r in _routers(model))
+        else:
+            with pytest.raises(RuntimeError, match="router_granularity='module'"):
+                loss.backward()

@@ -481,7 +481,7 @@ class PolyModel(nn.Module):
         for name in names:
             directory = adapter_directory(save_directory, name)
             os.makedirs(directory, exist_ok=True)
-            config = dataclasses.replace(self.peft_config[name])
+            config = dataclasses.replace(self.peft_config[name], inference_mode=True)  # as PEFT writes it
             save_tensors(os.path.join(directory, WEIGHTS_NAME), self.adapter_state_dict(name))
             config.save_pretrained(directory)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
-from .routing import RoutingState, with_unknown_rows
+from .routing import RoutingState, _in_backward, with_unknown_rows
 
 #: Added to the per-split sum of routing weights before normalising (as PEFT and the papers' code do).
 EPS = 1e-12
@@ -115,6 +115,14 @@ class PolyRouter(nn.Module):
         computes at every call, as in PEFT.
         """
         state = self.routing_state
+        if self.shared and state is not None and state.task_ids is None and _in_backward():
+            # activation checkpointing re-running layers in backward(): the call's shared computation is gone,
+            # so the recomputed layers would each recompute (or re-sample) the weights -- not what the forward
+            # pass did, and torch's checkpoint would fail on the mismatch or, with sampling, get wrong gradients
+            raise RuntimeError(
+                "activation (gradient) checkpointing is not supported with a router shared by several layers "
+                "(router_granularity='block' or 'model'): use router_granularity='module', or disable checkpointing"
+            )
         if not self.shared or state is None or state.task_ids is None:
             return self._compute(compute, task_ids)
         key = (id(self), kind, id(task_ids), torch.is_grad_enabled())

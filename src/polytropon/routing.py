@@ -79,6 +79,7 @@ class RoutingState:
     _per_batch: dict[tuple[int, str], BatchRouting] = field(default_factory=dict, repr=False)
     #: scratch space that lives for one call (e.g. weights of routers shared by several layers)
     call_store: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _for_backward: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @contextmanager
     def route(self, task_ids: Optional[torch.Tensor]) -> Iterator[None]:
@@ -89,6 +90,9 @@ class RoutingState:
             yield
         finally:
             self.task_ids, self._per_batch, self.call_store = previous, previous_cache, previous_store
+            if task_ids is not None and torch.is_grad_enabled():
+                # activation checkpointing re-runs layers inside backward(), after the call has ended
+                self._for_backward = task_ids
 
     def for_batch(self, batch_size: int, device: torch.device, where: str = "") -> BatchRouting:
         """The task ids of the current call expanded to a layer input of ``batch_size`` rows.
@@ -97,9 +101,17 @@ class RoutingState:
         every example ``k`` times in a row; the task ids are expanded the same way (``repeat_interleave``).
         The result is computed once per call and batch size, not once per layer.
 
+        Under activation (gradient) checkpointing, layers recomputed during ``backward()`` get the task ids of
+        the last routed call made with autograd on; so run each forward's backward before the next forward
+        (as training loops, the HF Trainer and gradient accumulation do).
+
         Raises:
             ValueError: if no task ids were given, or ``batch_size`` is not a multiple of their number.
         """
+        if self.task_ids is None and self._for_backward is not None and _in_backward():
+            # a checkpointed segment being recomputed for the last routed call (not cached: the call is over)
+            with self.route(self._for_backward):
+                return self.for_batch(batch_size, device, where)
         if self.task_ids is None:
             raise ValueError(
                 f"task_ids are required while adapter {self.active_adapter!r} is active: pass task_ids=... "
@@ -122,6 +134,12 @@ class RoutingState:
         routing = BatchRouting(ids, unique, inverse, tuple(unique.tolist()))
         self._per_batch[cache_key] = routing
         return routing
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
 
 
 def check_task_ids(
