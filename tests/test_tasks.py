@@ -254,3 +254,13 @@ def test_add_tasks_keeps_trainability_and_device():
     assert model.get_nb_trainable_parameters()[0] == sum(
         p.numel() for n, p in model.named_parameters() if "poly_" in n
     )
+
+
+def test_model_methods_delegate_to_the_toolkit():
+    model = _model(task_names=NAMES)
+    assert model.add_tasks(["cola"], init="qnli") == [3]
+    cola, qnli = model.routing_weights("cola"), model.routing_weights(1)
+    assert set(cola) == set(qnli) == {path for path, _ in model._poly_layers()}
+    for path in cola:
+        assert torch.equal(cola[path], qnli[path])
+    assert model.freeze_skills() == sum(r.module_logits.numel() for r in _routers(model))

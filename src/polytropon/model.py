@@ -312,6 +312,25 @@ class PolyModel(nn.Module):
         """The wrapped transformers model (with the adapter layers in place)."""
         return self.model
 
+    # ------------------------------------------------------------------ research toolkit (docs/research.md)
+    def add_tasks(self, tasks: Union[int, list[str]], init: Union[str, int] = "uniform", adapter_name: Optional[str] = None) -> list[int]:
+        """Add tasks after training (few-shot adaptation); see :func:`polytropon.tasks.add_tasks`."""
+        from .tasks import add_tasks
+
+        return add_tasks(self, tasks, init=init, adapter_name=adapter_name)
+
+    def freeze_skills(self, adapter_name: Optional[str] = None) -> int:
+        """MHR-z: train only the routing; returns the trainable count. See :func:`polytropon.few_shot.freeze_skills`."""
+        from .few_shot import freeze_skills
+
+        return freeze_skills(self, adapter_name)
+
+    def routing_weights(self, task: Optional[Union[int, str]] = None, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """Eval routing weights per layer; see :func:`polytropon.analysis.routing_weights`."""
+        from .analysis import routing_weights
+
+        return routing_weights(self, task, adapter_name)
+
     # ------------------------------------------------------------------ calls
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
