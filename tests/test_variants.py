@@ -343,3 +343,18 @@ def test_activation_checkpointing_needs_per_module_routers():
         else:
             with pytest.raises(RuntimeError, match="router_granularity='module'"):
                 loss.backward()
+
+
+@pytest.mark.parametrize(
+    "extra", [dict(poly_type="private", n_skills=3), dict(poly_type="fixed", n_skills=2, allocation=[[1, 0], [0, 1], [1, 1]])]
+)
+def test_peft_refuses_fixed_allocation_checkpoints(tmp_path, extra):
+    """docs/research.md: PEFT cannot load these variants, and says so instead of computing something else."""
+    from peft import PeftModel
+
+    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, **extra))
+    assert not model.peft_config["default"].peft_compatible
+    model.save_pretrained(str(tmp_path))
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="poly_type"):
+        warnings.simplefilter("ignore")
+        PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
