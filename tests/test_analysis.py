@@ -79,3 +79,50 @@ def test_task_similarity_is_cosine_of_routing_features():
     torch.testing.assert_close(task_similarity(torch.tensor([[1.0, 0.0], [1.0, 1.0]])), torch.tensor([[1.0, 0.5**0.5], [0.5**0.5, 1.0]]))
     with pytest.raises(ValueError, match="n_tasks, d"):
         task_similarity(torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [dict(), dict(router_granularity="block", n_splits=2), dict(hard_routing=True), dict(poly_type="fixed", allocation=[[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 1, 1]])],
+)
+def test_load_snapshot_reads_a_checkpoint_without_the_base_model(tmp_path, extra):
+    from polytropon.analysis import load_snapshot, snapshot
+
+    model = _model(**extra)
+    model.save_pretrained(str(tmp_path))
+    snap, live = load_snapshot(tmp_path), snapshot(model)
+    assert set(snap.weights) == set(live.weights)
+    for path in live.weights:
+        torch.testing.assert_close(snap.weights[path], live.weights[path], atol=1e-6, rtol=1e-6)
+    assert len(snap.per_router()) == len(live.per_router())
+    torch.testing.assert_close(allocation_matrix(snap), allocation_matrix(model), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(task_similarity(snap), task_similarity(model), atol=1e-6, rtol=1e-6)
+
+
+def test_load_snapshot_of_a_peft_checkpoint(tmp_path):
+    from peft import PolyConfig as PeftPolyConfig
+    from peft import get_peft_model as peft_get_peft_model
+
+    from polytropon.analysis import load_snapshot
+
+    theirs = peft_get_peft_model(tiny_llama(), PeftPolyConfig(task_type="CAUSAL_LM", n_tasks=3, n_splits=2))
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "module_logits" in name:
+                param.normal_()
+    theirs.save_pretrained(str(tmp_path))
+    snap = load_snapshot(tmp_path)
+    logits = {n: p for n, p in theirs.named_parameters() if "module_logits" in n}
+    assert len(snap.weights) == len(logits) == 4
+    for name, param in logits.items():
+        path = name.replace("base_model.model.", "").replace(".poly_router.default.module_logits", "")
+        torch.testing.assert_close(snap.weights[path], _expected_weights(param, 2, 4), atol=1e-6, rtol=1e-6)
+
+
+def test_load_snapshot_errors(tmp_path):
+    from polytropon.analysis import load_snapshot
+
+    with pytest.raises(FileNotFoundError):
+        load_snapshot(tmp_path)
+    with pytest.raises(TypeError, match="PolyModel or a RoutingSnapshot"):
+        allocation_matrix(torch.nn.Linear(2, 2))

@@ -123,3 +123,15 @@ def test_trained_routing_recovers_the_task_hierarchy(tmp_path):
     assert {frozenset(figure.order[:2]), frozenset(figure.order[2:])} == {frozenset({0, 1}), frozenset({2, 3})}
     sim = figure.similarity
     assert min(sim[0, 1], sim[2, 3]) > max(sim[0, 2], sim[0, 3], sim[1, 2], sim[1, 3]) + 0.2  # measured: 0.95+ vs 0.42-
+
+
+def test_plot_routing_from_a_checkpoint_directory(tmp_path):
+    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, n_splits=2, router_granularity="block", task_names=["x", "y", "z"]))
+    randomize(model)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    from_disk = plot_routing(tmp_path / "adapter", tmp_path / "figs")
+    live = plot_routing(model, tmp_path / "figs-live")
+    assert _is_png(tmp_path / "figs" / "task_hierarchy.png")
+    np.testing.assert_allclose(from_disk["allocation"].allocation, live["allocation"].allocation, atol=1e-6)
+    np.testing.assert_allclose(from_disk["task_hierarchy"].similarity, live["task_hierarchy"].similarity, atol=1e-6)
+    assert from_disk["allocation"].labels == ["x", "y", "z"]

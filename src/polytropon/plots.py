@@ -5,7 +5,9 @@ arXiv 2211.03831) is that tasks that share skills are related; these plots show 
 hierarchical clustering of tasks by it. matplotlib (Agg backend, no display needed) and scipy are imported
 only when a plot is drawn (``pip install polytropon[plot]``).
 
-Every function returns the numbers it drew, so what is on the figure can be checked against the model.
+Every function takes a :class:`~polytropon.model.PolyModel` or a :class:`~polytropon.analysis.RoutingSnapshot`
+(:func:`~polytropon.analysis.load_snapshot` reads one from a saved adapter, without the base model), and
+returns the numbers it drew, so what is on the figure can be checked against the model.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
-from .analysis import allocation_matrix, task_labels, task_similarity
+from .analysis import RoutingSnapshot, _as_snapshot, allocation_matrix, task_labels, task_similarity
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import PolyModel
 
 PathLike = Union[str, "os.PathLike[str]"]
+Source = Union["PolyModel", RoutingSnapshot]
 
 
 @dataclass
@@ -92,7 +95,7 @@ def _heatmap(ax, allocation: np.ndarray, labels: list[str], order: list[int], ti
 
 
 def plot_allocation(
-    model: "PolyModel",
+    model: Source,
     path: PathLike,
     adapter_name: Optional[str] = None,
     layer: Optional[str] = None,
@@ -101,15 +104,16 @@ def plot_allocation(
     """Write a heatmap of the task x skill allocation matrix (:func:`~polytropon.analysis.allocation_matrix`).
 
     Args:
-        model: the :class:`~polytropon.model.PolyModel`.
+        model: a :class:`~polytropon.model.PolyModel` or a :class:`~polytropon.analysis.RoutingSnapshot`.
         path: the ``.png`` file to write.
-        adapter_name: adapter to plot (default: active).
+        adapter_name: the model's adapter to plot (default: active).
         layer: one adapted layer's allocation instead of the average over routers.
         title: figure title.
     """
     path = _check_path(path)
-    allocation = allocation_matrix(model, adapter_name, layer).numpy()
-    labels = task_labels(model, adapter_name)
+    snap = _as_snapshot(model, adapter_name)
+    allocation = allocation_matrix(snap, layer=layer).numpy()
+    labels = task_labels(snap)
     order = list(range(allocation.shape[0]))
     fig = _figure(2.5 + 0.45 * allocation.shape[1], 1.5 + 0.35 * len(labels))
     ax = fig.subplots()
@@ -120,7 +124,7 @@ def plot_allocation(
 
 
 def plot_task_hierarchy(
-    model: "PolyModel",
+    model: Source,
     path: PathLike,
     adapter_name: Optional[str] = None,
     method: str = "average",
@@ -136,11 +140,12 @@ def plot_task_hierarchy(
         ValueError: fewer than 2 tasks, or a path that is not ``.png``.
     """
     path = _check_path(path)
-    allocation = allocation_matrix(model, adapter_name).numpy()
-    labels = task_labels(model, adapter_name)
+    snap = _as_snapshot(model, adapter_name)
+    allocation = allocation_matrix(snap).numpy()
+    labels = task_labels(snap)
     if len(labels) < 2:
         raise ValueError(f"a task hierarchy needs at least 2 tasks, the adapter has {len(labels)}")
-    similarity = task_similarity(model, adapter_name).double().numpy()
+    similarity = task_similarity(snap).double().numpy()
     links = _linkage(similarity, method)
     from scipy.cluster.hierarchy import dendrogram
 
@@ -157,11 +162,21 @@ def plot_task_hierarchy(
     return RoutingFigure(path, allocation, similarity, links, order, labels)
 
 
-def plot_routing(model: "PolyModel", directory: PathLike, adapter_name: Optional[str] = None) -> dict[str, RoutingFigure]:
-    """Write ``allocation.png`` and (with at least 2 tasks) ``task_hierarchy.png`` into ``directory``."""
+def plot_routing(
+    model: Union[Source, PathLike], directory: PathLike, adapter_name: Optional[str] = None
+) -> dict[str, RoutingFigure]:
+    """Write ``allocation.png`` and (with at least 2 tasks) ``task_hierarchy.png`` into ``directory``.
+
+    ``model`` may also be a saved adapter's directory (read with :func:`~polytropon.analysis.load_snapshot`).
+    """
+    from .analysis import load_snapshot
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_snapshot(model)
+    snap = _as_snapshot(model, adapter_name)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    figures = {"allocation": plot_allocation(model, os.path.join(directory, "allocation.png"), adapter_name)}
-    if len(task_labels(model, adapter_name)) >= 2:
-        figures["task_hierarchy"] = plot_task_hierarchy(model, os.path.join(directory, "task_hierarchy.png"), adapter_name)
+    figures = {"allocation": plot_allocation(snap, os.path.join(directory, "allocation.png"))}
+    if len(snap.task_names) >= 2:
+        figures["task_hierarchy"] = plot_task_hierarchy(snap, os.path.join(directory, "task_hierarchy.png"))
     return figures
