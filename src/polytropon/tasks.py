@@ -154,7 +154,7 @@ def add_tasks(
     * ``"uniform"``: equal weights on every skill -- zero logits for learned routers (``sigmoid(0)`` for all
       skills), a uniform row for ``poly_type="fixed"``;
     * ``"average"``: the mean of the trained rows (of the logits, for learned routers);
-    * an existing task (name or id): a copy of its row.
+    * an existing task (name or id): a copy of its row (the keywords win over tasks named "uniform"/"average").
 
     With ``poly_type="private"`` (one skill per task) each new task also gets a new skill in every layer:
     freshly initialised (``"uniform"``, same init as the adapter's), the mean of the skills (``"average"``)
