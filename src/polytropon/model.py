@@ -16,9 +16,9 @@ from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
 from .router import PolyRouter
 from .routing import RoutingState, TaskIds, check_task_ids
+from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
 from .tasks import resolve_task_names, task_index
 from .variants import build_routers, check_tied_router_tensors
-from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
 
 
 # ---------------------------------------------------------------------- planning (pure: never changes the model)
@@ -313,7 +313,9 @@ class PolyModel(nn.Module):
         return self.model
 
     # ------------------------------------------------------------------ research toolkit (docs/research.md)
-    def add_tasks(self, tasks: Union[int, list[str]], init: Union[str, int] = "uniform", adapter_name: Optional[str] = None) -> list[int]:
+    def add_tasks(
+        self, tasks: Union[int, list[str]], init: Union[str, int] = "uniform", adapter_name: Optional[str] = None
+    ) -> list[int]:
         """Add tasks after training (few-shot adaptation); see :func:`polytropon.tasks.add_tasks`."""
         from .tasks import add_tasks
 
@@ -325,7 +327,9 @@ class PolyModel(nn.Module):
 
         return freeze_skills(self, adapter_name)
 
-    def routing_weights(self, task: Optional[Union[int, str]] = None, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    def routing_weights(
+        self, task: Optional[Union[int, str]] = None, adapter_name: Optional[str] = None
+    ) -> dict[str, torch.Tensor]:
         """Eval routing weights per layer; see :func:`polytropon.analysis.routing_weights`."""
         from .analysis import routing_weights
 
