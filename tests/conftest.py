@@ -10,6 +10,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# tiny models run fastest single-threaded (and CI runs tests beside nothing else)
+torch.set_num_threads(1)
+
 VOCAB = 96
 
 

@@ -223,7 +223,7 @@ class PolyAdapter(nn.Module):
         and in-place version counter, so any optimizer step, ``load_state_dict`` or device move invalidates
         it; the mode is part of the key too. Only used when autograd is off.
         """
-        params = (self.poly_lora_A, self.poly_lora_B, self.poly_router.module_logits)
+        params = (self.poly_lora_A, self.poly_lora_B, *self.poly_router.parameters(), *self.poly_router.buffers())
         key = (routing.key, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version) for p in params)
         cache = self._cache
         if cache is not None and cache[0] == key:
