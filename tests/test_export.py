@@ -116,3 +116,14 @@ def test_unknown_adapter_and_file_target_raise(tmp_path):
     with pytest.raises(ValueError, match="found a file"):
         model.export_lora(path, 0)
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_export_by_task_name(tmp_path):
+    build, _ = ARCHS["gpt2-conv1d"]
+    model = poly_model("gpt2-conv1d", "mhr", task_names=["a", "b", "c"])
+    ids = tokens()
+    model.export_lora(tmp_path, "b")
+    assert rel_diff(peft_logits(tmp_path, build(0), ids), routed_logits(model, ids, 1)) < TOL
+    with pytest.raises(ValueError, match="unknown task name"):
+        model.export_lora(tmp_path / "x", "z")
+    assert not (tmp_path / "x").exists()

@@ -233,3 +233,15 @@ def test_adapter_added_to_an_eval_model_routes_deterministically():
     routed = first
     model.merge_adapter(1)
     assert rel_diff(logits(model, ids), routed) < TOL
+
+
+def test_merge_by_task_name():
+    model = poly_model("llama-linear", "mhr", task_names=["qa", "sum", "tr"])
+    ids = tokens()
+    routed = logits(model, ids, [2, 2, 2])
+    model.merge_adapter("tr")
+    assert model.merged_task == 2
+    assert rel_diff(logits(model, ids), routed) < TOL
+    with pytest.raises(ValueError, match="unknown task name 'nope'"):
+        model.merge_adapter("nope")
+    assert model.merged_task == 2

@@ -113,7 +113,7 @@ def export_lora(
     """
     adapter_name = adapter_name or model.active_adapter
     model._check_adapter(adapter_name)
-    task_id = model._check_task_id(task_id, adapter_name)
+    task_id = model._resolve_task_id(task_id, adapter_name)
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
         raise ValueError(f"{save_directory}: expected a directory, found a file")

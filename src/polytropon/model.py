@@ -425,12 +425,12 @@ class PolyModel(nn.Module):
         unmerges the current one; merging the merged task again does nothing.
 
         Args:
-            task_id: the task, in ``[0, n_tasks)``.
+            task_id: the task: an id in ``[0, n_tasks)`` or, with ``PolyConfig.task_names``, its name.
             adapter_name: the adapter (default: the active one); it becomes the active adapter.
 
         Raises:
-            TypeError: ``task_id`` is not an integer. ValueError: unknown adapter or ``task_id`` out of range.
-            Both are raised before anything changes.
+            TypeError: ``task_id`` is neither an integer nor (with task names) a string. ValueError: unknown
+            adapter, unknown task name or ``task_id`` out of range. All are raised before anything changes.
         """
         adapter_name = adapter_name or self.routing.active_adapter
         self._check_adapter(adapter_name)
