@@ -219,7 +219,7 @@ class PolyAdapter(nn.Module):
         per distinct task (``k`` of them), then gathered to rows.
 
         Generation calls every layer once per token with the same task ids; the cache turns the mixing (and,
-        for the same :class:`BatchRouting`, the gather) into a lookup. Its key holds every parameter's storage
+        while the rows keep their tasks, the gather to rows) into a lookup. Its key holds every parameter's storage
         and in-place version counter, so any optimizer step, ``load_state_dict`` or device move invalidates
         it; the mode is part of the key too. Only used when autograd is off.
         """
@@ -227,13 +227,14 @@ class PolyAdapter(nn.Module):
         key = (routing.key, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version) for p in params)
         cache = self._cache
         if cache is not None and cache[0] == key:
-            if cache[3] is routing:
+            # same tasks: the same rows if this is the same call, or a call with the same row -> task layout
+            if cache[3] is routing.inverse or torch.equal(cache[3], routing.inverse):
                 return cache[4], cache[5]
             a, b = cache[1], cache[2]
         else:
             a, b = self.mix(self.poly_router.eval_weights(routing.unique))
         rows_a, rows_b = (a, b) if a.shape[0] == 1 else (a[routing.inverse], b[routing.inverse])
-        self._cache = (key, a, b, routing, rows_a, rows_b)
+        self._cache = (key, a, b, routing.inverse, rows_a, rows_b)
         return rows_a, rows_b
 
     def add_update(self, result: torch.Tensor, x: torch.Tensor, routing: BatchRouting) -> torch.Tensor:
