@@ -10,7 +10,7 @@ import torch
 from deploy_helpers import rel_diff, tiny_gpt2, tiny_llama, tokens
 
 from polytropon import PolyConfig, get_peft_model
-from polytropon.layer import _RoutedLowRank
+from polytropon.layer import _mix_factors, _RoutedLowRank, _RoutedPoly
 from polytropon.router import relaxed_bernoulli_rsample
 
 peft = pytest.importorskip("peft")
@@ -77,6 +77,29 @@ def test_routed_low_rank_gradcheck(as_view):
     assert torch.autograd.gradcheck(fn, (base, x, a, b))
     expected = base.view(n, t, d_out) + x @ a @ b
     torch.testing.assert_close(fn(base, x, a, b), expected)
+
+
+@pytest.mark.parametrize("as_view", [False, True])
+@pytest.mark.parametrize("n_splits", [1, 2])
+def test_routed_poly_gradcheck(as_view, n_splits):
+    """The training Function mixes inside and differentiates through the mixing by hand."""
+    torch.manual_seed(0)
+    n, t, d_in, d_out, r, n_skills = 3, 4, 6, 4, 2, 3
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(n, t, d_in, **f64)
+    weights = torch.rand(n, n_splits, n_skills, **f64)
+    lora_a = torch.randn(n_splits, n_skills, d_in // n_splits, r, **f64)
+    lora_b = torch.randn(n_splits, n_skills, r, d_out // n_splits, **f64)
+    base = torch.randn(n * t, d_out, **f64)
+
+    def fn(base, x, weights, lora_a, lora_b):
+        result = base * 1.0
+        result = result.view(n, t, d_out) if as_view else result.reshape(n, t, d_out).clone()
+        return _RoutedPoly.apply(result, x, weights, lora_a, lora_b)
+
+    assert torch.autograd.gradcheck(fn, (base, x, weights, lora_a, lora_b))
+    a, b = _mix_factors(weights, lora_a, lora_b)
+    torch.testing.assert_close(fn(base, x, weights, lora_a, lora_b), base.view(n, t, d_out) + x @ a @ b)
 
 
 @pytest.mark.parametrize("n_splits", [1, 2])
@@ -171,16 +194,17 @@ def test_conv1d_training_gradients_match_plain_autograd():
     # the same computation through plain differentiable ops
     from polytropon import layer as layer_module
 
-    def slow(result, x, a, b):
+    def slow(result, x, weights, lora_a, lora_b):
+        a, b = _mix_factors(weights, lora_a, lora_b)
         return result + torch.bmm(torch.bmm(x, a), b)
 
-    original = layer_module._RoutedLowRank.apply
-    layer_module._RoutedLowRank.apply = slow
+    original = layer_module._RoutedPoly.apply
+    layer_module._RoutedPoly.apply = slow
     try:
         torch.manual_seed(5)
         model(input_ids=ids, labels=ids, task_ids=[0, 2, 1]).loss.backward()
     finally:
-        layer_module._RoutedLowRank.apply = original
+        layer_module._RoutedPoly.apply = original
     slow_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(fast) == set(slow_grads) and len(fast) == 3 * 2 * 2
     for name in fast:

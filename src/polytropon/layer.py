@@ -79,6 +79,76 @@ class _RoutedLowRank(torch.autograd.Function):
         return (grad if need_result else None), grad_x, grad_a, grad_b
 
 
+def _mix_factors(
+    weights: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaled: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixed factors ``A (k, in, r)``, ``B (k, r, out)`` of routing weights ``(k, q, s)`` (see :meth:`PolyAdapter.mix`).
+
+    One ``bmm`` over the splits on free views of ``lora_a (q, s, in/q, r)`` and ``lora_b (q, s, r, out/q)``,
+    then a reordering copy of the small results. ``B`` carries ``1/r`` when ``scaled``.
+    """
+    n_splits, n_skills, d_in, r = lora_a.shape
+    d_out = lora_b.shape[-1]
+    k = weights.shape[0]
+    w = weights.transpose(0, 1)  # (q, k, s)
+    a = torch.bmm(w, lora_a.reshape(n_splits, n_skills, -1))  # (q, k, d_in * r)
+    a = a.view(n_splits, k, d_in, r).transpose(0, 1).reshape(k, n_splits * d_in, r)
+    b = torch.bmm(w / r if scaled else w, lora_b.reshape(n_splits, n_skills, -1))  # (q, k, r * d_out)
+    b = b.view(n_splits, k, r, d_out).permute(1, 2, 0, 3).reshape(k, r, n_splits * d_out)
+    return a, b
+
+
+class _RoutedPoly(torch.autograd.Function):
+    """Training form of :class:`_RoutedLowRank` that also does the mixing, so the mixed factors are not kept.
+
+    Inputs: ``result (n, t, out)``, ``x (n, t, in)``, routing weights ``w (n, q, s)`` (one row per example) and
+    the skill parameters ``lora_a (q, s, in/q, r)``, ``lora_b (q, s, r, out/q)``. The forward mixes
+    ``A_i, B_i`` (:func:`_mix_factors`) and adds ``x @ A_i @ B_i`` as :class:`_RoutedLowRank` does; only
+    ``x``, ``w``, the parameters (no copies) and ``h^T (n, r, t)`` are saved, and the backward mixes again (two
+    small ``bmm``) instead of keeping ``n`` mixtures per layer alive from forward to backward. Gradients
+    through the mixing, with ``G_A[q, i] = dA_i``'s split-``q`` block flattened and likewise ``G_B``::
+
+        dlora_a[q] = w[:, q, :]^T @ G_A[q]          dw += G_A[q] @ lora_a[q]^T          (per split q)
+        dlora_b[q] = (w/r)[:, q, :]^T @ G_B[q]      dw += (G_B[q] @ lora_b[q]^T) / r
+    """
+
+    @staticmethod
+    def forward(ctx, result, x, weights, lora_a, lora_b):
+        a, b = _mix_factors(weights, lora_a, lora_b)
+        hidden_t = torch.bmm(a.transpose(1, 2), x.transpose(1, 2))
+        ctx.save_for_backward(x, weights, lora_a, lora_b, hidden_t)
+        if result._base is None:
+            ctx.mark_dirty(result)
+            return result.baddbmm_(hidden_t.transpose(1, 2), b)
+        return torch.baddbmm(result, hidden_t.transpose(1, 2), b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weights, lora_a, lora_b, hidden_t = ctx.saved_tensors
+        need_result, need_x, need_w, need_la, need_lb = ctx.needs_input_grad
+        n_splits, n_skills, d_in, r = lora_a.shape
+        d_out = lora_b.shape[-1]
+        n = weights.shape[0]
+        a, b = _mix_factors(weights, lora_a, lora_b)
+        grad_hidden_t = torch.bmm(b, grad.transpose(1, 2))  # (n, r, t)
+        grad_x = torch.bmm(grad_hidden_t.transpose(1, 2), a.transpose(1, 2).contiguous()) if need_x else None
+        grad_w = grad_la = grad_lb = None
+        if need_w or need_la or need_lb:
+            w = weights.transpose(0, 1)  # (q, n, s)
+            # dA^T (n, r, in) -> per split (q, n, in/q * r); dB (n, r, out) -> (q, n, r * out/q)
+            g_a = torch.bmm(grad_hidden_t, x).view(n, r, n_splits, d_in).permute(2, 0, 3, 1).reshape(n_splits, n, -1)
+            g_b = torch.bmm(hidden_t, grad).view(n, r, n_splits, d_out).permute(2, 0, 1, 3).reshape(n_splits, n, -1)
+            if need_la:
+                grad_la = torch.bmm(w.transpose(1, 2), g_a).view_as(lora_a)
+            if need_lb:
+                grad_lb = torch.bmm(w.transpose(1, 2) / r, g_b).view_as(lora_b)
+            if need_w:
+                grad_w = torch.bmm(g_a, lora_a.reshape(n_splits, n_skills, -1).transpose(1, 2))
+                grad_w = grad_w.add_(torch.bmm(g_b, lora_b.reshape(n_splits, n_skills, -1).transpose(1, 2)), alpha=1.0 / r)
+                grad_w = grad_w.transpose(0, 1)
+        return (grad if need_result else None), grad_x, grad_w, grad_la, grad_lb
+
+
 def _add_low_rank(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``result + x @ a @ b`` in ``result``'s shape and dtype.
 
@@ -191,16 +261,8 @@ class PolyAdapter(nn.Module):
             ``A`` and ``B``, contiguous, ``B`` scaled by ``1 / r`` when ``scaled`` (the default), so that a
             task's update is ``x @ A[i] @ B[i]``.
         """
-        k = weights.shape[0]
-        n_splits, n_skills, r = self.n_splits, self.n_skills, self.r
-        weights = weights.to(self.poly_lora_A.dtype).transpose(0, 1)  # (q, k, s)
-        # one bmm over the splits on free views of the parameters (autograd saves the views, not copies)
-        a = torch.bmm(weights, self.poly_lora_A.view(n_splits, n_skills, -1))  # (q, k, d_in * r)
-        a = a.view(n_splits, k, -1, r).transpose(0, 1).reshape(k, self.in_features, r)
-        b_weights = weights / r if scaled else weights
-        b = torch.bmm(b_weights, self.poly_lora_B.view(n_splits, n_skills, -1))  # (q, k, r * d_out)
-        b = b.view(n_splits, k, r, -1).permute(1, 2, 0, 3).reshape(k, r, self.out_features)
-        return a, b
+        weights = weights.to(self.poly_lora_A.dtype)
+        return _mix_factors(weights, self.poly_lora_A, self.poly_lora_B, scaled)
 
     def task_factors(self, task_id: int, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-routing factors of one task: ``A (in_features, r)``, ``B (r, out_features)``.
@@ -258,7 +320,14 @@ class PolyAdapter(nn.Module):
         if x.dtype != dtype:
             x = x.to(dtype)
         if self.training:
-            a, b = self.mix(self.poly_router(routing.task_ids))
+            weights = self.poly_router(routing.task_ids).to(dtype)
+            if torch.is_grad_enabled() and result.dtype == dtype and weights.shape[0] > 1:
+                rows = x.reshape(x.shape[0], -1, self.in_features)
+                shape = rows.shape[:-1] + (self.out_features,)
+                source = result if result.shape == shape else result.reshape(shape)
+                out = _RoutedPoly.apply(source, rows, weights, self.poly_lora_A, self.poly_lora_B)
+                return out if out.shape == result.shape else out.view(result.shape)
+            a, b = self.mix(weights)
         elif torch.is_grad_enabled():
             a, b = self.mix(self.poly_router.eval_weights(routing.unique))
             if a.shape[0] > 1:
