@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Union
@@ -391,19 +392,45 @@ class PolyModel(nn.Module):
             return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ merging
-    def _check_task_id(self, task_id: int, adapter_name: str) -> int:
+    def _check_task_id(self, task_id: Any, adapter_name: str) -> int:
+        """``task_id`` as a Python int after checking it names a task of ``adapter_name``.
+
+        Accepts an int, a NumPy integer or a 0-d integer tensor (anything with ``__index__``, except bool).
+
+        Raises:
+            TypeError: not an integer.
+            ValueError: outside ``[0, n_tasks)``.
+        """
         n_tasks = self.peft_config[adapter_name].n_tasks
-        if isinstance(task_id, bool) or not isinstance(task_id, int):
+        if isinstance(task_id, bool) or not hasattr(type(task_id), "__index__"):
             raise TypeError(f"task_id must be an int, got {task_id!r} ({type(task_id).__name__})")
-        if not 0 <= task_id < n_tasks:
-            raise ValueError(f"task_id {task_id} is out of range: adapter {adapter_name!r} has n_tasks={n_tasks}")
-        return task_id
+        try:
+            value = operator.index(task_id)
+        except TypeError:  # e.g. a tensor with more than one element, or a float tensor
+            raise TypeError(f"task_id must be an int, got {task_id!r} ({type(task_id).__name__})") from None
+        if not 0 <= value < n_tasks:
+            raise ValueError(
+                f"task_id {value} is out of range: adapter {adapter_name!r} has n_tasks={n_tasks} (ids 0..{n_tasks - 1})"
+            )
+        return value
 
     def merge_adapter(self, task_id: int, adapter_name: Optional[str] = None) -> None:
         """Fold one task's mixture (eval routing) into the base weights of every adapted layer.
 
-        While merged the adapted layers run their base module only (``W' = W + (A_t B_t / r)^T``), so the
-        task costs nothing extra; ``task_ids`` may be omitted, and ids of another task raise ValueError.
+        For every adapted layer ``W <- W + (A_t @ B_t)`` in the weight's layout, where ``A_t (in, r)`` and
+        ``B_t (r, out)`` are the task's mixed factors with eval routing (sigmoid, normalised per split) and
+        ``1/r`` folded into ``B_t`` (see :class:`~polytropon.layer.PolyAdapter`). While merged the adapted
+        layers run their base module only, so the task costs nothing extra; ``task_ids`` may be omitted in
+        ``forward``/``generate``, and ids of any other task raise ValueError. Merging another task first
+        unmerges the current one; merging the merged task again does nothing.
+
+        Args:
+            task_id: the task: an id in ``[0, n_tasks)`` or, with ``PolyConfig.task_names``, its name.
+            adapter_name: the adapter (default: the active one); it becomes the active adapter.
+
+        Raises:
+            TypeError: ``task_id`` is neither an integer nor (with task names) a string. ValueError: unknown
+            adapter, unknown task name or ``task_id`` out of range. All are raised before anything changes.
         """
         adapter_name = adapter_name or self.routing.active_adapter
         self._check_adapter(adapter_name)
@@ -419,14 +446,22 @@ class PolyModel(nn.Module):
                 layer.merge(adapter_name, task_id)
         self.routing.merged_task = (adapter_name, task_id)
 
-    def unmerge_adapter(self) -> None:
-        """Subtract the merged task from the base weights and return to routing by ``task_ids``."""
+    @property
+    def merged_task(self) -> Optional[int]:
+        """The task id merged into the base weights, or ``None``."""
         merged = self.routing.merged_task
-        if merged is None:
+        return None if merged is None else merged[1]
+
+    def unmerge_adapter(self) -> None:
+        """Subtract the merged task from the base weights and return to routing by ``task_ids``.
+
+        Each layer subtracts the very factors it added, so the base weights come back to float32 round-off
+        even if the adapter was trained while merged. Does nothing when no task is merged.
+        """
+        if self.routing.merged_task is None:
             return
         for _, layer in self._poly_layers():
-            if merged[0] in layer.adapters:
-                layer.unmerge(*merged)
+            layer.unmerge()
         self.routing.merged_task = None
 
     def _unload(self, keep_saved_copy: bool) -> nn.Module:
@@ -453,6 +488,25 @@ class PolyModel(nn.Module):
         """Return the plain base model with every adapter module removed (and any merged task subtracted)."""
         self.unmerge_adapter()
         return self._unload(keep_saved_copy=False)
+
+    def export_lora(
+        self, save_directory: Union[str, os.PathLike], task_id: int, adapter_name: Optional[str] = None
+    ) -> None:
+        """Write one task as a standard PEFT LoRA adapter (``"peft_type": "LORA"``) in ``save_directory``.
+
+        With eval routing the task's update in every layer is ``x @ A_t @ B_t / r``; the export writes
+        ``lora_A = A_t^T (r, in)``, ``lora_B = B_t^T (out, r)`` and ``lora_alpha = 1`` (PEFT's scaling
+        ``lora_alpha / r`` is then our ``1 / r``), plus the adapter's ``modules_to_save`` copies, so
+        ``peft.PeftModel.from_pretrained(base_model, save_directory)`` computes what this model computes for
+        ``task_id``. See :mod:`polytropon.export`.
+
+        Raises:
+            TypeError: ``task_id`` is not an integer. ValueError: unknown adapter, ``task_id`` out of range,
+            or ``save_directory`` is a file (nothing is written).
+        """
+        from .export import export_lora
+
+        export_lora(self, save_directory, task_id, adapter_name)
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -6,12 +6,30 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from .routing import RoutingState, _in_backward, with_unknown_rows
 
 #: Added to the per-split sum of routing weights before normalising (as PEFT and the papers' code do).
 EPS = 1e-12
+
+
+def relaxed_bernoulli_rsample(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """One reparameterised sample of ``RelaxedBernoulli(temperature, logits=logits)``, shaped like ``logits``.
+
+    The same operations, in the same order and with the same single ``torch.rand`` draw, as
+    ``torch.distributions.RelaxedBernoulli(temperature, logits=logits).rsample()``, so the sample (and its
+    gradient) is bit-identical under the same seed, without building a distribution object and validating
+    its arguments in every adapted layer of every training step::
+
+        p = clamp(sigmoid(logits), eps, 1 - eps)
+        u = clamp(U(0, 1), eps, 1 - eps)
+        y = clamp(sigmoid((log u - log(1 - u) + log p - log(1 - p)) / temperature), tiny, 1 - eps)
+    """
+    finfo = torch.finfo(logits.dtype)
+    probs = torch.sigmoid(logits).clamp(min=finfo.eps, max=1 - finfo.eps)
+    uniforms = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device).clamp(min=finfo.eps, max=1 - finfo.eps)
+    noisy = (uniforms.log() - (-uniforms).log1p() + probs.log() - (-probs).log1p()) / temperature
+    return torch.sigmoid(noisy).clamp(min=finfo.tiny, max=1.0 - finfo.eps)
 
 
 class PolyRouter(nn.Module):
@@ -98,7 +116,7 @@ class PolyRouter(nn.Module):
         return self._per_call("eval", task_ids, self._eval)
 
     def _sample(self, task_ids: torch.Tensor) -> torch.Tensor:
-        probs = RelaxedBernoulli(temperature=self.temperature, logits=self._logits(task_ids)).rsample()
+        probs = relaxed_bernoulli_rsample(self._logits(task_ids), self.temperature)
         return self._normalise(probs)
 
     def _eval(self, task_ids: torch.Tensor) -> torch.Tensor:

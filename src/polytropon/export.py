@@ -1,0 +1,125 @@
+"""Export one task of a Poly/MHR adapter as a standard PEFT LoRA adapter.
+
+With eval routing a task's update in every adapted layer is a rank-``r`` product (see
+:class:`~polytropon.layer.PolyAdapter`)::
+
+    y = W x + x @ A_t @ B_t / r          A_t (in_features, r),  B_t (r, out_features)  (B_t unscaled here)
+
+which is exactly PEFT's LoRA forward ``y = W x + scaling * lora_B(lora_A(x))`` with ``scaling = lora_alpha / r``
+when::
+
+    lora_A.weight = A_t.T            (r, in_features)
+    lora_B.weight = B_t.T            (out_features, r)
+    lora_alpha    = 1                (so scaling = 1 / r, as ours; use_rslora = False)
+
+The directory written is an ordinary PEFT LoRA adapter::
+
+    adapter_config.json          "peft_type": "LORA", r, lora_alpha, fan_in_fan_out (True for GPT-2 Conv1D),
+                                 target_modules (the adapted modules' full paths), modules_to_save, task_type
+    adapter_model.safetensors    base_model.model.<module path>.lora_A.weight        (r, in_features)
+                                 base_model.model.<module path>.lora_B.weight        (out_features, r)
+                                 base_model.model.<saved module path>.<param>        modules_to_save copies
+
+so ``peft.PeftModel.from_pretrained(base_model, directory)`` (or any LoRA server) serves the task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import torch
+
+from .checkpoint import KEY_PREFIX, WEIGHTS_NAME, atomic_write_bytes, save_tensors
+from .config import CONFIG_NAME
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import PolyModel
+
+LORA_PEFT_TYPE = "LORA"
+
+
+def lora_state_dict(model: "PolyModel", task_id: int, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The task's LoRA tensors under PEFT's LoRA key names (plus the adapter's ``modules_to_save`` copies).
+
+    ``task_id`` and ``adapter_name`` must already be checked.
+    """
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for path, layer in model._poly_layers():
+            if adapter_name not in layer.adapters:
+                continue
+            a, b = layer.adapters[adapter_name].task_factors(task_id, scaled=False)
+            out[f"{KEY_PREFIX}{path}.lora_A.weight"] = a.T.contiguous()
+            out[f"{KEY_PREFIX}{path}.lora_B.weight"] = b.T.contiguous()
+        for path, wrapper in model._saved_modules():
+            if adapter_name in wrapper.modules_to_save:
+                for name, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
+                    out[f"{KEY_PREFIX}{path}.{name}"] = tensor
+    return out
+
+
+def lora_config_dict(model: "PolyModel", adapter_name: str) -> dict[str, Any]:
+    """``adapter_config.json`` of the exported LoRA adapter, in PEFT's ``LoraConfig`` schema."""
+    cfg = model.peft_config[adapter_name]
+    targets, fan_in_fan_out = [], []
+    for path, layer in model._poly_layers():
+        if adapter_name in layer.adapters:
+            targets.append(path)
+            fan_in_fan_out.append(layer.fan_in_fan_out)
+    saved = sorted(path for path, wrapper in model._saved_modules() if adapter_name in wrapper.modules_to_save)
+    return {
+        "peft_type": LORA_PEFT_TYPE,
+        "task_type": cfg.task_type,
+        "base_model_name_or_path": cfg.base_model_name_or_path,
+        "revision": cfg.revision,
+        "inference_mode": True,
+        "r": cfg.r,
+        "lora_alpha": 1,
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "bias": "none",
+        "lora_bias": False,
+        # PEFT applies the flag per layer type anyway (True for Conv1D, False for Linear); record the majority
+        "fan_in_fan_out": sum(fan_in_fan_out) * 2 > len(fan_in_fan_out),
+        "target_modules": sorted(targets),
+        "exclude_modules": None,
+        "modules_to_save": saved or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "auto_mapping": None,
+    }
+
+
+def export_lora(
+    model: "PolyModel",
+    save_directory: Union[str, os.PathLike],
+    task_id: Any,
+    adapter_name: Optional[str] = None,
+) -> None:
+    """Write task ``task_id`` of ``adapter_name`` (default: the active adapter) as a PEFT LoRA adapter.
+
+    Each file is written atomically (temporary file + rename).
+
+    Raises:
+        TypeError: ``task_id`` is not an integer.
+        ValueError: unknown adapter, ``task_id`` out of range, or ``save_directory`` is a file. Nothing is
+            written in these cases.
+    """
+    adapter_name = adapter_name or model.active_adapter
+    model._check_adapter(adapter_name)
+    task_id = model._resolve_task_id(task_id, adapter_name)
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"{save_directory}: expected a directory, found a file")
+    tensors = lora_state_dict(model, task_id, adapter_name)
+    config = lora_config_dict(model, adapter_name)
+    os.makedirs(save_directory, exist_ok=True)
+    save_tensors(os.path.join(save_directory, WEIGHTS_NAME), tensors)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), text.encode("utf-8"))

@@ -1,0 +1,129 @@
+"""export_lora: one task of a Poly/MHR adapter served by PEFT's plain LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from deploy_helpers import ARCHS, KINDS, poly_model, randomise, rel_diff, tiny_bert_classifier, tokens
+
+from polytropon import PolyConfig, get_peft_model
+
+peft = pytest.importorskip("peft")
+from safetensors.torch import load_file  # noqa: E402
+
+CASES = [(arch, kind) for arch in ARCHS for kind in KINDS]
+TOL = 1e-5
+
+
+def routed_logits(model, ids, task):
+    with torch.no_grad():
+        return model(input_ids=ids, task_ids=[task] * ids.shape[0]).logits
+
+
+def peft_logits(directory, fresh_base, ids):
+    lora = peft.PeftModel.from_pretrained(fresh_base, directory).eval()
+    with torch.no_grad():
+        return lora(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch,kind", CASES)
+def test_peft_lora_reproduces_each_task(tmp_path, arch, kind):
+    build, _ = ARCHS[arch]
+    model = poly_model(arch, kind)
+    ids = tokens()
+    with model.disable_adapter(), torch.no_grad():
+        base = model(input_ids=ids).logits
+    for task in range(3):
+        directory = tmp_path / f"task{task}"
+        model.export_lora(directory, task)
+        ours = routed_logits(model, ids, task)
+        assert rel_diff(ours, base) > 1e-3  # the task's update is not negligible
+        assert rel_diff(peft_logits(directory, build(0), ids), ours) < TOL
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_exported_files_follow_peft_lora_format(tmp_path, arch):
+    build, targets = ARCHS[arch]
+    model = poly_model(arch, "mhr")
+    model.export_lora(tmp_path, 1)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert config["task_type"] == "CAUSAL_LM"
+    assert config["r"] == 4 and config["lora_alpha"] == 1 and config["use_rslora"] is False
+    assert config["fan_in_fan_out"] is (arch == "gpt2-conv1d")
+    # the same key names and shapes as an adapter PEFT itself builds for those modules
+    reference = peft.get_peft_model(
+        build(0), peft.LoraConfig(r=4, target_modules=targets, fan_in_fan_out=config["fan_in_fan_out"])
+    )
+    expected = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(reference).items()}
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
+    parsed = peft.PeftConfig.from_pretrained(str(tmp_path))
+    assert isinstance(parsed, peft.LoraConfig) and parsed.r == 4
+
+
+def test_classifier_exports_with_its_head(tmp_path):
+    torch.manual_seed(0)
+    config = PolyConfig(r=4, n_tasks=3, n_skills=2, n_splits=2, init_weights=False)
+    model = randomise(get_peft_model(tiny_bert_classifier(), config)).eval()
+    ids = tokens()
+    model.export_lora(tmp_path, 2)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["task_type"] == "SEQ_CLS" and saved["modules_to_save"] == ["classifier"]
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert torch.equal(tensors["base_model.model.classifier.weight"], model.classifier.modules_to_save["default"].weight)
+    lora = peft.PeftModel.from_pretrained(tiny_bert_classifier(), str(tmp_path)).eval()
+    with torch.no_grad():
+        ours = model(input_ids=ids, task_ids=[2, 2, 2]).logits
+        theirs = lora(input_ids=ids).logits
+    assert rel_diff(theirs, ours) < TOL
+
+
+def test_export_while_merged_and_of_a_named_adapter(tmp_path):
+    build, _ = ARCHS["llama-linear"]
+    model = poly_model("llama-linear", "poly")
+    model.add_adapter("other", PolyConfig(r=2, n_tasks=2, n_skills=2, init_weights=False, target_modules=["q_proj"]))
+    randomise(model, seed=7)
+    ids = tokens()
+    model.merge_adapter(0)  # the export is a delta: merging does not change it
+    model.export_lora(tmp_path / "default0", 0)
+    model.unmerge_adapter()
+    model.export_lora(tmp_path / "other1", 1, adapter_name="other")
+    assert model.active_adapter == "default"
+    assert rel_diff(peft_logits(tmp_path / "default0", build(0), ids), routed_logits(model, ids, 0)) < TOL
+    model.set_adapter("other")
+    assert rel_diff(peft_logits(tmp_path / "other1", build(0), ids), routed_logits(model, ids, 1)) < TOL
+
+
+@pytest.mark.parametrize("bad,error", [(3, ValueError), (-1, ValueError), (1.5, TypeError), ("0", TypeError)])
+def test_bad_task_id_writes_nothing(tmp_path, bad, error):
+    model = poly_model("gpt2-conv1d", "poly")
+    target = tmp_path / "out"
+    with pytest.raises(error, match="task_id"):
+        model.export_lora(target, bad)
+    assert not target.exists()
+
+
+def test_unknown_adapter_and_file_target_raise(tmp_path):
+    model = poly_model("gpt2-conv1d", "poly")
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        model.export_lora(tmp_path / "x", 0, adapter_name="nope")
+    path = tmp_path / "file"
+    path.write_text("")
+    with pytest.raises(ValueError, match="found a file"):
+        model.export_lora(path, 0)
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_export_by_task_name(tmp_path):
+    build, _ = ARCHS["gpt2-conv1d"]
+    model = poly_model("gpt2-conv1d", "mhr", task_names=["a", "b", "c"])
+    ids = tokens()
+    model.export_lora(tmp_path, "b")
+    assert rel_diff(peft_logits(tmp_path, build(0), ids), routed_logits(model, ids, 1)) < TOL
+    with pytest.raises(ValueError, match="unknown task name"):
+        model.export_lora(tmp_path / "x", "z")
+    assert not (tmp_path / "x").exists()
