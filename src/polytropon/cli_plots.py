@@ -1,0 +1,77 @@
+"""Routing read-out and heatmap used by the CLI.
+
+This module reads the router logits straight from a model's parameters (every
+adapted layer owns a ``(n_tasks, n_splits * n_skills)`` tensor whose name ends in
+``module_logits``). It is deliberately self-contained so that it can be swapped for
+the toolkit's routing functions once they exist.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["routing_logits", "routing_matrix", "plot_routing"]
+
+
+def routing_logits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """All router logit tensors of ``model`` by parameter name (detached, on CPU, float32)."""
+    return {
+        name: param.detach().float().cpu()
+        for name, param in model.named_parameters()
+        if name.endswith("module_logits")
+    }
+
+
+def routing_matrix(model: torch.nn.Module, n_splits: int) -> np.ndarray:
+    """The ``(n_tasks, n_skills)`` routing matrix averaged over layers and splits.
+
+    For each layer the inference-time weights are ``sigmoid(logits)`` reshaped to
+    ``(n_tasks, n_splits, n_skills)`` and normalised to sum to one over skills.
+    """
+    logits = routing_logits(model)
+    if not logits:
+        raise ValueError("the model has no routing parameters (no '*module_logits')")
+    mats = []
+    for tensor in logits.values():
+        n_tasks, width = tensor.shape
+        if width % n_splits:
+            raise ValueError(f"router width {width} is not divisible by n_splits={n_splits}")
+        w = torch.sigmoid(tensor).reshape(n_tasks, n_splits, width // n_splits)
+        w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+        mats.append(w.mean(1))
+    return torch.stack(mats).mean(0).numpy()
+
+
+def plot_routing(
+    matrix: np.ndarray,
+    task_names: Sequence[str],
+    path: str | os.PathLike[str],
+    title: str = "Poly routing (mean over layers and splits)",
+    skill_names: Sequence[str] | None = None,
+) -> str:
+    """Save a task x skill heatmap of ``matrix`` as a PNG and return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_tasks, n_skills = matrix.shape
+    if len(task_names) != n_tasks:
+        raise ValueError(f"{len(task_names)} task names for {n_tasks} routing rows")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n_skills + 2.2, 1.0 + 0.32 * n_tasks))
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(n_tasks), labels=list(task_names), fontsize=8)
+    labels = list(skill_names) if skill_names is not None else [f"s{i}" for i in range(n_skills)]
+    ax.set_xticks(range(n_skills), labels=labels, fontsize=8)
+    ax.set_xlabel("skill")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, label="routing weight")
+    fig.tight_layout()
+    out = os.fspath(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
