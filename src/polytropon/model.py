@@ -1,0 +1,539 @@
+"""``PolyModel``: a transformers model with Poly/MHR adapters, and ``get_peft_model``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from .checkpoint import ADAPTER_KEYS, KEY_PREFIX, WEIGHTS_NAME, adapter_directory, load_tensors, save_tensors
+from .config import PolyConfig
+from .layer import PolyAdapter, PolyLayer, layer_features
+from .modules_to_save import ModulesToSave
+from .routing import RoutingState, TaskIds, check_task_ids
+from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
+
+
+# ---------------------------------------------------------------------- planning (pure: never changes the model)
+def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Named submodules of ``module``, not descending into Poly layers and saved-module wrappers."""
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child
+        if not isinstance(child, (PolyLayer, ModulesToSave)):
+            yield from _walk(child, path)
+
+
+@dataclasses.dataclass
+class _Plan:
+    config: PolyConfig
+    targets: list[tuple[str, nn.Module]]  # (path, base module or existing PolyLayer)
+    saved: list[tuple[str, nn.Module]]  # (path, original module or existing ModulesToSave)
+
+
+def _resolve_config(model: nn.Module, config: PolyConfig) -> PolyConfig:
+    """A copy of ``config`` with defaults filled in from the model (target modules, task type, heads)."""
+    if not isinstance(config, PolyConfig):
+        raise TypeError(f"config must be a polytropon.PolyConfig, got {type(config).__name__}")
+    config = dataclasses.replace(config)
+    if config.target_modules is None:
+        config.target_modules = default_target_modules(model)
+    if config.task_type is None:
+        config.task_type = infer_task_type(model)
+    heads = TASK_TYPE_HEADS.get(config.task_type, ())
+    if heads:
+        saved = list(config.modules_to_save or [])
+        config.modules_to_save = saved + [h for h in heads if h not in saved]
+    return config
+
+
+def _plan(model: nn.Module, config: PolyConfig) -> _Plan:
+    """Find and check every module an adapter with ``config`` would touch, without changing anything.
+
+    Raises:
+        ValueError: no module matches ``target_modules``; ``n_splits`` does not divide a layer's widths;
+            a ``modules_to_save`` name (other than a task type's default head) matches nothing.
+        TypeError: a matched module is neither ``nn.Linear`` nor ``Conv1D``.
+    """
+    config = _resolve_config(model, config)
+    targets, saved = [], []
+    for path, module in _walk(model):
+        if isinstance(module, ModulesToSave):
+            if matches(path, config.modules_to_save):
+                saved.append((path, module))
+            continue
+        if not matches(path, config.target_modules) or matches(path, config.exclude_modules):
+            if matches(path, config.modules_to_save):
+                saved.append((path, module))
+            continue
+        base = module.base_layer if isinstance(module, PolyLayer) else module
+        in_features, out_features, _ = layer_features(base, path)
+        for what, width in (("in_features", in_features), ("out_features", out_features)):
+            if width % config.n_splits != 0:
+                raise ValueError(
+                    f"n_splits={config.n_splits} does not divide {what}={width} of module {path!r}: choose "
+                    "n_splits dividing every adapted layer's input and output widths"
+                )
+        targets.append((path, module))
+    if not targets:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__} "
+            f"(exclude_modules={config.exclude_modules!r})"
+        )
+    found = {path for path, _ in saved}
+    heads = set(TASK_TYPE_HEADS.get(config.task_type, ()))
+    for name in config.modules_to_save or []:
+        if name not in heads and not any(matches(path, [name]) for path in found):
+            raise ValueError(f"modules_to_save entry {name!r} matches no module of {type(model).__name__}")
+    return _Plan(config, targets, saved)
+
+
+def _expected_shapes(plan: _Plan) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> tensor shape for an adapter built from ``plan`` (see :mod:`polytropon.checkpoint`)."""
+    cfg = plan.config
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path, module in plan.targets:
+        base = module.base_layer if isinstance(module, PolyLayer) else module
+        d_in, d_out, _ = layer_features(base, path)
+        q, s = cfg.n_splits, cfg.n_skills
+        shapes[f"{KEY_PREFIX}{path}.poly_lora_A"] = (q, s, d_in // q, cfg.r)
+        shapes[f"{KEY_PREFIX}{path}.poly_lora_B"] = (q, s, cfg.r, d_out // q)
+        shapes[f"{KEY_PREFIX}{path}.poly_router.module_logits"] = (cfg.n_tasks, q * s)
+    for path, module in plan.saved:
+        original = module.original_module if isinstance(module, ModulesToSave) else module
+        for name, tensor in original.state_dict().items():
+            shapes[f"{KEY_PREFIX}{path}.{name}"] = tuple(tensor.shape)
+    return shapes
+
+
+def _read_checkpoint(model: nn.Module, directory: str, config: Optional[PolyConfig] = None):
+    """Read and check an adapter checkpoint against ``model``; returns ``(plan, tensors)``. Changes nothing.
+
+    Raises:
+        FileNotFoundError: missing directory, config or weights file.
+        ValueError: corrupt files, another ``peft_type``, or tensors whose names/shapes do not fit the model.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such adapter directory")
+    if config is None:
+        config = PolyConfig.from_pretrained(directory)
+    path, tensors = load_tensors(directory)
+    try:
+        plan = _plan(model, config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the checkpoint does not fit this model: {exc}") from None
+    expected = _expected_shapes(plan)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]!r}")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]!r}")
+        raise ValueError(f"{path}: the checkpoint does not fit this model: {'; '.join(detail)}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(
+                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model expects {shape}"
+            )
+    return plan, tensors
+
+
+# ---------------------------------------------------------------------- the model
+class PolyModel(nn.Module):
+    """A transformers model whose target layers carry Poly/MHR adapters (drop-in for PEFT's Poly model).
+
+    Every call takes ``task_ids``: one task per example, a LongTensor of shape ``(batch,)`` or a list of
+    ints. They are checked, then handed to all adapted layers through one :class:`RoutingState` for the
+    duration of the call. ``generate`` supports every decoding strategy: when transformers expands the batch
+    (beam search, ``num_return_sequences``), each example's rows keep its task.
+
+    Args:
+        model: the transformers model to adapt. Its parameters are frozen; only adapter weights (and the
+            ``modules_to_save`` copies) train.
+        config: the adapter's :class:`PolyConfig`.
+        adapter_name: name of the first adapter.
+
+    Attribute reads that PolyModel does not define fall through to the wrapped model (``model.config``).
+    """
+
+    def __init__(self, model: nn.Module, config: PolyConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        plan = _plan(model, config)  # before any change to the model
+        self.model = model
+        self.peft_config: dict[str, PolyConfig] = {}
+        self.routing = RoutingState()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self._inject(adapter_name, plan)
+        self.set_adapter(adapter_name)
+        self.training = model.training
+
+    # ------------------------------------------------------------------ adapters
+    def _inject(self, adapter_name: str, plan: _Plan) -> None:
+        cfg = plan.config
+        for path, module in plan.targets:
+            if isinstance(module, PolyLayer):
+                layer = module
+            else:
+                layer = PolyLayer(module, self.routing, path).train(module.training)
+                self._replace(path, layer)
+            weight = layer.base_layer.weight
+            adapter = PolyAdapter(
+                layer.in_features, layer.out_features, cfg.r, cfg.n_tasks, cfg.n_skills, cfg.n_splits,
+                init_weights=cfg.init_weights,
+            )
+            # new modules follow the mode of the model they join (an eval-mode model stays deterministic)
+            layer.adapters[adapter_name] = adapter.to(weight.device).train(layer.base_layer.training)
+        for path, module in plan.saved:
+            if isinstance(module, ModulesToSave):
+                wrapper = module
+            else:
+                wrapper = ModulesToSave(module, self.routing).train(module.training)
+                self._replace(path, wrapper)
+            wrapper.add_copy(adapter_name)
+        self.peft_config[adapter_name] = cfg
+
+    def _replace(self, path: str, new: nn.Module) -> None:
+        parent_path, _, child = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        setattr(parent, child, new)
+
+    def _poly_layers(self) -> Iterator[tuple[str, PolyLayer]]:
+        for path, module in _walk(self.model):
+            if isinstance(module, PolyLayer):
+                yield path, module
+
+    def _saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        for path, module in _walk(self.model):
+            if isinstance(module, ModulesToSave):
+                yield path, module
+
+    def _check_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {sorted(self.peft_config)}")
+
+    def add_adapter(self, adapter_name: str, config: PolyConfig) -> None:
+        """Add another adapter (not active, not trainable until :meth:`set_adapter`).
+
+        Raises:
+            ValueError: the name is taken, or the config does not fit the model (nothing is changed).
+        """
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        if self.routing.merged_task is not None:
+            raise ValueError("cannot add an adapter while a task is merged: call unmerge_adapter() first")
+        self._inject(adapter_name, _plan(self.model, config))
+        self._update_trainable()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the adapter every layer applies, and the only trainable one."""
+        self._check_adapter(adapter_name)
+        if self.routing.merged_task is not None and self.routing.merged_task[0] != adapter_name:
+            raise ValueError("cannot switch adapters while a task is merged: call unmerge_adapter() first")
+        self.routing.active_adapter = adapter_name
+        self._update_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer; if it was active, another one (if any) becomes active."""
+        self._check_adapter(adapter_name)
+        if self.routing.merged_task is not None and self.routing.merged_task[0] == adapter_name:
+            raise ValueError(f"adapter {adapter_name!r} is merged: call unmerge_adapter() first")
+        for _, layer in self._poly_layers():
+            if adapter_name in layer.adapters:
+                del layer.adapters[adapter_name]
+        for _, wrapper in self._saved_modules():
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+        del self.peft_config[adapter_name]
+        if self.routing.active_adapter == adapter_name:
+            self.routing.active_adapter = next(iter(self.peft_config), None)
+        self._update_trainable()
+
+    def _update_trainable(self) -> None:
+        active = self.routing.active_adapter
+        trainable = active is not None and not self.peft_config[active].inference_mode
+        for _, layer in self._poly_layers():
+            for name, adapter in layer.adapters.items():
+                adapter.requires_grad_(trainable and name == active)
+        for _, wrapper in self._saved_modules():
+            wrapper.original_module.requires_grad_(False)
+            for name, copy in wrapper.modules_to_save.items():
+                copy.requires_grad_(trainable and name == active)
+
+    @property
+    def active_adapter(self) -> Optional[str]:
+        """Name of the adapter in use."""
+        return self.routing.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self.routing.active_adapter is None else [self.routing.active_adapter]
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: inside it the model computes the base model's outputs (task ids not needed)."""
+        merged = self.routing.merged_task
+        if merged is not None:
+            self.unmerge_adapter()
+        previous = self.routing.disabled
+        self.routing.disabled = True
+        try:
+            yield
+        finally:
+            self.routing.disabled = previous
+            if merged is not None:
+                self.merge_adapter(merged[1], adapter_name=merged[0])
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (with the adapter layers in place)."""
+        return self.model
+
+    # ------------------------------------------------------------------ calls
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
+        for key in ("input_ids", "inputs_embeds"):
+            value = kwargs.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                return value.shape[0]
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1:
+            return args[0].shape[0]
+        return None
+
+    def _task_ids_for_call(self, task_ids: Optional[TaskIds], batch_size: Optional[int]) -> Optional[torch.Tensor]:
+        state = self.routing
+        active = state.active_adapter
+        if task_ids is None:
+            if active is not None and not state.disabled and state.merged_task is None:
+                raise ValueError(
+                    f"task_ids are required while adapter {active!r} is active: pass task_ids=... "
+                    "(a LongTensor of shape (batch,) or a list of ints, one task per example)"
+                )
+            return None
+        if active is None:
+            raise ValueError("task_ids were given but the model has no active adapter")
+        ids = check_task_ids(task_ids, self.peft_config[active].n_tasks, batch_size)
+        if state.merged_task is not None and not state.disabled:
+            merged = state.merged_task[1]
+            other = ids[ids != merged]
+            if other.numel():
+                raise ValueError(
+                    f"task {merged} is merged into the weights, got task id {int(other[0])}: "
+                    "call unmerge_adapter() to route other tasks"
+                )
+        return ids
+
+    def forward(self, *args: Any, task_ids: Optional[TaskIds] = None, **kwargs: Any) -> Any:
+        """Run the wrapped model with every example routed to its task.
+
+        Args:
+            task_ids: ``(batch,)`` LongTensor or list of ints in ``[0, n_tasks)``; required while an adapter
+                is active and not merged or disabled.
+            *args, **kwargs: the wrapped model's own arguments (``input_ids``, ``labels``, ...).
+        """
+        ids = self._task_ids_for_call(task_ids, self._batch_size(args, kwargs))
+        with self.routing.route(ids):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, task_ids: Optional[TaskIds] = None, **kwargs: Any) -> Any:
+        """``model.generate`` with every example routed to its task, for any decoding strategy."""
+        ids = self._task_ids_for_call(task_ids, self._batch_size(args, kwargs))
+        with self.routing.route(ids):
+            return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ merging
+    def _check_task_id(self, task_id: int, adapter_name: str) -> int:
+        n_tasks = self.peft_config[adapter_name].n_tasks
+        if isinstance(task_id, bool) or not isinstance(task_id, int):
+            raise TypeError(f"task_id must be an int, got {task_id!r} ({type(task_id).__name__})")
+        if not 0 <= task_id < n_tasks:
+            raise ValueError(f"task_id {task_id} is out of range: adapter {adapter_name!r} has n_tasks={n_tasks}")
+        return task_id
+
+    def merge_adapter(self, task_id: int, adapter_name: Optional[str] = None) -> None:
+        """Fold one task's mixture (eval routing) into the base weights of every adapted layer.
+
+        While merged the adapted layers run their base module only (``W' = W + (A_t B_t / r)^T``), so the
+        task costs nothing extra; ``task_ids`` may be omitted, and ids of another task raise ValueError.
+        """
+        adapter_name = adapter_name or self.routing.active_adapter
+        self._check_adapter(adapter_name)
+        task_id = self._check_task_id(task_id, adapter_name)
+        if self.routing.merged_task == (adapter_name, task_id):
+            return
+        if self.routing.merged_task is not None:
+            self.unmerge_adapter()
+        if adapter_name != self.routing.active_adapter:
+            self.set_adapter(adapter_name)
+        for _, layer in self._poly_layers():
+            if adapter_name in layer.adapters:
+                layer.merge(adapter_name, task_id)
+        self.routing.merged_task = (adapter_name, task_id)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract the merged task from the base weights and return to routing by ``task_ids``."""
+        merged = self.routing.merged_task
+        if merged is None:
+            return
+        for _, layer in self._poly_layers():
+            if merged[0] in layer.adapters:
+                layer.unmerge(*merged)
+        self.routing.merged_task = None
+
+    def _unload(self, keep_saved_copy: bool) -> nn.Module:
+        for path, layer in list(self._poly_layers()):
+            self._replace(path, layer.base_layer)
+        active = self.routing.active_adapter
+        for path, wrapper in list(self._saved_modules()):
+            if keep_saved_copy and active in wrapper.modules_to_save:
+                self._replace(path, wrapper.modules_to_save[active])
+            else:
+                self._replace(path, wrapper.original_module)
+        self.routing.merged_task = None
+        return self.model
+
+    def merge_and_unload(self, task_id: int, adapter_name: Optional[str] = None) -> nn.Module:
+        """Return the plain base model (its own class) with task ``task_id`` folded into its weights.
+
+        ``modules_to_save`` are replaced by the adapter's trained copies. The PolyModel is consumed.
+        """
+        self.merge_adapter(task_id, adapter_name)
+        return self._unload(keep_saved_copy=True)
+
+    def unload(self) -> nn.Module:
+        """Return the plain base model with every adapter module removed (and any merged task subtracted)."""
+        self.unmerge_adapter()
+        return self._unload(keep_saved_copy=False)
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable parameters, all parameters)``, each shared tensor counted once."""
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print the trainable and total parameter counts."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def adapter_state_dict(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's checkpoint key names (see :mod:`polytropon.checkpoint`)."""
+        adapter_name = adapter_name or self.routing.active_adapter
+        self._check_adapter(adapter_name)
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in self._poly_layers():
+            if adapter_name in layer.adapters:
+                adapter = layer.adapters[adapter_name]
+                out[f"{KEY_PREFIX}{path}.poly_lora_A"] = adapter.poly_lora_A
+                out[f"{KEY_PREFIX}{path}.poly_lora_B"] = adapter.poly_lora_B
+                out[f"{KEY_PREFIX}{path}.poly_router.module_logits"] = adapter.poly_router.module_logits
+        for path, wrapper in self._saved_modules():
+            if adapter_name in wrapper.modules_to_save:
+                for name, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
+                    out[f"{KEY_PREFIX}{path}.{name}"] = tensor
+        return out
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None, **kwargs: Any) -> None:
+        """Save adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        The ``"default"`` adapter goes to ``save_directory``, any other to ``save_directory/<name>``. Each
+        file is written to a temporary file and renamed into place, so an interrupted save never leaves a
+        half-written file where a good one was.
+        """
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory}: expected a directory, found a file")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._check_adapter(name)
+        for name in names:
+            directory = adapter_directory(save_directory, name)
+            os.makedirs(directory, exist_ok=True)
+            config = dataclasses.replace(self.peft_config[name])
+            save_tensors(os.path.join(directory, WEIGHTS_NAME), self.adapter_state_dict(name))
+            config.save_pretrained(directory)
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, target in self.adapter_state_dict(adapter_name).items():
+                target.copy_(tensors[key])
+
+    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> None:
+        """Load a saved adapter (ours or PEFT's) into this model under ``adapter_name``.
+
+        The checkpoint is read and checked completely before anything changes. It becomes trainable only
+        with ``is_trainable=True``; it does not become the active adapter (use :meth:`set_adapter`).
+
+        Raises:
+            FileNotFoundError, ValueError: see :func:`_read_checkpoint`; the model is left unchanged.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        config = PolyConfig.from_pretrained(os.fspath(model_id))
+        config.inference_mode = not is_trainable
+        plan, tensors = _read_checkpoint(self.model, model_id, config)
+        self._inject(adapter_name, plan)
+        self._load_tensors(adapter_name, tensors)
+        self._update_trainable()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Optional[PolyConfig] = None,
+        **kwargs: Any,
+    ) -> "PolyModel":
+        """Wrap ``model`` with the adapter saved in ``model_id`` (written by polytropon or by PEFT).
+
+        The checkpoint is read and checked before ``model`` is touched. Without ``is_trainable`` the adapter is
+        frozen and the model is put in eval mode.
+
+        Raises:
+            FileNotFoundError: missing directory, ``adapter_config.json`` or ``adapter_model.safetensors``.
+            ValueError: corrupt file, another ``peft_type``, or tensors that do not fit the model.
+        """
+        model_id = os.fspath(model_id)
+        if config is None:
+            config = PolyConfig.from_pretrained(model_id)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        plan, tensors = _read_checkpoint(model, model_id, config)
+        poly = cls(model, plan.config, adapter_name)
+        poly._load_tensors(adapter_name, tensors)
+        if not is_trainable:
+            poly.eval()
+        return poly
+
+    # ------------------------------------------------------------------ attribute fall-through
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+def get_peft_model(model: nn.Module, peft_config: PolyConfig, adapter_name: str = "default", **kwargs: Any) -> PolyModel:
+    """Wrap ``model`` with a new Poly/MHR adapter (same call as ``peft.get_peft_model``).
+
+    Raises:
+        TypeError: ``peft_config`` is not a :class:`PolyConfig`, or a target is not Linear/Conv1D.
+        ValueError: targets match nothing, or ``n_splits`` does not divide a target layer's widths.
+    """
+    return PolyModel(model, peft_config, adapter_name)

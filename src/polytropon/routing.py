@@ -1,0 +1,138 @@
+"""The routing state shared by a :class:`~polytropon.model.PolyModel` and its layers, and task-id checks.
+
+A model owns one :class:`RoutingState`; every Poly layer holds a reference to it. The model sets the task ids
+once at the start of ``forward``/``generate`` (:meth:`RoutingState.route`) and clears them when the call
+ends; layers read them. Nothing is registered or removed per call.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+TaskIds = Union[torch.Tensor, Sequence[int]]
+
+
+@dataclass
+class BatchRouting:
+    """Task ids of one batch as a layer sees it.
+
+    Attributes:
+        task_ids: LongTensor of shape ``(batch,)``, one task per row of the layer's input.
+        unique: the distinct task ids of the batch, sorted, shape ``(k,)``.
+        inverse: for every row, the index of its task in ``unique``, shape ``(batch,)``.
+        key: ``unique`` as a tuple, usable as a cache key.
+    """
+
+    task_ids: torch.Tensor
+    unique: torch.Tensor
+    inverse: torch.Tensor
+    key: tuple[int, ...]
+
+
+@dataclass
+class RoutingState:
+    """What every Poly layer of one model needs to know to route its input.
+
+    Attributes:
+        active_adapter: name of the adapter the layers apply (``None``: none).
+        disabled: ``True`` inside :meth:`PolyModel.disable_adapter`: layers run their base module only.
+        merged_task: ``(adapter, task_id)`` while a task is merged into the base weights, else ``None``.
+        task_ids: the task ids of the call in progress, shape ``(n,)``; ``None`` outside a call.
+    """
+
+    active_adapter: Optional[str] = None
+    disabled: bool = False
+    merged_task: Optional[tuple[str, int]] = None
+    task_ids: Optional[torch.Tensor] = None
+    _per_batch: dict[tuple[int, str], BatchRouting] = field(default_factory=dict, repr=False)
+
+    @contextmanager
+    def route(self, task_ids: Optional[torch.Tensor]) -> Iterator[None]:
+        """Make ``task_ids`` (already validated) visible to the layers for the duration of one call."""
+        previous, previous_cache = self.task_ids, self._per_batch
+        self.task_ids, self._per_batch = task_ids, {}
+        try:
+            yield
+        finally:
+            self.task_ids, self._per_batch = previous, previous_cache
+
+    def for_batch(self, batch_size: int, device: torch.device, where: str = "") -> BatchRouting:
+        """The task ids of the current call expanded to a layer input of ``batch_size`` rows.
+
+        Generation runs the model on ``batch * k`` rows (beam search, ``num_return_sequences``), repeating
+        every example ``k`` times in a row; the task ids are expanded the same way (``repeat_interleave``).
+        The result is computed once per call and batch size, not once per layer.
+
+        Raises:
+            ValueError: if no task ids were given, or ``batch_size`` is not a multiple of their number.
+        """
+        if self.task_ids is None:
+            raise ValueError(
+                f"task_ids are required while adapter {self.active_adapter!r} is active: pass task_ids=... "
+                "(one task id per example) to forward/generate"
+            )
+        cache_key = (batch_size, str(device))
+        cached = self._per_batch.get(cache_key)
+        if cached is not None:
+            return cached
+        n = self.task_ids.shape[0]
+        if batch_size % n != 0:
+            raise ValueError(
+                f"got {n} task_ids but {where or 'a layer'} received a batch of {batch_size} rows; "
+                "expected one task id per example (or a divisor of the batch size, for generation)"
+            )
+        ids = self.task_ids.to(device)
+        if batch_size != n:
+            ids = ids.repeat_interleave(batch_size // n)
+        unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        routing = BatchRouting(ids, unique, inverse, tuple(unique.tolist()))
+        self._per_batch[cache_key] = routing
+        return routing
+
+
+def check_task_ids(task_ids: Any, n_tasks: int, batch_size: Optional[int] = None) -> torch.Tensor:
+    """Validate user task ids and return them as a LongTensor of shape ``(n,)``.
+
+    Args:
+        task_ids: a 1-D integer tensor or a sequence of Python ints, one task per example.
+        n_tasks: number of tasks of the active adapter; ids must lie in ``[0, n_tasks)``.
+        batch_size: the batch size of the call when known: ``n`` must equal it or divide it.
+
+    Raises:
+        TypeError: not a tensor or sequence of ints, or a tensor of non-integer dtype.
+        ValueError: not 1-D, empty, an id out of range, or a length incompatible with ``batch_size``.
+    """
+    if isinstance(task_ids, torch.Tensor):
+        if task_ids.dtype == torch.bool or task_ids.is_floating_point() or task_ids.is_complex():
+            raise TypeError(f"task_ids must have an integer dtype, got a tensor of dtype {task_ids.dtype}")
+        tensor = task_ids
+    elif isinstance(task_ids, (list, tuple)):
+        for value in task_ids:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(
+                    f"task_ids must be a list of ints or a LongTensor, got element {value!r} "
+                    f"({type(value).__name__})"
+                )
+        tensor = torch.tensor(list(task_ids), dtype=torch.long)
+    else:
+        raise TypeError(f"task_ids must be a LongTensor of shape (batch,) or a list of ints, got {type(task_ids).__name__}")
+    if tensor.dim() != 1:
+        raise ValueError(f"task_ids must be 1-D of shape (batch,), got shape {tuple(tensor.shape)}")
+    if tensor.numel() == 0:
+        raise ValueError("task_ids must not be empty")
+    low, high = int(tensor.min()), int(tensor.max())
+    if low < 0:
+        raise ValueError(f"task_ids must be >= 0, got task id {low}")
+    if high >= n_tasks:
+        raise ValueError(f"task id {high} is out of range: the adapter has n_tasks={n_tasks} (ids 0..{n_tasks - 1})")
+    n = tensor.shape[0]
+    if batch_size is not None and (batch_size % n != 0):
+        raise ValueError(
+            f"got {n} task_ids for a batch of {batch_size} examples: expected {batch_size} "
+            "(one per example) or a divisor of it"
+        )
+    return tensor.long()
