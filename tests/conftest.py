@@ -1,84 +1,84 @@
-"""Tiny transformers models built offline from configs, and helpers for random non-zero adapters."""
+"""Shared fixtures: a tiny offline BERT model folder and tiny multi-task JSONL data."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-VOCAB = 96
+WORDS = [
+    "the", "a", "cat", "dog", "bird", "red", "blue", "green", "big", "small", "runs", "sleeps", "sings",
+    "today", "now", "yes", "no", "is", "it", "animal", "color", "?", ".", ",",
+]
 
 
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_tiny_bert(folder: str, with_head: bool = False) -> str:
+    """Save a randomly initialised 2-layer BERT and a word-level tokenizer to ``folder``."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    os.makedirs(folder, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    vocab_file = os.path.join(folder, "vocab.txt")
+    with open(vocab_file, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
-    return LlamaForCausalLM(cfg).eval()
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config) if with_head else BertModel(config)
+    model.save_pretrained(folder)
+    return folder
 
 
-def tiny_gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_t5(seed: int = 0):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    cfg = T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )
-    return T5ForConditionalGeneration(cfg).eval()
-
-
-def tiny_bert_cls(seed: int = 0, num_labels: int = 3):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, num_labels=num_labels,
-    )
-    return BertForSequenceClassification(cfg).eval()
+def make_rows(n_per_task: int, seed: int) -> list[dict[str, str]]:
+    """Two easy tasks over short sentences: is there an animal word / a colour word in position 2."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_per_task):
+        for task in ("animal", "color"):
+            animal = rng.choice(["cat", "dog", "bird"])
+            color = rng.choice(["red", "blue", "green"])
+            size = rng.choice(["big", "small"])
+            verb = rng.choice(["runs", "sleeps", "sings"])
+            want = i % 2 == 0
+            if task == "animal":
+                words = ["the", color if want else size, animal, verb]
+            else:
+                words = ["the", size, animal if want else color, verb]
+            rows.append({"task": task, "input": " ".join(words), "target": "yes" if want else "no"})
+    return rows
 
 
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "t5": tiny_t5, "bert": tiny_bert_cls}
+def write_jsonl(path: str, rows: list[dict]) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return path
 
 
-def randomize_(model: torch.nn.Module, seed: int = 123) -> None:
-    """Give every trainable-by-design adapter tensor random non-zero values (B and router logits too)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "poly_lora" in name or "module_logits" in name or "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return make_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
 
 
-def batch_inputs(kind: str, batch: int = 4, length: int = 7, seed: int = 0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if kind == "t5":
-        inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=gen)
-    return inputs
-
-
-def output_tensor(out) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-@pytest.fixture
-def tmp_dir(tmp_path):
-    return str(tmp_path)
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("data")
+    train = write_jsonl(str(folder / "train.jsonl"), make_rows(24, seed=1))
+    evaluation = write_jsonl(str(folder / "eval.jsonl"), make_rows(8, seed=2))
+    return train, evaluation

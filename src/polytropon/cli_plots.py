@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["routing_logits", "routing_matrix", "plot_routing"]
+__all__ = ["routing_logits", "routing_matrix", "routing_matrix_from_logits", "plot_routing"]
 
 
 def routing_logits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -32,11 +32,17 @@ def routing_matrix(model: torch.nn.Module, n_splits: int) -> np.ndarray:
     For each layer the inference-time weights are ``sigmoid(logits)`` reshaped to
     ``(n_tasks, n_splits, n_skills)`` and normalised to sum to one over skills.
     """
-    logits = routing_logits(model)
+    return routing_matrix_from_logits(routing_logits(model), n_splits)
+
+
+def routing_matrix_from_logits(logits: dict[str, torch.Tensor], n_splits: int) -> np.ndarray:
+    """:func:`routing_matrix` for router logits given by name (e.g. read from a checkpoint file)."""
+    logits = {k: v for k, v in logits.items() if k.endswith("module_logits")}
     if not logits:
-        raise ValueError("the model has no routing parameters (no '*module_logits')")
+        raise ValueError("no routing parameters (no '*module_logits')")
     mats = []
     for tensor in logits.values():
+        tensor = tensor.detach().float().cpu()
         n_tasks, width = tensor.shape
         if width % n_splits:
             raise ValueError(f"router width {width} is not divisible by n_splits={n_splits}")

@@ -34,6 +34,8 @@ __all__ = [
     "encode_rows",
     "PolyDataset",
     "PolyDataCollator",
+    "rows_from_dicts",
+    "split_rows",
 ]
 
 HeadType = Literal["classification", "causal-lm", "seq2seq"]
@@ -267,3 +269,27 @@ class PolyDataCollator:
             else:
                 batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
         return batch
+
+
+def split_rows(rows: Sequence[Row], fraction: float, seed: int = 0) -> tuple[list[Row], list[Row]]:
+    """Hold out about ``fraction`` of every task's rows (at least one when a task has two or more).
+
+    Returns ``(train, held_out)``; deterministic for ``seed``.
+    """
+    import random
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    by_task: dict[str, list[Row]] = {}
+    for row in rows:
+        by_task.setdefault(row.task, []).append(row)
+    rng = random.Random(seed)
+    train: list[Row] = []
+    held: list[Row] = []
+    for task_rows in by_task.values():
+        shuffled = list(task_rows)
+        rng.shuffle(shuffled)
+        k = max(1, round(fraction * len(shuffled))) if len(shuffled) >= 2 else 0
+        held.extend(shuffled[:k])
+        train.extend(shuffled[k:])
+    return train, held
