@@ -10,6 +10,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models run fastest on one thread; more threads only contend on a busy CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 WORDS = [
     "the", "a", "cat", "dog", "bird", "red", "blue", "green", "big", "small", "runs", "sleeps", "sings",
@@ -27,7 +33,7 @@ def make_tiny_bert(folder: str, with_head: bool = False) -> str:
     vocab_file = os.path.join(folder, "vocab.txt")
     with open(vocab_file, "w", encoding="utf-8") as fh:
         fh.write("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(folder)
     config = BertConfig(
         vocab_size=len(vocab),
@@ -46,20 +52,19 @@ def make_tiny_bert(folder: str, with_head: bool = False) -> str:
 
 
 def make_rows(n_per_task: int, seed: int) -> list[dict[str, str]]:
-    """Two easy tasks over short sentences: is there an animal word / a colour word in position 2."""
+    """Two tasks over the same kind of sentence: "is the animal a cat?" and "is the colour red?"."""
     rng = random.Random(seed)
     rows = []
     for i in range(n_per_task):
         for task in ("animal", "color"):
-            animal = rng.choice(["cat", "dog", "bird"])
-            color = rng.choice(["red", "blue", "green"])
-            size = rng.choice(["big", "small"])
-            verb = rng.choice(["runs", "sleeps", "sings"])
             want = i % 2 == 0
+            animal = rng.choice(["dog", "bird"]) if task == "animal" and not want else "cat"
+            if task == "color":
+                animal = rng.choice(["cat", "dog", "bird"])
+            color = rng.choice(["blue", "green"]) if task == "color" and not want else "red"
             if task == "animal":
-                words = ["the", color if want else size, animal, verb]
-            else:
-                words = ["the", size, animal if want else color, verb]
+                color = rng.choice(["red", "blue", "green"])
+            words = ["the", rng.choice(["big", "small"]), color, animal, rng.choice(["runs", "sleeps", "sings"])]
             rows.append({"task": task, "input": " ".join(words), "target": "yes" if want else "no"})
     return rows
 
