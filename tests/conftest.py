@@ -87,3 +87,25 @@ def tiny_data(tmp_path_factory) -> tuple[str, str]:
     train = write_jsonl(str(folder / "train.jsonl"), make_rows(24, seed=1))
     evaluation = write_jsonl(str(folder / "eval.jsonl"), make_rows(8, seed=2))
     return train, evaluation
+
+
+def make_tiny_gpt2(folder: str) -> str:
+    """Save a randomly initialised 2-layer GPT-2 with the word-level tokenizer of :func:`make_tiny_bert`."""
+    import torch
+    from transformers import BertTokenizerFast, GPT2Config, GPT2LMHeadModel
+
+    os.makedirs(folder, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.add_special_tokens({"eos_token": "[SEP]", "bos_token": "[CLS]"})
+    tokenizer.save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    return make_tiny_gpt2(str(tmp_path_factory.mktemp("tiny_gpt2")))

@@ -243,3 +243,24 @@ def test_console_entry_points(tmp_path):
     assert proc.returncode == 0 and "train" in proc.stdout and "inspect" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "polytropon", "inspect", str(tmp_path / "none")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_causal_lm_head_is_inferred_and_evaluated(tiny_gpt2, tiny_data, tmp_path, capsys):
+    train, evaluation = tiny_data
+    out = str(tmp_path / "lm")
+    code, stdout, err = run_cli(capsys, "train", "--model", tiny_gpt2, "--data", train, "--eval-data", evaluation,
+                                "--output-dir", out, "--max-steps", "60", "--save-steps", "1000", "--batch-size", "16",
+                                "--lr", "5e-2", "--n-skills", "2", "--quiet")
+    assert code == 0, err
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["head"] == "causal-lm" and metrics["metric"] == "exact_match"
+    assert metrics["baseline"]["name"] == "base"
+    losses = [e["loss"] for e in metrics["train"]["log_history"] if "loss" in e]
+    assert losses[-1] < losses[0]
+    poly = metrics["poly"]["per_task"]["animal"]
+    assert {"loss", "exact_match", "n"} <= set(poly)
+    assert poly["loss"] < metrics["baseline"]["per_task"]["animal"]["loss"]
+    assert json.load(open(os.path.join(out, "adapter", "adapter_config.json")))["task_type"] == "CAUSAL_LM"
+    code, stdout, err = run_cli(capsys, "eval", out, "--data", evaluation)
+    assert code == 0, err
+    assert "exact_match" in stdout and "loss" in stdout
