@@ -125,3 +125,10 @@ def test_invalid_task_spec_rejected():
         TaskSpec("bad", ("colour",), "single")
     with pytest.raises(ValueError):
         build_suite(n_train_per_task=-1)
+
+
+def test_questions_and_descriptions():
+    by_name = {t.name: t for t in TRAIN_TASKS}
+    assert by_name["animal_and_night"].question == "animal and night?"
+    assert by_name["positive_xor_negated"].description.startswith("Is exactly one true")
+    assert by_name["food"].description == "Is it true that the object is food?"

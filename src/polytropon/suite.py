@@ -85,7 +85,17 @@ class TaskSpec:
 
     @property
     def question(self) -> str:
-        """The natural-language question that is prepended to each sentence."""
+        """The short question prepended to each sentence, e.g. ``"animal and night?"``.
+
+        It is kept terse so the demo's sequences stay short; :attr:`description` spells it out.
+        """
+        if self.op == "single":
+            return f"{self.skills[0]}?"
+        return f"{self.skills[0]} {self.op} {self.skills[1]}?"
+
+    @property
+    def description(self) -> str:
+        """The question in plain English."""
         statements = [SKILL_STATEMENTS[s] for s in self.skills]
         if self.op == "single":
             return f"Is it true that {statements[0]}?"
