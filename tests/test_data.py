@@ -146,3 +146,18 @@ def test_hf_trainer_keeps_task_ids_for_polymodel(tiny_bert, tmp_path):
     assert set(torch.cat(seen).tolist()) == {0, 1, 2}
     changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach())]
     assert changed, "router logits did not train"
+
+
+def test_documented_trainer_example_runs(tmp_path):
+    """docs/trainer_example.py (the real default model, a few steps) runs as documented."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, PYTHONPATH=os.path.join(root, "src"), EXAMPLE_OUTPUT_DIR=str(tmp_path / "out"),
+               EXAMPLE_MAX_STEPS="3", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, os.path.join(root, "docs", "trainer_example.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trainable params" in proc.stdout and "final loss" in proc.stdout
