@@ -245,10 +245,10 @@ def test_console_entry_points(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 
 
-def test_causal_lm_head_is_inferred_and_evaluated(tiny_gpt2, tiny_data, tmp_path, capsys):
+def test_causal_lm_head_is_inferred_and_evaluated(tiny_gpt2_dir, tiny_data, tmp_path, capsys):
     train, evaluation = tiny_data
     out = str(tmp_path / "lm")
-    code, stdout, err = run_cli(capsys, "train", "--model", tiny_gpt2, "--data", train, "--eval-data", evaluation,
+    code, stdout, err = run_cli(capsys, "train", "--model", tiny_gpt2_dir, "--data", train, "--eval-data", evaluation,
                                 "--output-dir", out, "--max-steps", "60", "--save-steps", "1000", "--batch-size", "16",
                                 "--lr", "5e-2", "--n-skills", "2", "--quiet")
     assert code == 0, err

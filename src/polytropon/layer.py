@@ -134,7 +134,7 @@ class PolyAdapter(nn.Module):
         a lookup. The key holds every parameter's storage and in-place version counter, so any optimizer
         step, ``load_state_dict`` or device move invalidates it. Only used when autograd is off.
         """
-        params = (self.poly_lora_A, self.poly_lora_B, self.poly_router.module_logits)
+        params = (self.poly_lora_A, self.poly_lora_B, *self.poly_router.parameters(), *self.poly_router.buffers())
         key = (routing.key, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version) for p in params)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
@@ -239,6 +239,15 @@ class PolyLayer(nn.Module):
         """Subtract the task's update from the base weight (exact up to float round-off)."""
         weight = self.base_layer.weight
         weight.copy_((weight.float() - self.delta_weight(adapter_name, task_id).float()).to(weight.dtype))
+
+    def __getattr__(self, name: str):
+        # model code reads ``layer.weight`` / ``layer.bias`` (dtype checks, weight tying): the base layer's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

@@ -14,8 +14,11 @@ from .checkpoint import ADAPTER_KEYS, KEY_PREFIX, WEIGHTS_NAME, adapter_director
 from .config import PolyConfig
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
+from .router import PolyRouter
 from .routing import RoutingState, TaskIds, check_task_ids
 from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
+from .tasks import resolve_task_names, task_index
+from .variants import build_routers, check_tied_router_tensors
 
 
 # ---------------------------------------------------------------------- planning (pure: never changes the model)
@@ -102,7 +105,8 @@ def _expected_shapes(plan: _Plan) -> dict[str, tuple[int, ...]]:
         q, s = cfg.n_splits, cfg.n_skills
         shapes[f"{KEY_PREFIX}{path}.poly_lora_A"] = (q, s, d_in // q, cfg.r)
         shapes[f"{KEY_PREFIX}{path}.poly_lora_B"] = (q, s, cfg.r, d_out // q)
-        shapes[f"{KEY_PREFIX}{path}.poly_router.module_logits"] = (cfg.n_tasks, q * s)
+        if cfg.poly_type == "poly":  # fixed-allocation routers have no tensors (rebuilt from the config)
+            shapes[f"{KEY_PREFIX}{path}.poly_router.module_logits"] = (cfg.n_tasks, q * s)
     for path, module in plan.saved:
         original = module.original_module if isinstance(module, ModulesToSave) else module
         for name, tensor in original.state_dict().items():
@@ -142,6 +146,7 @@ def _read_checkpoint(model: nn.Module, directory: str, config: Optional[PolyConf
             raise ValueError(
                 f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model expects {shape}"
             )
+    check_tied_router_tensors(plan.config, [p for p, _ in plan.targets], tensors, source=path)
     return plan, tensors
 
 
@@ -178,6 +183,7 @@ class PolyModel(nn.Module):
     # ------------------------------------------------------------------ adapters
     def _inject(self, adapter_name: str, plan: _Plan) -> None:
         cfg = plan.config
+        routers = build_routers(cfg, [path for path, _ in plan.targets], self.routing)
         for path, module in plan.targets:
             if isinstance(module, PolyLayer):
                 layer = module
@@ -185,10 +191,13 @@ class PolyModel(nn.Module):
                 layer = PolyLayer(module, self.routing, path).train(module.training)
                 self._replace(path, layer)
             weight = layer.base_layer.weight
+            router, first = routers[path]
             adapter = PolyAdapter(
                 layer.in_features, layer.out_features, cfg.r, cfg.n_tasks, cfg.n_skills, cfg.n_splits,
-                init_weights=cfg.init_weights,
+                init_weights=cfg.init_weights, router=router,
             )
+            if first:  # drawn after this layer's skills: PEFT's order of random draws
+                router.reset()
             # new modules follow the mode of the model they join (an eval-mode model stays deterministic)
             layer.adapters[adapter_name] = adapter.to(weight.device).train(layer.base_layer.training)
         for path, module in plan.saved:
@@ -218,6 +227,12 @@ class PolyModel(nn.Module):
     def _check_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {sorted(self.peft_config)}")
+
+    def _resolve_task_id(self, task: Union[int, str], adapter_name: str) -> int:
+        """A task given by id or by name (``PolyConfig.task_names``) as a checked id."""
+        if isinstance(task, str):
+            task = task_index(task, self.peft_config[adapter_name])
+        return self._check_task_id(task, adapter_name)
 
     def add_adapter(self, adapter_name: str, config: PolyConfig) -> None:
         """Add another adapter (not active, not trainable until :meth:`set_adapter`).
@@ -297,6 +312,29 @@ class PolyModel(nn.Module):
         """The wrapped transformers model (with the adapter layers in place)."""
         return self.model
 
+    # ------------------------------------------------------------------ research toolkit (docs/research.md)
+    def add_tasks(
+        self, tasks: Union[int, list[str]], init: Union[str, int] = "uniform", adapter_name: Optional[str] = None
+    ) -> list[int]:
+        """Add tasks after training (few-shot adaptation); see :func:`polytropon.tasks.add_tasks`."""
+        from .tasks import add_tasks
+
+        return add_tasks(self, tasks, init=init, adapter_name=adapter_name)
+
+    def freeze_skills(self, adapter_name: Optional[str] = None) -> int:
+        """MHR-z: train only the routing; returns the trainable count. See :func:`polytropon.few_shot.freeze_skills`."""
+        from .few_shot import freeze_skills
+
+        return freeze_skills(self, adapter_name)
+
+    def routing_weights(
+        self, task: Optional[Union[int, str]] = None, adapter_name: Optional[str] = None
+    ) -> dict[str, torch.Tensor]:
+        """Eval routing weights per layer; see :func:`polytropon.analysis.routing_weights`."""
+        from .analysis import routing_weights
+
+        return routing_weights(self, task, adapter_name)
+
     # ------------------------------------------------------------------ calls
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
@@ -320,7 +358,10 @@ class PolyModel(nn.Module):
             return None
         if active is None:
             raise ValueError("task_ids were given but the model has no active adapter")
-        ids = check_task_ids(task_ids, self.peft_config[active].n_tasks, batch_size)
+        config = self.peft_config[active]
+        allow_unknown = config.unknown_task == "average" and not self.training
+        task_ids = resolve_task_names(task_ids, config, allow_unknown=allow_unknown)
+        ids = check_task_ids(task_ids, config.n_tasks, batch_size, allow_unknown=allow_unknown)
         if state.merged_task is not None and not state.disabled:
             merged = state.merged_task[1]
             other = ids[ids != merged]
@@ -366,7 +407,7 @@ class PolyModel(nn.Module):
         """
         adapter_name = adapter_name or self.routing.active_adapter
         self._check_adapter(adapter_name)
-        task_id = self._check_task_id(task_id, adapter_name)
+        task_id = self._resolve_task_id(task_id, adapter_name)
         if self.routing.merged_task == (adapter_name, task_id):
             return
         if self.routing.merged_task is not None:
@@ -439,7 +480,8 @@ class PolyModel(nn.Module):
                 adapter = layer.adapters[adapter_name]
                 out[f"{KEY_PREFIX}{path}.poly_lora_A"] = adapter.poly_lora_A
                 out[f"{KEY_PREFIX}{path}.poly_lora_B"] = adapter.poly_lora_B
-                out[f"{KEY_PREFIX}{path}.poly_router.module_logits"] = adapter.poly_router.module_logits
+                if isinstance(adapter.poly_router, PolyRouter):  # a shared router is written under every layer
+                    out[f"{KEY_PREFIX}{path}.poly_router.module_logits"] = adapter.poly_router.module_logits
         for path, wrapper in self._saved_modules():
             if adapter_name in wrapper.modules_to_save:
                 for name, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
@@ -462,7 +504,7 @@ class PolyModel(nn.Module):
         for name in names:
             directory = adapter_directory(save_directory, name)
             os.makedirs(directory, exist_ok=True)
-            config = dataclasses.replace(self.peft_config[name])
+            config = dataclasses.replace(self.peft_config[name], inference_mode=True)  # as PEFT writes it
             save_tensors(os.path.join(directory, WEIGHTS_NAME), self.adapter_state_dict(name))
             config.save_pretrained(directory)
 

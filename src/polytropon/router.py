@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
+
+from .routing import RoutingState, _in_backward, with_unknown_rows
 
 #: Added to the per-split sum of routing weights before normalising (as PEFT and the papers' code do).
 EPS = 1e-12
@@ -17,22 +21,52 @@ class PolyRouter(nn.Module):
     For task ids ``t`` (shape ``(n,)``) it returns routing weights ``w`` of shape ``(n, n_splits, n_skills)``::
 
         z = logits[t].view(n, n_splits, n_skills)
-        p = RelaxedBernoulli(temperature=1, logits=z).rsample()   # training (one sample per row)
+        p = RelaxedBernoulli(temperature, logits=z).rsample()     # training (one sample per row)
         p = sigmoid(z)                                            # eval
         w = p / (p.sum(-1, keepdim=True) + EPS)                   # each split's weights sum to 1
+
+    With ``hard=True`` the forward pass uses a binary allocation instead (Ponti et al. 2022: a task's
+    module is the average of its active skills)::
+
+        h = 1[p >= 0.5]                                           # 0/1, shape (n, n_splits, n_skills)
+        h[argmax p] = 1 where a split has no active skill          # every task keeps at least one skill
+        w = h / h.sum(-1) + (soft - soft.detach())                # straight-through: value h/|h|, gradient of soft
+
+    where ``soft = p / (p.sum(-1) + EPS)``: the forward value is exactly ``h / h.sum(-1)`` and the gradient is
+    the soft weights' gradient.
 
     Args:
         n_tasks: number of tasks (rows).
         n_skills: number of skills per split.
         n_splits: number of splits (MHR heads); 1 for Poly.
         reset: draw the initial logits now (``False`` leaves them for the owner to draw with :meth:`reset`).
+        temperature: relaxed-Bernoulli temperature used in training (positive).
+        hard: binary forward allocation with straight-through gradients.
     """
 
-    def __init__(self, n_tasks: int, n_skills: int, n_splits: int = 1, reset: bool = True) -> None:
+    def __init__(
+        self,
+        n_tasks: int,
+        n_skills: int,
+        n_splits: int = 1,
+        reset: bool = True,
+        temperature: float = 1.0,
+        hard: bool = False,
+    ) -> None:
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"PolyRouter temperature must be positive, got {temperature}")
         self.n_tasks = n_tasks
         self.n_skills = n_skills
         self.n_splits = n_splits
+        self.temperature = float(temperature)
+        self.hard = bool(hard)
+        #: set by :func:`polytropon.variants.build_routers` when several layers share this router, with the
+        #: model's routing state (whose per-call store caches the shared weights)
+        self.shared = False
+        self.routing_state: Optional[RoutingState] = None
+        #: route ids equal to ``UNKNOWN_TASK`` to the average of the skills (``unknown_task="average"``)
+        self.unknown_rows = False
         self.module_logits = nn.Parameter(torch.empty(n_tasks, n_splits * n_skills))
         if reset:
             self.reset()
@@ -47,16 +81,78 @@ class PolyRouter(nn.Module):
         return logits.view(-1, self.n_splits, self.n_skills)
 
     def forward(self, task_ids: torch.Tensor) -> torch.Tensor:
-        """Routing weights for ``task_ids`` (LongTensor ``(n,)``) -> ``(n, n_splits, n_skills)``."""
+        """Routing weights for ``task_ids`` (LongTensor ``(n,)``) -> ``(n, n_splits, n_skills)``.
+
+        Ids equal to :data:`~polytropon.routing.UNKNOWN_TASK` get uniform weights (the average of the skills).
+        """
         if not self.training:
             return self.eval_weights(task_ids)
-        probs = RelaxedBernoulli(temperature=1.0, logits=self._logits(task_ids)).rsample()
-        return probs / (probs.sum(dim=-1, keepdim=True) + EPS)
+        return self._per_call("sample", task_ids, self._sample)
 
     def eval_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
-        """The deterministic (eval) routing weights, whatever the mode: ``(n, n_splits, n_skills)``."""
-        probs = torch.sigmoid(self._logits(task_ids))
-        return probs / (probs.sum(dim=-1, keepdim=True) + EPS)
+        """The deterministic (eval) routing weights, whatever the mode: ``(n, n_splits, n_skills)``.
+
+        Soft routing: ``sigmoid(z)`` normalised per split. Hard routing: the Bernoulli modes
+        ``1[sigmoid(z) >= 0.5]`` (at least one skill per split), averaged.
+        """
+        return self._per_call("eval", task_ids, self._eval)
+
+    def _sample(self, task_ids: torch.Tensor) -> torch.Tensor:
+        probs = RelaxedBernoulli(temperature=self.temperature, logits=self._logits(task_ids)).rsample()
+        return self._normalise(probs)
+
+    def _eval(self, task_ids: torch.Tensor) -> torch.Tensor:
+        return self._normalise(torch.sigmoid(self._logits(task_ids)))
+
+    def _per_call(self, kind: str, task_ids: torch.Tensor, compute) -> torch.Tensor:
+        """``compute(task_ids)`` (unknown-task rows uniform), computed once per call for a shared router.
+
+        A router shared by several layers (``shared = True``, ``router_granularity`` "block"/"model") is
+        given the very same task-id tensor by all its layers during one model call (the call's
+        :class:`~polytropon.routing.BatchRouting`); the result is kept in the model's
+        ``RoutingState.call_store``, which lives for that call only. So the layers of a group share one
+        computation and, in training, one relaxed-Bernoulli sample per example. A router of a single layer
+        computes at every call, as in PEFT.
+        """
+        state = self.routing_state
+        if self.shared and state is not None and state.task_ids is None and _in_backward():
+            # activation checkpointing re-running layers in backward(): the call's shared computation is gone,
+            # so the recomputed layers would each recompute (or re-sample) the weights -- not what the forward
+            # pass did, and torch's checkpoint would fail on the mismatch or, with sampling, get wrong gradients
+            raise RuntimeError(
+                "activation (gradient) checkpointing is not supported with a router shared by several layers "
+                "(router_granularity='block' or 'model'): use router_granularity='module', or disable checkpointing"
+            )
+        if not self.shared or state is None or state.task_ids is None:
+            return self._compute(compute, task_ids)
+        key = (id(self), kind, id(task_ids), torch.is_grad_enabled())
+        entry = state.call_store.get(key)
+        if entry is not None and entry[0] is task_ids:
+            return entry[1]
+        out = self._compute(compute, task_ids)
+        state.call_store[key] = (task_ids, out)  # holding task_ids keeps its id unique during the call
+        return out
+
+    def _compute(self, compute, task_ids: torch.Tensor) -> torch.Tensor:
+        # looking for unknown-task ids costs a device sync: only adapters with unknown_task="average" do
+        if self.unknown_rows:
+            return with_unknown_rows(compute, task_ids, self.n_splits, self.n_skills)
+        return compute(task_ids)
+
+    def _normalise(self, probs: torch.Tensor) -> torch.Tensor:
+        soft = probs / (probs.sum(dim=-1, keepdim=True) + EPS)
+        if not self.hard:
+            return soft
+        with torch.no_grad():
+            mask = probs >= 0.5
+            empty = ~mask.any(dim=-1, keepdim=True)
+            top = torch.zeros_like(mask).scatter_(-1, probs.argmax(dim=-1, keepdim=True), True)
+            mask = mask | (empty & top)
+            hard = mask.to(probs.dtype)
+            hard = hard / hard.sum(dim=-1, keepdim=True)
+        return hard + (soft - soft.detach())
 
     def extra_repr(self) -> str:
-        return f"n_tasks={self.n_tasks}, n_skills={self.n_skills}, n_splits={self.n_splits}"
+        extra = f", temperature={self.temperature}" if self.temperature != 1.0 else ""
+        extra += ", hard=True" if self.hard else ""
+        return f"n_tasks={self.n_tasks}, n_skills={self.n_skills}, n_splits={self.n_splits}{extra}"

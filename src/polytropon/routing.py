@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-TaskIds = Union[torch.Tensor, Sequence[int]]
+TaskIds = Union[torch.Tensor, Sequence[Union[int, str]]]
+
+#: Task id given to examples of an unknown task when ``PolyConfig.unknown_task="average"`` (eval only):
+#: they are routed with uniform weights, i.e. to the average of the skills.
+UNKNOWN_TASK = -1
 
 
 @dataclass
@@ -25,12 +29,36 @@ class BatchRouting:
         unique: the distinct task ids of the batch, sorted, shape ``(k,)``.
         inverse: for every row, the index of its task in ``unique``, shape ``(batch,)``.
         key: ``unique`` as a tuple, usable as a cache key.
+
+    Ids equal to :data:`UNKNOWN_TASK` mark examples routed to the average of the skills (routers map them
+    to uniform weights, see :func:`with_unknown_rows`).
     """
 
     task_ids: torch.Tensor
     unique: torch.Tensor
     inverse: torch.Tensor
     key: tuple[int, ...]
+
+
+def with_unknown_rows(
+    compute: Callable[[torch.Tensor], torch.Tensor], task_ids: torch.Tensor, n_splits: int, n_skills: int
+) -> torch.Tensor:
+    """``compute(task_ids)`` with the rows of :data:`UNKNOWN_TASK` set to uniform weights ``1 / n_skills``.
+
+    Uniform weights make every split's mixed factors the plain average of the skills (MHR-mu). ``compute``
+    maps known ids ``(k,)`` to weights ``(k, n_splits, n_skills)``; it is called on the known ids only.
+    """
+    unknown = task_ids == UNKNOWN_TASK
+    if not bool(unknown.any()):
+        return compute(task_ids)
+    out_shape = (task_ids.shape[0], n_splits, n_skills)
+    known = torch.nonzero(~unknown).squeeze(-1)
+    if known.numel() == 0:
+        probe = compute(task_ids[:0].clamp_min(0))  # no rows: only gives dtype and device
+        return probe.new_full(out_shape, 1.0 / n_skills)
+    weights = compute(task_ids[known])
+    out = weights.new_full(out_shape, 1.0 / n_skills)
+    return out.index_put((known.to(out.device),), weights)
 
 
 @dataclass
@@ -49,16 +77,22 @@ class RoutingState:
     merged_task: Optional[tuple[str, int]] = None
     task_ids: Optional[torch.Tensor] = None
     _per_batch: dict[tuple[int, str], BatchRouting] = field(default_factory=dict, repr=False)
+    #: scratch space that lives for one call (e.g. weights of routers shared by several layers)
+    call_store: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _for_backward: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @contextmanager
     def route(self, task_ids: Optional[torch.Tensor]) -> Iterator[None]:
         """Make ``task_ids`` (already validated) visible to the layers for the duration of one call."""
-        previous, previous_cache = self.task_ids, self._per_batch
-        self.task_ids, self._per_batch = task_ids, {}
+        previous, previous_cache, previous_store = self.task_ids, self._per_batch, self.call_store
+        self.task_ids, self._per_batch, self.call_store = task_ids, {}, {}
         try:
             yield
         finally:
-            self.task_ids, self._per_batch = previous, previous_cache
+            self.task_ids, self._per_batch, self.call_store = previous, previous_cache, previous_store
+            if task_ids is not None and torch.is_grad_enabled():
+                # activation checkpointing re-runs layers inside backward(), after the call has ended
+                self._for_backward = task_ids
 
     def for_batch(self, batch_size: int, device: torch.device, where: str = "") -> BatchRouting:
         """The task ids of the current call expanded to a layer input of ``batch_size`` rows.
@@ -67,9 +101,17 @@ class RoutingState:
         every example ``k`` times in a row; the task ids are expanded the same way (``repeat_interleave``).
         The result is computed once per call and batch size, not once per layer.
 
+        Under activation (gradient) checkpointing, layers recomputed during ``backward()`` get the task ids of
+        the last routed call made with autograd on; so run each forward's backward before the next forward
+        (as training loops, the HF Trainer and gradient accumulation do).
+
         Raises:
             ValueError: if no task ids were given, or ``batch_size`` is not a multiple of their number.
         """
+        if self.task_ids is None and self._for_backward is not None and _in_backward():
+            # a checkpointed segment being recomputed for the last routed call (not cached: the call is over)
+            with self.route(self._for_backward):
+                return self.for_batch(batch_size, device, where)
         if self.task_ids is None:
             raise ValueError(
                 f"task_ids are required while adapter {self.active_adapter!r} is active: pass task_ids=... "
@@ -94,13 +136,22 @@ class RoutingState:
         return routing
 
 
-def check_task_ids(task_ids: Any, n_tasks: int, batch_size: Optional[int] = None) -> torch.Tensor:
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+def check_task_ids(
+    task_ids: Any, n_tasks: int, batch_size: Optional[int] = None, allow_unknown: bool = False
+) -> torch.Tensor:
     """Validate user task ids and return them as a LongTensor of shape ``(n,)``.
 
     Args:
         task_ids: a 1-D integer tensor or a sequence of Python ints, one task per example.
         n_tasks: number of tasks of the active adapter; ids must lie in ``[0, n_tasks)``.
         batch_size: the batch size of the call when known: ``n`` must equal it or divide it.
+        allow_unknown: also accept :data:`UNKNOWN_TASK` (examples routed to the average of the skills).
 
     Raises:
         TypeError: not a tensor or sequence of ints, or a tensor of non-integer dtype.
@@ -124,11 +175,13 @@ def check_task_ids(task_ids: Any, n_tasks: int, batch_size: Optional[int] = None
         raise ValueError(f"task_ids must be 1-D of shape (batch,), got shape {tuple(tensor.shape)}")
     if tensor.numel() == 0:
         raise ValueError("task_ids must not be empty")
-    low, high = int(tensor.min()), int(tensor.max())
-    if low < 0:
-        raise ValueError(f"task_ids must be >= 0, got task id {low}")
-    if high >= n_tasks:
-        raise ValueError(f"task id {high} is out of range: the adapter has n_tasks={n_tasks} (ids 0..{n_tasks - 1})")
+    known = tensor[tensor != UNKNOWN_TASK] if allow_unknown else tensor
+    if known.numel():
+        low, high = int(known.min()), int(known.max())
+        if low < 0:
+            raise ValueError(f"task_ids must be >= 0, got task id {low}")
+        if high >= n_tasks:
+            raise ValueError(f"task id {high} is out of range: the adapter has n_tasks={n_tasks} (ids 0..{n_tasks - 1})")
     n = tensor.shape[0]
     if batch_size is not None and (batch_size % n != 0):
         raise ValueError(

@@ -1,0 +1,277 @@
+"""Tasks by name, new tasks after training, and the unknown-task fallback.
+
+* ``PolyConfig.task_names`` lets ``task_ids`` (and ``merge_adapter``) take names; the names are saved in
+  ``adapter_config.json`` and restored with it.
+* :func:`add_tasks` grows every router of an adapter by new rows, for few-shot adaptation to unseen tasks
+  (Caccia et al. 2022, arXiv 2211.03831: the skills stay, a new task only learns its routing -- see
+  :func:`polytropon.few_shot.freeze_skills`). Trained rows are kept bit for bit.
+* ``PolyConfig.unknown_task="average"`` routes, at eval, an unknown task to the average of the skills
+  (uniform weights -- what MHR-mu does for unseen tasks), instead of raising.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import PolyConfig
+from .routing import UNKNOWN_TASK
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import PolyModel
+
+TaskRef = Union[int, str]
+
+
+def task_index(name: str, config: PolyConfig) -> int:
+    """The id of task ``name``.
+
+    Raises:
+        TypeError: the config has no ``task_names`` (so task ids must be ints).
+        ValueError: ``name`` is not one of the task names (listing the known names).
+    """
+    if config.task_names is None:
+        raise TypeError(
+            f"task_id must be an int, got {name!r} (str): the adapter has no task_names; set "
+            "PolyConfig.task_names (or polytropon.set_task_names) to refer to tasks by name"
+        )
+    try:
+        return config.task_names.index(name)
+    except ValueError:
+        raise ValueError(f"unknown task name {name!r}; known tasks: {config.task_names}") from None
+
+
+def resolve_task_names(task_ids: Any, config: PolyConfig, allow_unknown: bool = False) -> Any:
+    """Turn task names in ``task_ids`` into ids; leave everything else for :func:`~polytropon.routing.check_task_ids`.
+
+    Args:
+        task_ids: a list/tuple mixing ints and task names, or a LongTensor.
+        config: the active adapter's config (``task_names``, ``n_tasks``).
+        allow_unknown: map unknown names and ids ``>= n_tasks`` to :data:`~polytropon.routing.UNKNOWN_TASK`
+            (``unknown_task="average"`` at eval) instead of raising.
+
+    Raises:
+        TypeError: a name while the config has no ``task_names``.
+        ValueError: an unknown name (naming it and the known names) when ``allow_unknown`` is off.
+    """
+    if isinstance(task_ids, torch.Tensor):
+        if allow_unknown and not task_ids.is_floating_point() and task_ids.dtype != torch.bool:
+            return torch.where(task_ids >= config.n_tasks, torch.full_like(task_ids, UNKNOWN_TASK), task_ids)
+        return task_ids
+    if not isinstance(task_ids, (list, tuple)):
+        return task_ids
+    out = []
+    for value in task_ids:
+        if isinstance(value, str):
+            known = config.task_names is not None and value in config.task_names
+            if not known and allow_unknown and config.task_names is not None:
+                out.append(UNKNOWN_TASK)
+            else:
+                out.append(task_index(value, config))
+        elif allow_unknown and isinstance(value, int) and not isinstance(value, bool) and value >= config.n_tasks:
+            out.append(UNKNOWN_TASK)
+        else:
+            out.append(value)
+    return out
+
+
+def task_names_of(config: PolyConfig) -> list[str]:
+    """The task names of ``config``, or ``"task 0"``, ``"task 1"``, ... when it has none."""
+    return list(config.task_names) if config.task_names is not None else [f"task {i}" for i in range(config.n_tasks)]
+
+
+def _adapter_name(model: "PolyModel", adapter_name: Optional[str]) -> str:
+    name = adapter_name or model.active_adapter
+    if name is None or name not in model.peft_config:
+        raise ValueError(f"unknown adapter {name!r}; existing adapters: {sorted(model.peft_config)}")
+    return name
+
+
+def adapters_of(model: "PolyModel", adapter_name: str) -> list[tuple[str, nn.Module]]:
+    """``(layer path, PolyAdapter)`` of every layer carrying ``adapter_name``."""
+    return [(path, layer.adapters[adapter_name]) for path, layer in model._poly_layers() if adapter_name in layer.adapters]
+
+
+def set_task_names(model: "PolyModel", names: Sequence[str], adapter_name: Optional[str] = None) -> None:
+    """Name the tasks of an adapter (in id order), replacing any previous names.
+
+    Raises:
+        ValueError / TypeError: as ``PolyConfig.task_names`` validation (wrong count, duplicates, non-strings).
+    """
+    adapter_name = _adapter_name(model, adapter_name)
+    config = model.peft_config[adapter_name]
+    model.peft_config[adapter_name] = dataclasses.replace(config, task_names=list(names))
+
+
+def _new_rows(old: torch.Tensor, k: int, init: Union[str, int], uniform: torch.Tensor) -> torch.Tensor:
+    """``k`` new rows for a ``(n_tasks, ...)`` tensor: ``uniform`` repeated, the mean row, or a copy of a row."""
+    if init == "uniform":
+        row = uniform.to(old)
+    elif init == "average":
+        row = old.mean(dim=0)
+    else:
+        row = old[init]
+    return row.unsqueeze(0).expand(k, *row.shape).clone()
+
+
+def _fresh_skill(adapter: nn.Module, init_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A newly initialised skill ``(n_splits, 1, d_in, r)``, ``(n_splits, 1, r, d_out)`` (the adapter's init)."""
+    n_splits, _, d_in, r = adapter.poly_lora_A.shape
+    d_out = adapter.poly_lora_B.shape[-1]
+    a = torch.empty(n_splits, 1, d_in, r)
+    b = torch.zeros(n_splits, 1, r, d_out)
+    for split in range(n_splits):
+        weight = torch.empty(r, d_in)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        a[split, 0] = weight.T
+        if not init_weights:
+            weight = torch.empty(d_out, r)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            b[split, 0] = weight.T
+    return a.to(adapter.poly_lora_A), b.to(adapter.poly_lora_B)
+
+
+def _replace_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.detach().to(old), requires_grad=old.requires_grad))
+
+
+def add_tasks(
+    model: "PolyModel",
+    tasks: Union[int, Sequence[str]],
+    init: Union[str, int] = "uniform",
+    adapter_name: Optional[str] = None,
+) -> list[int]:
+    """Add new tasks to an adapter after training, for few-shot adaptation to unseen tasks.
+
+    Every router of the adapter gets ``k`` new rows after its ``n_tasks`` trained rows, which are kept bit for
+    bit (so trained tasks' outputs do not change). New rows start as:
+
+    * ``"uniform"``: equal weights on every skill -- zero logits for learned routers (``sigmoid(0)`` for all
+      skills), a uniform row for ``poly_type="fixed"``;
+    * ``"average"``: the mean of the trained rows (of the logits, for learned routers);
+    * an existing task (name or id): a copy of its row (the keywords win over tasks named "uniform"/"average").
+
+    With ``poly_type="private"`` (one skill per task) each new task also gets a new skill in every layer:
+    freshly initialised (``"uniform"``, same init as the adapter's), the mean of the skills (``"average"``)
+    or a copy of the given task's skill. ``peft_config[adapter].n_tasks`` (and ``task_names``,
+    ``allocation``, ``n_skills``) are updated so saves stay consistent.
+
+    Learned routers get new ``nn.Parameter`` objects: build the optimizer after calling this.
+
+    Args:
+        model: the :class:`~polytropon.model.PolyModel`.
+        tasks: number of new tasks, or their names (required when the adapter has ``task_names``).
+        init: ``"uniform"``, ``"average"`` or an existing task (name or id).
+        adapter_name: the adapter to grow (default: the active one).
+
+    Returns:
+        The ids of the new tasks.
+
+    Raises:
+        TypeError / ValueError: bad ``tasks`` or ``init`` (naming the value); nothing is changed.
+    """
+    from .variants import FixedRouter, unique_routers
+    from .router import PolyRouter
+
+    adapter_name = _adapter_name(model, adapter_name)
+    config = model.peft_config[adapter_name]
+    names: Optional[list[str]] = None
+    if isinstance(tasks, bool) or not isinstance(tasks, (int, list, tuple)):
+        raise TypeError(f"tasks must be a positive int or a list of new task names, got {tasks!r}")
+    if isinstance(tasks, int):
+        if tasks <= 0:
+            raise ValueError(f"tasks must be a positive number of new tasks, got {tasks}")
+        if config.task_names is not None:
+            raise ValueError(
+                f"adapter {adapter_name!r} names its tasks ({config.task_names}): pass the new tasks' names, not a count"
+            )
+        k = tasks
+    else:
+        names = list(tasks)
+        if not names:
+            raise ValueError("tasks must name at least one new task, got an empty list")
+        if config.task_names is None:
+            raise ValueError(
+                f"adapter {adapter_name!r} has no task_names, so new tasks cannot be named: pass a count, or "
+                "name the existing tasks first with polytropon.set_task_names"
+            )
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"new task names must be non-empty strings, got {name!r}")
+            if name in config.task_names:
+                raise ValueError(f"task {name!r} already exists in adapter {adapter_name!r}")
+        k = len(names)
+    if isinstance(init, str) and init not in ("uniform", "average"):
+        if config.task_names is None or init not in config.task_names:
+            raise ValueError(
+                f"init must be 'uniform', 'average' or an existing task, got {init!r}"
+                + (f"; known tasks: {config.task_names}" if config.task_names else "")
+            )
+        init = config.task_names.index(init)
+    elif isinstance(init, bool) or not isinstance(init, (int, str)):
+        raise TypeError(f"init must be 'uniform', 'average' or an existing task (name or id), got {init!r}")
+    elif isinstance(init, int) and not 0 <= init < config.n_tasks:
+        raise ValueError(f"init task id {init} is out of range: adapter {adapter_name!r} has n_tasks={config.n_tasks}")
+
+    n_old = config.n_tasks
+    updates: dict[str, Any] = {"n_tasks": n_old + k}
+    if names is not None:
+        updates["task_names"] = list(config.task_names) + names
+    if config.poly_type == "private":
+        updates["n_skills"] = config.n_skills + k
+    if config.poly_type == "fixed":
+        old = torch.tensor(config.allocation, dtype=torch.float64)
+        normalised = old / old.sum(dim=-1, keepdim=True)
+        source = normalised if init == "average" else old
+        rows = _new_rows(source, k, init, torch.full((config.n_skills,), 1.0 / config.n_skills, dtype=torch.float64))
+        updates["allocation"] = config.allocation + rows.tolist()
+    new_config = dataclasses.replace(config, **updates)  # validates before anything changes
+
+    # compute every new tensor first, then swap them in
+    adapters = adapters_of(model, adapter_name)
+    routers = unique_routers([adapter.poly_router for _, adapter in adapters])
+    new_logits = {}
+    for router in routers:
+        if isinstance(router, PolyRouter):
+            old_logits = router.module_logits.detach()
+            rows = _new_rows(old_logits, k, init, torch.zeros(old_logits.shape[1]))
+            new_logits[id(router)] = torch.cat([old_logits, rows], dim=0)
+    new_skills = {}
+    if config.poly_type == "private":
+        for path, adapter in adapters:
+            a_old, b_old = adapter.poly_lora_A.detach(), adapter.poly_lora_B.detach()
+            if init == "uniform":
+                fresh = [_fresh_skill(adapter, config.init_weights) for _ in range(k)]
+                a_new = torch.cat([f[0] for f in fresh], dim=1)
+                b_new = torch.cat([f[1] for f in fresh], dim=1)
+            elif init == "average":
+                a_new = a_old.mean(dim=1, keepdim=True).expand(-1, k, -1, -1)
+                b_new = b_old.mean(dim=1, keepdim=True).expand(-1, k, -1, -1)
+            else:
+                a_new = a_old[:, init : init + 1].expand(-1, k, -1, -1)
+                b_new = b_old[:, init : init + 1].expand(-1, k, -1, -1)
+            new_skills[path] = (torch.cat([a_old, a_new], dim=1), torch.cat([b_old, b_new], dim=1))
+
+    with torch.no_grad():
+        for router in routers:
+            if isinstance(router, PolyRouter):
+                _replace_param(router, "module_logits", new_logits[id(router)])
+                router.n_tasks = n_old + k
+            elif isinstance(router, FixedRouter):
+                fresh = FixedRouter.from_config(new_config).to(router.weights.device)
+                router.weights = fresh.weights
+                router.n_tasks, router.n_skills = fresh.n_tasks, fresh.n_skills
+        for path, adapter in adapters:
+            if path in new_skills:
+                _replace_param(adapter, "poly_lora_A", new_skills[path][0])
+                _replace_param(adapter, "poly_lora_B", new_skills[path][1])
+                adapter.n_skills = new_config.n_skills
+            adapter.n_tasks = n_old + k
+            adapter._cache = None
+    model.peft_config[adapter_name] = new_config
+    return list(range(n_old, n_old + k))
