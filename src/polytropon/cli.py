@@ -38,15 +38,27 @@ RANK_DUMP_ENV = "POLYTROPON_RANK_DUMP_DIR"
 
 # Settings of the built-in default run, chosen to finish within a few minutes on 2 CPU cores.
 DEFAULT_RUN: dict[str, Any] = {
-    "n_train_per_task": 96,
-    "n_eval_per_task": 50,
+    "n_train_per_task": 400,  # 8,000 fresh sentences: one pass of 500 steps x 16
+    "n_eval_per_task": 40,
     "max_length": 48,
-    "batch_size": 32,
-    "epochs": 3.0,
-    "lr": 3e-2,
-    "router_lr": 1e-1,
+    "batch_size": 16,
+    "max_steps": 500,
+    "lr": 1e-2,
+    "router_lr": 3e-1,
     "n_skills": 8,
     "r": 8,
+    "baseline_max_train": 1280,
+}
+#: Defaults for a user's own model and data.
+GENERIC_RUN: dict[str, Any] = {
+    "max_length": 128,
+    "batch_size": 16,
+    "epochs": 3.0,
+    "lr": 1e-2,
+    "router_lr": 3e-1,
+    "n_skills": 4,
+    "r": 8,
+    "baseline_max_train": 2000,
 }
 
 
@@ -134,13 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     poly.add_argument("--no-init-weights", action="store_true", help="random instead of zero B matrices")
 
     opt = train.add_argument_group("training")
-    opt.add_argument("--epochs", type=_positive_float, help="training epochs (default 3)")
+    opt.add_argument("--epochs", type=_positive_float, help="training epochs (default 3; the demo uses --max-steps 500)")
     opt.add_argument("--max-steps", type=_positive_int, help="optimizer steps; overrides --epochs")
-    opt.add_argument("--lr", type=_positive_float, help="learning rate of adapters and head (default 3e-2)")
-    opt.add_argument("--router-lr", type=_positive_float, help="learning rate of the router logits (default 1e-1)")
+    opt.add_argument("--lr", type=_positive_float, help="learning rate of adapters and head (default 1e-2)")
+    opt.add_argument("--router-lr", type=_positive_float, help="learning rate of the router logits (default 3e-1)")
     opt.add_argument("--weight-decay", type=float, default=0.0)
     opt.add_argument("--warmup-ratio", type=float, default=0.06)
-    opt.add_argument("--batch-size", type=_positive_int, help="per-process batch size (default 32)")
+    opt.add_argument("--batch-size", type=_positive_int, help="per-process batch size (default 16)")
     opt.add_argument("--eval-batch-size", type=_positive_int, default=64)
     opt.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
     opt.add_argument("--seed", type=int, default=42)
@@ -149,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--save-steps", type=_positive_int, default=50, help="checkpoint every N steps (for --resume)")
     opt.add_argument("--no-baseline", action="store_true", help="skip the baseline (head-only / base model)")
     opt.add_argument("--baseline-epochs", type=_positive_int, default=60, help="epochs of head-only baseline training")
+    opt.add_argument("--baseline-max-train", type=_positive_int,
+                     help="train the head-only baseline on at most this many examples (default 2000; 1280 for the demo)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
 
@@ -344,12 +358,19 @@ def _load_data(args: argparse.Namespace) -> _Data:
 
 
 def _apply_demo_defaults(args: argparse.Namespace, demo: bool) -> None:
-    """Fill unset training knobs: the tuned demo values for the built-in run, generic ones otherwise."""
-    generic = {"max_length": 128, "batch_size": 32, "epochs": 3.0, "lr": 3e-2, "router_lr": 1e-1, "n_skills": 4, "r": 8}
-    source = {k: DEFAULT_RUN[k] for k in generic} if demo else generic
+    """Fill unset knobs: the tuned demo values for the built-in run, generic ones otherwise."""
+    source = DEFAULT_RUN if demo else GENERIC_RUN
     for key, value in source.items():
-        if getattr(args, key) is None:
+        if key.startswith("n_") and key.endswith("_per_task"):
+            continue
+        if key == "max_steps":
+            if args.max_steps is None and args.epochs is None:
+                args.max_steps = value
+            continue
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.epochs is None:
+        args.epochs = GENERIC_RUN["epochs"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -523,7 +544,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             set_seed(args.seed)
             frozen, _ = load_base_model(model_ref, head, labels, args.revision)
             baseline_metrics = head_only_baseline(
-                frozen, tokenizer, data.train, data.eval, task_to_id, label_to_id, args.max_length,
+                frozen, tokenizer, _subset(data.train, args.baseline_max_train, args.seed), data.eval, task_to_id, label_to_id, args.max_length,
                 args.eval_batch_size, epochs=args.baseline_epochs, seed=args.seed, progress=not args.quiet,
             )
             del frozen
@@ -598,6 +619,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"routing:  {plot_path}")
     print(f"time:     {total_seconds:.0f}s (train {train_seconds:.0f}s)")
     return 0
+
+
+def _subset(rows: list, limit: int, seed: int) -> list:
+    """At most ``limit`` rows, drawn without replacement (deterministic for ``seed``), in their order."""
+    if len(rows) <= limit:
+        return rows
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]
 
 
 def _json_default(obj: Any) -> Any:
