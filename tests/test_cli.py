@@ -264,3 +264,20 @@ def test_causal_lm_head_is_inferred_and_evaluated(tiny_gpt2_dir, tiny_data, tmp_
     code, stdout, err = run_cli(capsys, "eval", out, "--data", evaluation)
     assert code == 0, err
     assert "exact_match" in stdout and "loss" in stdout
+
+
+def test_routing_plot_with_reference_panel(tmp_path):
+    import numpy as np
+
+    from polytropon.cli_plots import plot_routing, routing_matrix_from_logits
+    import torch
+
+    logits = {"a.module_logits": torch.tensor([[4.0, -4.0], [-4.0, 4.0], [0.0, 0.0]])}
+    m = routing_matrix_from_logits(logits, n_splits=1)
+    assert m.shape == (3, 2) and np.allclose(m.sum(1), 1.0) and m[0, 0] > 0.9 and m[1, 1] > 0.9
+    path = plot_routing(m, ["x", "y", "z"], tmp_path / "p.png", reference=np.eye(3)[:, :2], reference_names=["u", "v"])
+    assert os.path.getsize(path) > 1000
+    with pytest.raises(ValueError):
+        plot_routing(m, ["x", "y"], tmp_path / "q.png")
+    with pytest.raises(ValueError):
+        routing_matrix_from_logits({"a.module_logits": torch.zeros(2, 3)}, n_splits=2)

@@ -320,7 +320,8 @@ class _Data:
     eval: list
     tasks: list[str]
     source: str
-    skill_names: list[str] | None = None
+    reference: Any = None  # the known task x attribute matrix of the built-in suite
+    reference_names: list[str] | None = None
 
 
 def _load_data(args: argparse.Namespace) -> _Data:
@@ -341,7 +342,8 @@ def _load_data(args: argparse.Namespace) -> _Data:
             eval=rows_from_dicts(suite.rows("eval"), "<suite:eval>"),
             tasks=suite.task_names,
             source=f"built-in suite (seed {args.suite_seed})",
-            skill_names=None,
+            reference=suite.skill_matrix(),
+            reference_names=list(suite.skills),
         )
     train = load_jsonl(args.data)
     if args.eval_data is not None:
@@ -564,7 +566,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .cli_plots import plot_routing, routing_matrix
 
     routing = routing_matrix(model, args.n_splits)[: len(data.tasks)]
-    plot_routing(routing, data.tasks, plot_path, skill_names=[f"skill {i}" for i in range(routing.shape[1])])
+    plot_routing(
+        routing,
+        data.tasks,
+        plot_path,
+        skill_names=[f"skill {i}" for i in range(routing.shape[1])],
+        reference=data.reference,
+        reference_names=data.reference_names,
+    )
 
     total_seconds = time.time() - started
     metrics = {
