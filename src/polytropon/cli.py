@@ -205,6 +205,12 @@ def _quiet_transformers() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    try:  # hub retries would otherwise print a warning per attempt before our one-line error
+        import huggingface_hub
+
+        huggingface_hub.utils.logging.set_verbosity_error()
+    except (ImportError, AttributeError):
+        pass
     import warnings
 
     warnings.filterwarnings("ignore", module="transformers")
