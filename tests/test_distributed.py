@@ -54,3 +54,29 @@ def test_torchrun_two_cpu_processes(tiny_bert, tiny_data, tmp_path):
     assert metrics["train"]["global_steps"] == 120
     assert proc.stdout.count("Per-task accuracy") == 1
     assert torch.isfinite(torch.tensor(losses)).all()
+
+
+def test_accelerate_launch_two_cpu_processes(tiny_bert, tiny_data, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` (it runs torch.distributed on CPU too)."""
+    import shutil
+
+    if shutil.which("accelerate") is None:
+        import pytest
+
+        pytest.skip("accelerate's launcher is not on PATH")
+    train, evaluation = tiny_data
+    out, dumps = tmp_path / "run", tmp_path / "ranks"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+               POLYTROPON_RANK_DUMP_DIR=str(dumps), OMP_NUM_THREADS="1")
+    cmd = [
+        "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "polytropon", "train", "--model", tiny_bert, "--data", train, "--eval-data", evaluation,
+        "--output-dir", str(out), "--max-steps", "20", "--batch-size", "8", "--n-skills", "2",
+        "--save-steps", "1000", "--no-baseline", "--quiet",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.load(open(dumps / f"rank{r}.json")) for r in (0, 1)]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert json.load(open(out / "metrics.json"))["train"]["world_size"] == 2
