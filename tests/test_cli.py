@@ -190,6 +190,7 @@ def test_model_folder_that_does_not_load(kind, tiny_data, tmp_path, capsys):
         (folder / "config.json").write_text("{ this is not json")
     code, _, err = run_cli(capsys, "train", "--model", str(folder), "--data", train, "--output-dir", str(tmp_path / "o"))
     assert_one_line_error(code, err, str(folder))
+    assert not (tmp_path / "o").exists()
 
 
 def test_output_dir_holding_something_else_is_never_touched(tiny_bert, tiny_data, tmp_path, capsys):
@@ -298,3 +299,15 @@ def test_default_run_on_the_packaged_model(tmp_path, capsys):
     assert len(metrics["poly"]["per_task"]) == 20 and len(metrics["baseline"]["per_task"]) == 20
     assert "mean accuracy: head-only" in stdout
     assert os.path.getsize(os.path.join(out, "routing.png")) > 10_000
+
+
+def test_invalid_adapter_options_leave_no_run_behind(tiny_bert, tiny_data, tmp_path, capsys):
+    train, _ = tiny_data
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train, "--output-dir", str(out), "--n-splits", "3")
+    assert_one_line_error(code, err, "n_splits")
+    assert not out.exists()
+    code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train, "--output-dir", str(out),
+                           "--target-modules", "no_such_module")
+    assert_one_line_error(code, err, "adapter")
+    assert not out.exists()

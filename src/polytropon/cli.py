@@ -421,31 +421,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if n_tasks < len(data.tasks):
         raise CliError(f"--n-tasks {n_tasks} is smaller than the {len(data.tasks)} tasks in the data")
 
-    # validate every row before any model work
-    from .data import encode_rows
-
+    # every row is validated before any model work
     if head == "classification":
         for row in data.eval:
             if row.target not in label_to_id:
                 raise CliError(f"{row.where}: target {row.target!r} never occurs in the training data")
-
-    if _is_main_process():
-        os.makedirs(output_dir, exist_ok=True)
-        if record is None:
-            record = {
-                "format": RUN_FORMAT,
-                "version": 1,
-                "status": "training",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "args": {k: v for k, v in vars(args).items() if k != "func"},
-                "tasks": data.tasks,
-                "labels": labels,
-                "head": head,
-                "model": model_ref,
-            }
-            _write_json(os.path.join(output_dir, RUN_FILE), record)
-        elif record.get("tasks") != data.tasks:
-            raise CliError(f"{output_dir}: the data's tasks differ from the run's; cannot resume")
 
     import torch
     from transformers import TrainingArguments, set_seed
@@ -454,7 +434,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     from . import PolyConfig, get_peft_model
-    from .data import PolyDataCollator, PolyDataset
+    from .data import PolyDataCollator, PolyDataset, encode_rows
     from .training import TASK_TYPE_OF_HEAD, PolyTrainer, load_base_model
 
     set_seed(args.seed)
@@ -488,6 +468,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
 
     train_set = PolyDataset(encode_rows(data.train, tokenizer, head, task_to_id, label_to_id, args.max_length))
+
+    # The run directory is created only now that data, model and adapter are known to be good.
+    if _is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        if record is None:
+            record = {
+                "format": RUN_FORMAT,
+                "version": 1,
+                "status": "training",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "args": {k: v for k, v in vars(args).items() if k != "func"},
+                "tasks": data.tasks,
+                "labels": labels,
+                "head": head,
+                "model": model_ref,
+            }
+            _write_json(os.path.join(output_dir, RUN_FILE), record)
+        elif record.get("tasks") != data.tasks:
+            raise CliError(f"{output_dir}: the data's tasks differ from the run's; cannot resume")
+
     use_cpu = not torch.cuda.is_available()
     try:
         training_args = TrainingArguments(
