@@ -187,3 +187,25 @@ def make_tiny_gpt2(folder: str) -> str:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> str:
     return make_tiny_gpt2(str(tmp_path_factory.mktemp("tiny_gpt2")))
+
+
+def make_tiny_t5(folder: str) -> str:
+    """Save a randomly initialised 2+2-layer T5 with the word-level tokenizer of :func:`make_tiny_bert`."""
+    import torch
+    from transformers import BertTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    os.makedirs(folder, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.add_special_tokens({"eos_token": "[SEP]"})
+    tokenizer.save_pretrained(folder)
+    config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=3)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> str:
+    return make_tiny_t5(str(tmp_path_factory.mktemp("tiny_t5")))

@@ -327,3 +327,18 @@ def test_suite_command_writes_jsonl_that_train_accepts(tmp_path, capsys):
     assert len(structure["task_skill_matrix"]) == len(structure["tasks"])
     code, _, err = run_cli(capsys, "suite", str(out))
     assert_one_line_error(code, err, "not an empty directory")
+
+
+def test_seq2seq_head_is_inferred_and_learns(tiny_t5_dir, tiny_data, tmp_path, capsys):
+    train, evaluation = tiny_data
+    out = str(tmp_path / "t5")
+    code, _, err = run_cli(capsys, "train", "--model", tiny_t5_dir, "--data", train, "--eval-data", evaluation,
+                           "--output-dir", out, "--max-steps", "120", "--save-steps", "1000", "--batch-size", "16",
+                           "--lr", "5e-2", "--n-skills", "2", "--quiet")
+    assert code == 0, err
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["head"] == "seq2seq"
+    assert json.load(open(os.path.join(out, "adapter", "adapter_config.json")))["task_type"] == "SEQ_2_SEQ_LM"
+    losses = [e["loss"] for e in metrics["train"]["log_history"] if "loss" in e]
+    assert losses[-1] < losses[0] / 2
+    assert metrics["poly"]["mean"]["exact_match"] > metrics["baseline"]["mean"]["exact_match"] + 0.3
