@@ -37,8 +37,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def trained_run(tiny_bert, tiny_data, tmp_path_factory):
     """One short training run shared by the eval / inspect / refusal tests."""
-    import _pytest.capture  # noqa: F401  (capsys is function-scoped; call main directly here)
-
+    # capsys is function-scoped, so this module-scoped fixture calls main() directly
     train, evaluation = tiny_data
     out = str(tmp_path_factory.mktemp("runs") / "run")
     code = main(["train", "--model", tiny_bert, "--data", train, "--eval-data", evaluation, "--output-dir", out,
@@ -342,3 +341,17 @@ def test_seq2seq_head_is_inferred_and_learns(tiny_t5_dir, tiny_data, tmp_path, c
     losses = [e["loss"] for e in metrics["train"]["log_history"] if "loss" in e]
     assert losses[-1] < losses[0] / 2
     assert metrics["poly"]["mean"]["exact_match"] > metrics["baseline"]["mean"]["exact_match"] + 0.3
+
+
+def test_infer_head_from_configs():
+    from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
+
+    from polytropon.training import infer_head
+
+    assert infer_head(BertConfig()) == "classification"  # no architectures: an encoder family
+    assert infer_head(BertConfig(architectures=["BertModel"])) == "classification"
+    assert infer_head(BertConfig(architectures=["BertLMHeadModel"])) == "causal-lm"
+    assert infer_head(GPT2Config()) == "causal-lm"
+    assert infer_head(LlamaConfig(architectures=["LlamaForSequenceClassification"])) == "classification"
+    assert infer_head(LlamaConfig()) == "causal-lm"
+    assert infer_head(T5Config()) == "seq2seq"

@@ -396,6 +396,8 @@ def _apply_demo_defaults(args: argparse.Namespace, demo: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``polytropon train``: validate everything, train with :class:`PolyTrainer`, then (main process only)
+    save the adapter, evaluate it against the baseline, and write ``metrics.json`` and ``routing.png``."""
     if args.target_modules and args.target_regex:
         raise CliError("give --target-modules or --target-regex, not both")
     if _world_size() > 1 and not args.output_dir:
@@ -699,6 +701,7 @@ def _dump_rank_state(model: Any, losses: list[float]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """``polytropon eval``: per-task metrics of a saved adapter on a JSONL file."""
     from .data import check_tasks, load_jsonl
 
     adapter_dir = _resolve_adapter_dir(args.adapter)
@@ -753,6 +756,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """``polytropon inspect``: config, parameter counts, tasks and routing plot, from the checkpoint alone."""
     from safetensors import safe_open
 
     adapter_dir = _resolve_adapter_dir(args.adapter)
@@ -813,6 +817,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_suite(args: argparse.Namespace) -> int:
+    """``polytropon suite``: write the built-in suite as JSONL files plus its task x skill structure."""
     from .data import write_jsonl
     from .suite import build_suite
 

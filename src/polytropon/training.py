@@ -103,13 +103,13 @@ def infer_head(config: Any) -> HeadType:
             return "causal-lm"
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
+    # No telling architecture: masked-LM families (BERT, RoBERTa, ...) are encoders -> classification.
     model_type = getattr(config, "model_type", None)
-    if model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not getattr(config, "is_decoder", False):
-        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "architectures", None):
-            return "classification"
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "classification"
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "causal-lm"
     return "classification"
