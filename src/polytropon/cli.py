@@ -465,6 +465,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             n_skills=args.n_skills,
             n_splits=args.n_splits,
             task_type=TASK_TYPE_OF_HEAD[head],
+            task_names=list(data.tasks) if n_tasks == len(data.tasks) else None,
             base_model_name_or_path=args.model or model_ref,
             revision=args.revision,
         )
@@ -588,9 +589,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     table = _format_table(data.tasks, columns, metric)
 
     plot_path = os.path.join(output_dir, "routing.png")
-    from .cli_plots import plot_routing, routing_matrix
+    from . import plots
+    from .analysis import allocation_matrix
+    from .cli_plots import plot_routing
 
-    routing = routing_matrix(model, args.n_splits)[: len(data.tasks)]
+    routing = allocation_matrix(model).numpy()[: len(data.tasks)]
     plot_routing(
         routing,
         data.tasks,
@@ -599,6 +602,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         reference=data.reference,
         reference_names=data.reference_names,
     )
+    # the toolkit's figures too: allocation.png and task_hierarchy.png
+    plots.plot_routing(model, os.path.join(output_dir, "plots"))
 
     total_seconds = time.time() - started
     metrics = {
@@ -794,14 +799,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for key, value in counts.items():
         print(f"  {key}: {value:,d}")
     print(f"  total: {total:,d}")
-    tasks = info.get("tasks") or [f"task {i}" for i in range(config.n_tasks)]
+    tasks = info.get("tasks") or getattr(config, "task_names", None) or [f"task {i}" for i in range(config.n_tasks)]
     print(f"tasks ({len(tasks)}): {', '.join(tasks)}")
     if info.get("labels"):
         print(f"labels: {', '.join(info['labels'])}")
     if logits:
-        from .cli_plots import plot_routing, routing_matrix_from_logits
+        from .analysis import allocation_matrix, load_snapshot
+        from .cli_plots import plot_routing
 
-        matrix = routing_matrix_from_logits(logits, config.n_splits)[: len(tasks)]
+        try:
+            snap = load_snapshot(adapter_dir)
+        except (OSError, ValueError) as err:
+            raise CliError(f"{adapter_dir}: cannot read the routing ({err})") from None
+        matrix = allocation_matrix(snap).numpy()[: len(tasks)]
         plot = args.plot or os.path.join(adapter_dir, "routing.png")
         if os.path.exists(plot) and args.plot:
             raise CliError(f"{plot}: exists; refusing to overwrite")

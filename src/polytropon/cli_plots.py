@@ -1,9 +1,7 @@
-"""Routing read-out and heatmap used by the CLI.
+"""The CLI's routing figure: learned task x skill allocation, optionally beside a known structure.
 
-This module reads the router logits straight from a model's parameters (every
-adapted layer owns a ``(n_tasks, n_splits * n_skills)`` tensor whose name ends in
-``module_logits``). It is deliberately self-contained so that it can be swapped for
-the toolkit's routing functions once they exist.
+The allocation matrix itself comes from :func:`polytropon.analysis.allocation_matrix`; this module
+only draws it (with the built-in suite's true task x attribute matrix as a second panel).
 """
 
 from __future__ import annotations
@@ -12,51 +10,15 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-__all__ = ["routing_logits", "routing_matrix", "routing_matrix_from_logits", "plot_routing"]
-
-
-def routing_logits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """All router logit tensors of ``model`` by parameter name (detached, on CPU, float32)."""
-    return {
-        name: param.detach().float().cpu()
-        for name, param in model.named_parameters()
-        if name.endswith("module_logits")
-    }
-
-
-def routing_matrix(model: torch.nn.Module, n_splits: int) -> np.ndarray:
-    """The ``(n_tasks, n_skills)`` routing matrix averaged over layers and splits.
-
-    For each layer the inference-time weights are ``sigmoid(logits)`` reshaped to
-    ``(n_tasks, n_splits, n_skills)`` and normalised to sum to one over skills.
-    """
-    return routing_matrix_from_logits(routing_logits(model), n_splits)
-
-
-def routing_matrix_from_logits(logits: dict[str, torch.Tensor], n_splits: int) -> np.ndarray:
-    """:func:`routing_matrix` for router logits given by name (e.g. read from a checkpoint file)."""
-    logits = {k: v for k, v in logits.items() if k.endswith("module_logits")}
-    if not logits:
-        raise ValueError("no routing parameters (no '*module_logits')")
-    mats = []
-    for tensor in logits.values():
-        tensor = tensor.detach().float().cpu()
-        n_tasks, width = tensor.shape
-        if width % n_splits:
-            raise ValueError(f"router width {width} is not divisible by n_splits={n_splits}")
-        w = torch.sigmoid(tensor).reshape(n_tasks, n_splits, width // n_splits)
-        w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
-        mats.append(w.mean(1))
-    return torch.stack(mats).mean(0).numpy()
+__all__ = ["plot_routing"]
 
 
 def plot_routing(
     matrix: np.ndarray,
     task_names: Sequence[str],
     path: str | os.PathLike[str],
-    title: str = "Poly routing (mean over layers and splits)",
+    title: str = "learned routing (mean over layers and splits)",
     skill_names: Sequence[str] | None = None,
     reference: np.ndarray | None = None,
     reference_names: Sequence[str] | None = None,

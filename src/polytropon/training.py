@@ -191,9 +191,9 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 class PolyTrainer(Trainer):
     """A :class:`~transformers.Trainer` for ``PolyModel``.
 
-    * The optimizer is AdamW with two parameter groups: router logits (names ending in
-      ``module_logits``) use ``router_lr`` and no weight decay; everything else trainable uses
-      ``args.learning_rate``. The scheduler scales both.
+    * The optimizer is AdamW over :func:`polytropon.optim.param_groups`: router logits use
+      ``router_lr`` and no weight decay; skills and saved modules use ``args.learning_rate``.
+      The scheduler scales both.
     * Checkpoints hold the adapter (``save_pretrained``) and all trainable tensors
       (:data:`TRAINABLE_STATE_NAME`), not the frozen base model; resuming loads the latter.
     """
@@ -206,12 +206,9 @@ class PolyTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            router = [p for n, p in named if n.endswith("module_logits")]
-            rest = [p for n, p in named if not n.endswith("module_logits")]
-            groups = [{"params": rest, "lr": self.args.learning_rate, "weight_decay": self.args.weight_decay}]
-            if router:
-                groups.append({"params": router, "lr": self.router_lr, "weight_decay": 0.0})
+            from .optim import param_groups
+
+            groups = param_groups(self.model, self.args.learning_rate, self.router_lr, self.args.weight_decay)
             self.optimizer = torch.optim.AdamW(
                 groups,
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
