@@ -28,3 +28,10 @@ def inputs(kind: str, batch: int = 4, length: int = 6, seed: int = 0) -> dict:
 
 
 logits = conftest.output_tensor
+
+
+def routers(model, adapter: str = "default") -> list:
+    """The distinct routers of an adapter (shared routers counted once)."""
+    from polytropon.variants import unique_routers
+
+    return unique_routers([layer.adapters[adapter].poly_router for _, layer in model._poly_layers()])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _toolkit_models import inputs, logits, randomize, tiny_bert_cls, tiny_gpt2, tiny_llama
+from _toolkit_models import routers, inputs, logits, randomize, tiny_bert_cls, tiny_gpt2, tiny_llama
 from polytropon import (
     PolyConfig,
     PolyModel,
@@ -16,25 +16,14 @@ from polytropon import (
     param_groups,
     unfreeze_skills,
 )
-from polytropon.variants import unique_routers
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention
-    yield
-    torch.set_num_threads(previous)
-
-
-def _routers(model, adapter="default"):
-    return unique_routers([layer.adapters[adapter].poly_router for _, layer in model._poly_layers()])
 
 
 # ---------------------------------------------------------------------- MHR-z
 def test_freeze_skills_trains_only_router_logits():
     model = get_peft_model(tiny_bert_cls(), PolyConfig(n_tasks=3, init_weights=False))
     randomize(model)
-    n_logits = sum(r.module_logits.numel() for r in _routers(model))
+    n_logits = sum(r.module_logits.numel() for r in routers(model))
     assert freeze_skills(model) == n_logits
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
@@ -52,8 +41,8 @@ def test_mhr_z_few_shot_on_new_task_keeps_old_rows():
     randomize(model)
     add_tasks(model, ["new"], init="average")
     freeze_skills(model)
-    old_rows = [r.module_logits[:3].detach().clone() for r in _routers(model)]
-    new_row = [r.module_logits[3].detach().clone() for r in _routers(model)]
+    old_rows = [r.module_logits[:3].detach().clone() for r in routers(model)]
+    new_row = [r.module_logits[3].detach().clone() for r in routers(model)]
     optimizer = torch.optim.Adam(param_groups(model, lr=1e-3, router_lr=1e-1))
     model.train()
     x = inputs("llama")["input_ids"]
@@ -62,7 +51,7 @@ def test_mhr_z_few_shot_on_new_task_keeps_old_rows():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    for r, old, new in zip(_routers(model), old_rows, new_row):
+    for r, old, new in zip(routers(model), old_rows, new_row):
         assert torch.equal(r.module_logits[:3], old)
         assert not torch.equal(r.module_logits[3], new)
 

@@ -5,20 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _toolkit_models import VOCAB, tiny_bert_cls, tiny_llama
+from _toolkit_models import routers, VOCAB, tiny_bert_cls, tiny_llama
 from polytropon import PolyConfig, get_peft_model, param_groups
-from polytropon.variants import unique_routers
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention
-    yield
-    torch.set_num_threads(previous)
-
-
-def _routers(model, adapter="default"):
-    return unique_routers([layer.adapters[adapter].poly_router for _, layer in model._poly_layers()])
 
 
 def _sequences(n: int, gen: torch.Generator, length: int = 8):
@@ -38,7 +27,7 @@ def test_param_groups_split_router_logits_from_skills(granularity):
     assert [g["name"] for g in groups] == ["skills", "router"]
     skills, router = groups
     assert (skills["lr"], skills["weight_decay"], router["lr"], router["weight_decay"]) == (1e-4, 0.1, 1e-2, 0.0)
-    logits_ids = {id(r.module_logits) for r in _routers(model)}
+    logits_ids = {id(r.module_logits) for r in routers(model)}
     assert {id(p) for p in router["params"]} == logits_ids
     assert len(router["params"]) == (1 if granularity == "model" else len(list(model._poly_layers())))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -74,7 +63,7 @@ def test_training_with_param_groups_reduces_loss():
         model.train()
         return loss
 
-    initial_logits = [r.module_logits.detach().clone() for r in _routers(model)]
+    initial_logits = [r.module_logits.detach().clone() for r in routers(model)]
     start = eval_loss()
     gen = torch.Generator().manual_seed(1)
     model.train()
@@ -86,7 +75,7 @@ def test_training_with_param_groups_reduces_loss():
         optimizer.step()
     end = eval_loss()
     assert end < start - 0.15, (start, end)  # measured: 4.15 -> 3.85
-    moved = max((r.module_logits - old).abs().max().item() for r, old in zip(_routers(model), initial_logits))
+    moved = max((r.module_logits - old).abs().max().item() for r, old in zip(routers(model), initial_logits))
     assert moved > 0.05  # the router group trained (init is within +-1e-3)
 
 
@@ -102,7 +91,7 @@ def test_param_groups_with_hf_trainer(tmp_path):
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[], use_cpu=True,
         remove_unused_columns=False, save_strategy="no", logging_strategy="no",
     )
-    before = [r.module_logits.detach().clone() for r in _routers(model)]
+    before = [r.module_logits.detach().clone() for r in routers(model)]
     Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None)).train()
     assert [g["lr"] for g in optimizer.param_groups] != [None, None]
-    assert any(not torch.equal(r.module_logits, old) for r, old in zip(_routers(model), before))
+    assert any(not torch.equal(r.module_logits, old) for r, old in zip(routers(model), before))

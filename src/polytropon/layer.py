@@ -179,6 +179,20 @@ def _add_low_rank(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
     return out if out.shape == result.shape else out.view(result.shape)
 
 
+def _kaiming_per_block_(param: torch.Tensor) -> None:
+    """Fill each ``(d_1, d_2)`` block of ``param (n_splits, n_skills, d_1, d_2)`` like a Linear weight.
+
+    Every block is drawn as a ``(d_2, d_1)`` Kaiming-uniform (a=sqrt(5)) matrix and stored transposed, skill by
+    skill and split by split: the order of PEFT's initialisation, so a seeded model starts from its weights.
+    """
+    n_splits, n_skills, d_1, d_2 = param.shape
+    for skill in range(n_skills):
+        for split in range(n_splits):
+            block = torch.empty(d_2, d_1)
+            nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+            param[split, skill] = block.T
+
+
 class PolyAdapter(nn.Module):
     """The skill inventory and router of one adapter in one layer.
 
@@ -232,21 +246,11 @@ class PolyAdapter(nn.Module):
         Draws random numbers in the same order as PEFT, so a seeded model starts from the same weights.
         """
         with torch.no_grad():
-            n_splits, n_skills, d_in, r = self.poly_lora_A.shape
-            for skill in range(n_skills):
-                for split in range(n_splits):
-                    weight = torch.empty(r, d_in)
-                    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-                    self.poly_lora_A[split, skill] = weight.T
+            _kaiming_per_block_(self.poly_lora_A)
             if init_weights:
                 self.poly_lora_B.zero_()
             else:
-                d_out = self.poly_lora_B.shape[-1]
-                for skill in range(n_skills):
-                    for split in range(n_splits):
-                        weight = torch.empty(d_out, r)
-                        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-                        self.poly_lora_B[split, skill] = weight.T
+                _kaiming_per_block_(self.poly_lora_B)
             if reset_router:
                 self.poly_router.reset()
 
