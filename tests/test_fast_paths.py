@@ -10,7 +10,7 @@ import torch
 from deploy_helpers import rel_diff, tiny_gpt2, tiny_llama, tokens
 
 from polytropon import PolyConfig, get_peft_model
-from polytropon.layer import _mix_factors, _RoutedLowRank, _RoutedPoly
+from polytropon.layer import _base_linear, _mix_factors, _RoutedLowRank, _RoutedPoly
 from polytropon.router import relaxed_bernoulli_rsample
 
 peft = pytest.importorskip("peft")
@@ -194,9 +194,14 @@ def test_conv1d_training_gradients_match_plain_autograd():
     # the same computation through plain differentiable ops
     from polytropon import layer as layer_module
 
-    def slow(result, x, weights, lora_a, lora_b):
+    def slow(result, x, weights, lora_a, lora_b, base=None):
         a, b = _mix_factors(weights, lora_a, lora_b)
+        if result is None:  # the fused path: the base layer is computed inside the Function
+            calls.append(base)
+            result = _base_linear(x, base)
         return result + torch.bmm(torch.bmm(x, a), b)
+
+    calls = []
 
     original = layer_module._RoutedPoly.apply
     layer_module._RoutedPoly.apply = slow
@@ -206,6 +211,7 @@ def test_conv1d_training_gradients_match_plain_autograd():
     finally:
         layer_module._RoutedPoly.apply = original
     slow_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(calls) == 2 * 2 and all(fan_in_fan_out for _, _, fan_in_fan_out in calls)  # every layer fused
     assert set(fast) == set(slow_grads) and len(fast) == 3 * 2 * 2
     for name in fast:
         assert rel_diff(fast[name], slow_grads[name]) < 1e-5, name

@@ -98,8 +98,31 @@ def _mix_factors(
     return a, b
 
 
+#: A frozen base layer as the fused training path computes it: ``(weight, bias, fan_in_fan_out)``.
+BaseLinear = tuple[torch.Tensor, Optional[torch.Tensor], bool]
+
+
+def _base_linear(x: torch.Tensor, base: BaseLinear) -> torch.Tensor:
+    """``x @ W^T + bias`` (Linear) or ``x @ W + bias`` (Conv1D): ``x (..., in)`` -> ``(..., out)``.
+
+    The same ``addmm``/``mm`` on the flattened rows that ``nn.Linear`` (contiguous input) and ``Conv1D`` run,
+    so the values are bit-identical to calling the module.
+    """
+    weight, bias, fan_in_fan_out = base
+    w_t = weight if fan_in_fan_out else weight.T  # (in, out)
+    flat = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled():
+        out = torch.mm(flat, w_t) if bias is None else torch.addmm(bias, flat, w_t)
+        return out.view(x.shape[:-1] + w_t.shape[-1:])
+    # a tensor of its own rather than a view, as an autograd Function's output must be to allow in-place ops
+    out = x.new_empty(x.shape[:-1] + w_t.shape[-1:])
+    flat_out = out.view(-1, w_t.shape[-1])
+    torch.mm(flat, w_t, out=flat_out) if bias is None else torch.addmm(bias, flat, w_t, out=flat_out)
+    return out
+
+
 class _RoutedPoly(torch.autograd.Function):
-    """Training form of :class:`_RoutedLowRank` that also does the mixing, so the mixed factors are not kept.
+    """Training form of :class:`_RoutedLowRank` that also does the mixing (and optionally the base layer).
 
     Inputs: ``result (n, t, out)``, ``x (n, t, in)``, routing weights ``w (n, q, s)`` (one row per example) and
     the skill parameters ``lora_a (q, s, in/q, r)``, ``lora_b (q, s, r, out/q)``. The forward mixes
@@ -110,13 +133,22 @@ class _RoutedPoly(torch.autograd.Function):
 
         dlora_a[q] = w[:, q, :]^T @ G_A[q]          dw += G_A[q] @ lora_a[q]^T          (per split q)
         dlora_b[q] = (w/r)[:, q, :]^T @ G_B[q]      dw += (G_B[q] @ lora_b[q]^T) / r
+
+    With ``result=None`` and ``base = (W, bias, fan_in_fan_out)`` of a frozen base layer, the base output is
+    computed here too (:func:`_base_linear`) and the update added to it in place; the backward then writes
+    ``dx = g @ W`` once and adds the adapter's ``dh @ A^T`` into it (``baddbmm_``), instead of autograd
+    allocating two ``(n, t, in)`` gradients and summing them. ``W`` and ``bias`` get no gradient: the caller
+    uses this form only when they do not require one.
     """
 
     @staticmethod
-    def forward(ctx, result, x, weights, lora_a, lora_b):
+    def forward(ctx, result, x, weights, lora_a, lora_b, base: Optional[BaseLinear] = None):
         a, b = _mix_factors(weights, lora_a, lora_b)
         hidden_t = torch.bmm(a.transpose(1, 2), x.transpose(1, 2))
         ctx.save_for_backward(x, weights, lora_a, lora_b, hidden_t)
+        ctx.base = base
+        if result is None:
+            return _base_linear(x, base).baddbmm_(hidden_t.transpose(1, 2), b)
         if result._base is None:
             ctx.mark_dirty(result)
             return result.baddbmm_(hidden_t.transpose(1, 2), b)
@@ -125,13 +157,21 @@ class _RoutedPoly(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weights, lora_a, lora_b, hidden_t = ctx.saved_tensors
-        need_result, need_x, need_w, need_la, need_lb = ctx.needs_input_grad
+        need_result, need_x, need_w, need_la, need_lb = ctx.needs_input_grad[:5]
         n_splits, n_skills, d_in, r = lora_a.shape
         d_out = lora_b.shape[-1]
         n = weights.shape[0]
         a, b = _mix_factors(weights, lora_a, lora_b)
         grad_hidden_t = torch.bmm(b, grad.transpose(1, 2))  # (n, r, t)
-        grad_x = torch.bmm(grad_hidden_t.transpose(1, 2), a.transpose(1, 2).contiguous()) if need_x else None
+        grad_x = None
+        if need_x:
+            a_t = a.transpose(1, 2).contiguous()  # (n, r, in)
+            if ctx.base is None:
+                grad_x = torch.bmm(grad_hidden_t.transpose(1, 2), a_t)
+            else:
+                weight, _, fan_in_fan_out = ctx.base
+                grad_x = torch.mm(grad.reshape(-1, grad.shape[-1]), weight.T if fan_in_fan_out else weight)
+                grad_x = grad_x.view(x.shape).baddbmm_(grad_hidden_t.transpose(1, 2), a_t)
         grad_w = grad_la = grad_lb = None
         if need_w or need_la or need_lb:
             w = weights.transpose(0, 1)  # (q, n, s)
@@ -146,7 +186,7 @@ class _RoutedPoly(torch.autograd.Function):
                 grad_w = torch.bmm(g_a, lora_a.reshape(n_splits, n_skills, -1).transpose(1, 2))
                 grad_w = grad_w.add_(torch.bmm(g_b, lora_b.reshape(n_splits, n_skills, -1).transpose(1, 2)), alpha=1.0 / r)
                 grad_w = grad_w.transpose(0, 1)
-        return (grad if need_result else None), grad_x, grad_w, grad_la, grad_lb
+        return (grad if need_result else None), grad_x, grad_w, grad_la, grad_lb, None
 
 
 def _add_low_rank(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -303,7 +343,9 @@ class PolyAdapter(nn.Module):
         self._cache = (key, a, b, routing.inverse, rows_a, rows_b)
         return rows_a, rows_b
 
-    def add_update(self, result: torch.Tensor, x: torch.Tensor, routing: BatchRouting) -> torch.Tensor:
+    def add_update(
+        self, result: Optional[torch.Tensor], x: torch.Tensor, routing: BatchRouting, base: Optional[BaseLinear] = None
+    ) -> torch.Tensor:
         """Return ``result + x @ A_t @ B_t`` with each row's task ``t`` (``B_t`` carries the ``1/r``).
 
         * training: one relaxed-Bernoulli route per example, as in the papers and PEFT (``n`` mixtures);
@@ -316,18 +358,24 @@ class PolyAdapter(nn.Module):
         would make its backward copy the whole output.
 
         Args:
-            result: base layer output ``(batch, ..., out_features)``.
+            result: base layer output ``(batch, ..., out_features)``, or ``None`` with ``base`` given.
             x: layer input ``(batch, ..., in_features)``.
             routing: the batch's task ids, one per row of ``x``.
+            base: ``(weight, bias, fan_in_fan_out)`` of a frozen base layer whose output is to be computed here
+                (``result=None``): in training the base product and the update then run in one autograd
+                Function (:class:`_RoutedPoly`), which saves a full-size gradient and a pass over it.
         """
         dtype = self.poly_lora_A.dtype
         if x.dtype != dtype:
             x = x.to(dtype)
         if self.training:
             weights = self.poly_router(routing.task_ids).to(dtype)
-            if torch.is_grad_enabled() and result.dtype == dtype and weights.shape[0] > 1:
+            if torch.is_grad_enabled() and weights.shape[0] > 1 and (result is None or result.dtype == dtype):
                 rows = x.reshape(x.shape[0], -1, self.in_features)
                 shape = rows.shape[:-1] + (self.out_features,)
+                if result is None:
+                    out = _RoutedPoly.apply(None, rows, weights, self.poly_lora_A, self.poly_lora_B, base)
+                    return out.view(x.shape[:-1] + (self.out_features,))
                 source = result if result.shape == shape else result.reshape(shape)
                 out = _RoutedPoly.apply(source, rows, weights, self.poly_lora_A, self.poly_lora_B)
                 return out if out.shape == result.shape else out.view(result.shape)
@@ -338,6 +386,8 @@ class PolyAdapter(nn.Module):
                 a, b = a[routing.inverse], b[routing.inverse]
         else:
             a, b = self._eval_factors(routing)
+        if result is None:
+            result = _base_linear(x, base)
         if a.shape[0] == 1:  # every row has the same task
             return _add_low_rank(result, x.reshape(-1, self.in_features), a[0], b[0])
         return _add_low_rank(result, x.reshape(x.shape[0], -1, self.in_features), a, b)
@@ -375,12 +425,38 @@ class PolyLayer(nn.Module):
         self._merged: Optional[tuple[str, int, torch.Tensor, torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         state = self.routing
         if state.disabled or state.merged_task is not None or state.active_adapter not in self.adapters:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         routing = state.for_batch(x.shape[0], x.device, self.name)
-        return self.adapters[state.active_adapter].add_update(result, x, routing)
+        adapter = self.adapters[state.active_adapter]
+        base = self._fusable_base(x, adapter) if not args and not kwargs else None
+        if base is not None:
+            return adapter.add_update(None, x, routing, base)
+        return adapter.add_update(self.base_layer(x, *args, **kwargs), x, routing)
+
+    def _fusable_base(self, x: torch.Tensor, adapter: PolyAdapter) -> Optional[BaseLinear]:
+        """The base layer as ``(weight, bias, fan_in_fan_out)`` when training may compute it with the update.
+
+        Only for a training step (adapter in training mode, autograd on) of a plain frozen ``nn.Linear`` or
+        ``Conv1D`` (exact types, no hooks, weight and bias without gradients, the adapter's dtype): anything else
+        (quantised or hooked layers, a trainable base weight, accelerate's offloading) calls the module.
+        """
+        if not (adapter.training and torch.is_grad_enabled()):
+            return None
+        module = self.base_layer
+        if type(module) is not nn.Linear and (Conv1D is None or type(module) is not Conv1D):
+            return None
+        if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+            return None
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return None
+        weight, bias = module.weight, module.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        if not (weight.dtype == x.dtype == adapter.poly_lora_A.dtype) or type(weight) not in (torch.Tensor, nn.Parameter):
+            return None
+        return weight, bias, self.fan_in_fan_out
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self, adapter_name: str, task_id: int) -> torch.Tensor:
