@@ -294,8 +294,9 @@ def test_shared_router_runs_once_per_call(training):
     model = get_peft_model(tiny_llama(layers=3), PolyConfig(n_tasks=3, router_granularity="model"))
     (router,) = _routers(model)
     calls = []
-    original = router._logits
-    router._logits = lambda ids: (calls.append(1), original(ids))[1]
+    for name in ("_sample", "_eval"):  # the two routing computations (training sample, eval weights)
+        original = getattr(router, name)
+        setattr(router, name, lambda ids, original=original: (calls.append(1), original(ids))[1])
     model.train(training)
     model(**inputs("llama"), task_ids=[0, 1, 2, 0])
     assert len(calls) == 1  # 6 adapted layers, one routing computation

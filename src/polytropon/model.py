@@ -15,7 +15,7 @@ from .checkpoint import ADAPTER_KEYS, KEY_PREFIX, WEIGHTS_NAME, adapter_director
 from .config import PolyConfig
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
-from .router import PolyRouter
+from .router import PolyRouter, presample
 from .routing import RoutingState, TaskIds, check_task_ids
 from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
 from .tasks import resolve_task_names, task_index
@@ -175,6 +175,7 @@ class PolyModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, PolyConfig] = {}
         self.routing = RoutingState()
+        self._router_cache: Optional[tuple[Optional[str], list[PolyRouter]]] = None  # see _active_routers
         for param in model.parameters():
             param.requires_grad_(False)
         self._inject(adapter_name, plan)
@@ -184,6 +185,7 @@ class PolyModel(nn.Module):
     # ------------------------------------------------------------------ adapters
     def _inject(self, adapter_name: str, plan: _Plan) -> None:
         cfg = plan.config
+        self._router_cache = None
         routers = build_routers(cfg, [path for path, _ in plan.targets], self.routing)
         for path, module in plan.targets:
             if isinstance(module, PolyLayer):
@@ -270,6 +272,7 @@ class PolyModel(nn.Module):
             if adapter_name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[adapter_name]
         del self.peft_config[adapter_name]
+        self._router_cache = None
         if self.routing.active_adapter == adapter_name:
             self.routing.active_adapter = next(iter(self.peft_config), None)
         self._update_trainable()
@@ -382,8 +385,34 @@ class PolyModel(nn.Module):
             *args, **kwargs: the wrapped model's own arguments (``input_ids``, ``labels``, ...).
         """
         ids = self._task_ids_for_call(task_ids, self._batch_size(args, kwargs))
-        with self.routing.route(ids):
+        with self.routing.route(ids, self._presample(ids)):
             return self.model(*args, **kwargs)
+
+    def _presample(self, task_ids: Optional[torch.Tensor]) -> Optional[dict[int, torch.Tensor]]:
+        """Draw the training routes of every layer's router at once, before the model runs.
+
+        One relaxed-Bernoulli sample per example and layer, as when each layer samples its own, but in one
+        autograd node for the whole model (:func:`polytropon.router.presample`) instead of a dozen tiny ops per
+        layer. Drawn before the model runs, outside any activation-checkpointed segment, so a segment re-run in
+        ``backward()`` uses the same samples. Random numbers are drawn in the order of the layers in the model.
+        """
+        state = self.routing
+        if task_ids is None or state.disabled or state.merged_task is not None or not self.training:
+            return None
+        routers = [r for r in self._active_routers() if r.batchable and r.routing_state is state]
+        return presample(routers, task_ids) if routers else None
+
+    def _active_routers(self) -> list[PolyRouter]:
+        """The distinct learned routers of the active adapter, in the order of the layers (cached)."""
+        active = self.routing.active_adapter
+        if self._router_cache is None or self._router_cache[0] != active:
+            routers: dict[int, PolyRouter] = {}
+            for _, layer in self._poly_layers():
+                router = getattr(layer.adapters[active], "poly_router", None) if active in layer.adapters else None
+                if isinstance(router, PolyRouter):
+                    routers.setdefault(id(router), router)
+            self._router_cache = (active, list(routers.values()))
+        return self._router_cache[1]
 
     def generate(self, *args: Any, task_ids: Optional[TaskIds] = None, **kwargs: Any) -> Any:
         """``model.generate`` with every example routed to its task, for any decoding strategy."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,83 @@ def relaxed_bernoulli_rsample(logits: torch.Tensor, temperature: float = 1.0) ->
     uniforms = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device).clamp(min=finfo.eps, max=1 - finfo.eps)
     noisy = (uniforms.log() - (-uniforms).log1p() + probs.log() - (-probs).log1p()) / temperature
     return torch.sigmoid(noisy).clamp(min=finfo.tiny, max=1.0 - finfo.eps)
+
+
+class _SampledRouting(torch.autograd.Function):
+    """Training routing weights of ``m`` routers in one autograd node: gather, relaxed-Bernoulli sample, normalise.
+
+    Inputs: ``task_ids (n,)`` and the ``m`` routers' logits, each ``(n_tasks, q * s)``. Outputs: ``m`` weight
+    tensors ``(n, q, s)``. Per router, the values are bit-identical to ``relaxed_bernoulli_rsample`` followed
+    by the per-split normalisation (the same elementwise ops; one ``torch.rand`` of shape ``(m, n, q, s)``
+    gives the numbers that ``m`` consecutive per-router draws give)::
+
+        z = logits[task_ids].view(n, q, s)
+        p = clamp(sigmoid(z), eps, 1 - eps)
+        y = clamp(sigmoid(v), tiny, 1 - eps),   v = (log u - log(1 - u) + log p - log(1 - p)) / temperature
+        w = y / S,                              S = sum_s y + EPS
+
+    Backward, for ``g = dL/dw`` (each clamp passes the gradient where its input lies inside its bounds)::
+
+        dy = (g - sum_s g * w) / S
+        dv = dy * sigmoid(v) * (1 - sigmoid(v))
+        dz = dv / temperature * (1 / p + 1 / (1 - p)) * sigmoid(z) * (1 - sigmoid(z))
+        dlogits = zeros.index_add(0, task_ids, dz.view(n, q * s))
+
+    A sample per layer costs a dozen tiny ops plus autograd's bookkeeping for each; done for all the layers of
+    a model at once (:func:`presample`) it costs that once. The intermediates are kept on ``ctx`` rather than
+    saved with ``save_for_backward`` so that the node can be traversed by several backward passes (reentrant
+    activation checkpointing runs one per checkpointed segment); none of them is an input or an output.
+    """
+
+    @staticmethod
+    def forward(ctx, task_ids, n_splits: int, n_skills: int, temperature: float, *logits):
+        stacked = logits[0].unsqueeze(0) if len(logits) == 1 else torch.stack(logits)  # (m, n_tasks, q * s)
+        finfo = torch.finfo(stacked.dtype)
+        sig_z = torch.sigmoid(stacked.index_select(1, task_ids).view(len(logits), -1, n_splits, n_skills))
+        probs = sig_z.clamp(min=finfo.eps, max=1 - finfo.eps)
+        uniforms = torch.rand(sig_z.shape, dtype=sig_z.dtype, device=sig_z.device).clamp_(min=finfo.eps, max=1 - finfo.eps)
+        noisy = uniforms.log().sub_((-uniforms).log1p_()).add_(probs.log()).sub_((-probs).log1p()).div_(temperature)
+        sig_v = torch.sigmoid(noisy)
+        total = sig_v.clamp(min=finfo.tiny, max=1.0 - finfo.eps).sum(dim=-1, keepdim=True).add_(EPS)
+        weights = sig_v.clamp(min=finfo.tiny, max=1.0 - finfo.eps).div_(total)
+        ctx.task_ids, ctx.sig_z, ctx.probs, ctx.sig_v, ctx.total = task_ids, sig_z, probs, sig_v, total
+        ctx.n_tasks, ctx.temperature = stacked.shape[1], temperature
+        return weights.unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        sig_z, probs, sig_v, total = ctx.sig_z, ctx.probs, ctx.sig_v, ctx.total
+        finfo = torch.finfo(sig_z.dtype)
+        grad = torch.stack(grads)  # (m, n, q, s)
+        weights = sig_v.clamp(min=finfo.tiny, max=1.0 - finfo.eps).div_(total)
+        grad_sample = (grad - (grad * weights).sum(dim=-1, keepdim=True)).div_(total)
+        grad_sample.masked_fill_((sig_v < finfo.tiny) | (sig_v > 1.0 - finfo.eps), 0.0)
+        grad_noisy = grad_sample.mul_(sig_v * (1 - sig_v)).div_(ctx.temperature)
+        grad_probs = grad_noisy * probs.reciprocal() + grad_noisy * (1 - probs).reciprocal()
+        grad_probs.masked_fill_((sig_z < finfo.eps) | (sig_z > 1 - finfo.eps), 0.0)
+        grad_z = grad_probs.mul_(sig_z * (1 - sig_z)).reshape(grad.shape[0], grad.shape[1], -1)
+        grad_logits = grad_z.new_zeros(grad.shape[0], ctx.n_tasks, grad_z.shape[-1]).index_add_(1, ctx.task_ids, grad_z)
+        return (None, None, None, None) + tuple(g.clone() for g in grad_logits.unbind(0))
+
+
+def presample(routers: Sequence["PolyRouter"], task_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Training samples of many routers at once: ``{id(router): weights (n, n_splits, n_skills)}``.
+
+    Routers with the same shapes, temperature, dtype and device share one :class:`_SampledRouting` call; the
+    random numbers are drawn in the order of ``routers``. Only soft routers are accepted (hard routing keeps
+    its per-layer path).
+    """
+    groups: dict[tuple, list[PolyRouter]] = {}
+    for router in routers:
+        logits = router.module_logits
+        key = (logits.shape, router.n_splits, router.n_skills, router.temperature, logits.dtype, logits.device)
+        groups.setdefault(key, []).append(router)
+    out: dict[int, torch.Tensor] = {}
+    for (_, n_splits, n_skills, temperature, _, device), group in groups.items():
+        ids = task_ids.to(device)
+        weights = _SampledRouting.apply(ids, n_splits, n_skills, temperature, *(r.module_logits for r in group))
+        out.update((id(router), w) for router, w in zip(group, weights))
+    return out
 
 
 class PolyRouter(nn.Module):
@@ -115,7 +192,20 @@ class PolyRouter(nn.Module):
         """
         return self._per_call("eval", task_ids, self._eval)
 
+    @property
+    def batchable(self) -> bool:
+        """Whether :func:`presample` may draw this router's training samples together with other layers'."""
+        return type(self) is PolyRouter and self.training and not (self.shared or self.hard or self.unknown_rows)
+
     def _sample(self, task_ids: torch.Tensor) -> torch.Tensor:
+        state = self.routing_state
+        if state is not None:
+            presampled = state.presampled(self, task_ids)
+            if presampled is not None:
+                return presampled
+        if not self.hard:
+            ids = task_ids.to(self.module_logits.device)
+            return _SampledRouting.apply(ids, self.n_splits, self.n_skills, self.temperature, self.module_logits)[0]
         probs = relaxed_bernoulli_rsample(self._logits(task_ids), self.temperature)
         return self._normalise(probs)
 

@@ -80,19 +80,51 @@ class RoutingState:
     #: scratch space that lives for one call (e.g. weights of routers shared by several layers)
     call_store: dict[Any, Any] = field(default_factory=dict, repr=False)
     _for_backward: Optional[torch.Tensor] = field(default=None, repr=False)
+    _samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _samples_for_backward: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @contextmanager
-    def route(self, task_ids: Optional[torch.Tensor]) -> Iterator[None]:
-        """Make ``task_ids`` (already validated) visible to the layers for the duration of one call."""
-        previous, previous_cache, previous_store = self.task_ids, self._per_batch, self.call_store
-        self.task_ids, self._per_batch, self.call_store = task_ids, {}, {}
+    def route(self, task_ids: Optional[torch.Tensor], samples: Optional[dict[int, torch.Tensor]] = None) -> Iterator[None]:
+        """Make ``task_ids`` (already validated) visible to the layers for the duration of one call.
+
+        ``samples`` are training routing weights drawn for the call before the model runs, ``{id(router):
+        (n, n_splits, n_skills)}`` (see :func:`polytropon.router.presample`); a router finds its own with
+        :meth:`presampled`.
+        """
+        previous = self.task_ids, self._per_batch, self.call_store, self._samples
+        kept = {} if task_ids is None else {key: (task_ids, w) for key, w in (samples or {}).items()}
+        self.task_ids, self._per_batch, self.call_store, self._samples = task_ids, {}, {}, kept
         try:
             yield
         finally:
-            self.task_ids, self._per_batch, self.call_store = previous, previous_cache, previous_store
+            self.task_ids, self._per_batch, self.call_store, self._samples = previous
             if task_ids is not None and torch.is_grad_enabled():
-                # activation checkpointing re-runs layers inside backward(), after the call has ended
-                self._for_backward = task_ids
+                # activation checkpointing re-runs layers inside backward(), after the call has ended: they
+                # need the call's task ids and, to recompute the same function, its routing samples
+                self._for_backward, self._samples_for_backward = task_ids, kept
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles of a model carry its configuration, not the tensors of a call (graph nodes)
+        state = dict(self.__dict__)
+        state.update(_per_batch={}, call_store={}, _samples={}, _samples_for_backward={}, _for_backward=None)
+        return state
+
+    def presampled(self, router: Any, task_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """The training weights drawn for ``router`` at the start of this call, if any, for these task ids.
+
+        A layer re-run by activation checkpointing inside ``backward()`` gets the weights of the last call
+        routed with autograd on (the tensors the forward pass used, so gradients reach the router's logits).
+        """
+        samples = self._samples
+        if self.task_ids is None and _in_backward():
+            samples = self._samples_for_backward
+        entry = samples.get(id(router))
+        if entry is None:
+            return None
+        ids, weights = entry
+        if ids is task_ids or (ids.shape == task_ids.shape and torch.equal(ids, task_ids.to(ids.device))):
+            return weights
+        return None
 
     def for_batch(self, batch_size: int, device: torch.device, where: str = "") -> BatchRouting:
         """The task ids of the current call expanded to a layer input of ``batch_size`` rows.
@@ -110,8 +142,7 @@ class RoutingState:
         """
         if self.task_ids is None and self._for_backward is not None and _in_backward():
             # a checkpointed segment being recomputed for the last routed call (not cached: the call is over)
-            with self.route(self._for_backward):
-                return self.for_batch(batch_size, device, where)
+            return _expand(self._for_backward, batch_size, device, where)
         if self.task_ids is None:
             raise ValueError(
                 f"task_ids are required while adapter {self.active_adapter!r} is active: pass task_ids=... "
@@ -119,21 +150,24 @@ class RoutingState:
             )
         cache_key = (batch_size, str(device))
         cached = self._per_batch.get(cache_key)
-        if cached is not None:
-            return cached
-        n = self.task_ids.shape[0]
-        if batch_size % n != 0:
-            raise ValueError(
-                f"got {n} task_ids but {where or 'a layer'} received a batch of {batch_size} rows; "
-                "expected one task id per example (or a divisor of the batch size, for generation)"
-            )
-        ids = self.task_ids.to(device)
-        if batch_size != n:
-            ids = ids.repeat_interleave(batch_size // n)
-        unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-        routing = BatchRouting(ids, unique, inverse, tuple(unique.tolist()))
-        self._per_batch[cache_key] = routing
-        return routing
+        if cached is None:
+            cached = self._per_batch[cache_key] = _expand(self.task_ids, batch_size, device, where)
+        return cached
+
+
+def _expand(task_ids: torch.Tensor, batch_size: int, device: torch.device, where: str) -> BatchRouting:
+    """:class:`BatchRouting` of ``task_ids`` (``(n,)``) for a layer input of ``batch_size`` rows (see ``for_batch``)."""
+    n = task_ids.shape[0]
+    if batch_size % n != 0:
+        raise ValueError(
+            f"got {n} task_ids but {where or 'a layer'} received a batch of {batch_size} rows; "
+            "expected one task id per example (or a divisor of the batch size, for generation)"
+        )
+    ids = task_ids.to(device)
+    if batch_size != n:
+        ids = ids.repeat_interleave(batch_size // n)
+    unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    return BatchRouting(ids, unique, inverse, tuple(unique.tolist()))
 
 
 def _in_backward() -> bool:

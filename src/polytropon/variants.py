@@ -142,8 +142,8 @@ def build_routers(
 ) -> dict[str, tuple[Router, bool]]:
     """One router per group of ``paths`` (see :func:`router_groups`).
 
-    A learned router shared by several layers gets ``shared = True`` and ``routing_state = state`` (the
-    model's), so that it is computed once per call.
+    Every learned router gets ``routing_state = state`` (the model's); one shared by several layers also gets
+    ``shared = True``, so that it is computed once per call.
 
     Returns:
         path -> ``(router, first)``, where ``first`` is ``True`` for the first path of its group: the caller
@@ -163,9 +163,10 @@ def build_routers(
     for key in groups.values():
         counts[key] = counts.get(key, 0) + 1
     for key, router in routers.items():
-        if isinstance(router, PolyRouter) and counts[key] > 1:
-            # layers sharing a learned router compute its weights once per call (see PolyRouter._per_call)
-            router.shared, router.routing_state = True, state
+        if isinstance(router, PolyRouter):
+            # layers sharing a learned router compute its weights once per call (see PolyRouter._per_call);
+            # the others find their training samples drawn for the whole model (RoutingState.presampled)
+            router.shared, router.routing_state = counts[key] > 1, state
     return out
 
 
