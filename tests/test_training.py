@@ -1,5 +1,6 @@
 """Training: only adapters move, and a few steps learn conflicting tasks that need routing."""
 
+import pytest
 import torch
 from conftest import tiny_bert_cls
 
@@ -51,8 +52,10 @@ def test_training_reduces_loss_and_learns_task_dependent_labels():
             torch.testing.assert_close(param, frozen[key], rtol=0, atol=0)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    """Checkpointed layers are recomputed inside backward(), after the call: they still get the task ids."""
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(reentrant):
+    """Checkpointed layers are recomputed inside backward(), after the call: they still get the task ids and
+    the call's routing samples (drawn before the model ran), with either of torch's checkpoint modes."""
     import copy
 
     from conftest import batch_inputs, randomize_, tiny_llama
@@ -60,8 +63,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
     plain = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, n_splits=2, init_weights=False))
     randomize_(plain)
     checkpointed = copy.deepcopy(plain)
-    enable = getattr(checkpointed.model, "activation_checkpointing_enable", None) or checkpointed.model.gradient_checkpointing_enable
-    enable()
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(checkpointed.model, "activation_checkpointing_enable"):
+        checkpointed.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5
+        checkpointed.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     inputs = batch_inputs("llama")
     grads, calls = [], []
     for model in (plain, checkpointed):
