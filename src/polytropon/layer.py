@@ -348,7 +348,10 @@ class PolyAdapter(nn.Module):
         cache = self._cache
         if cache is not None and cache[0] == key:
             # same tasks: the same rows if this is the same call, or a call with the same row -> task layout
-            if cache[3] is routing.inverse or torch.equal(cache[3], routing.inverse):
+            if cache[3] is routing.inverse:
+                return cache[4], cache[5]
+            if torch.equal(cache[3], routing.inverse):  # a new call with the same layout: hold its tensor from now on
+                self._cache = cache[:3] + (routing.inverse,) + cache[4:]
                 return cache[4], cache[5]
             a, b = cache[1], cache[2]
         else:
@@ -440,24 +443,26 @@ class PolyLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state = self.routing
-        if state.disabled or state.merged_task is not None or state.active_adapter not in self.adapters:
+        adapter = None
+        if not (state.disabled or state.merged_task is not None):
+            adapter = self.adapters._modules.get(state.active_adapter)
+        if adapter is None:
             return self.base_layer(x, *args, **kwargs)
         routing = state.for_batch(x.shape[0], x.device, self.name)
-        adapter = self.adapters[state.active_adapter]
-        base = self._fusable_base(x, adapter) if not args and not kwargs else None
-        if base is not None:
-            return adapter.add_update(None, x, routing, base)
-        return adapter.add_update(self.base_layer(x, *args, **kwargs), x, routing)
+        base = None if args or kwargs else self._plain_base(x, adapter)
+        if base is None:
+            return adapter.add_update(self.base_layer(x, *args, **kwargs), x, routing)
+        return adapter.add_update(None, x, routing, base)
 
-    def _fusable_base(self, x: torch.Tensor, adapter: PolyAdapter) -> Optional[BaseLinear]:
-        """The base layer as ``(weight, bias, fan_in_fan_out)`` when training may compute it with the update.
+    def _plain_base(self, x: torch.Tensor, adapter: PolyAdapter) -> Optional[BaseLinear]:
+        """The base layer as ``(weight, bias, fan_in_fan_out)`` when the adapter may compute its product itself.
 
-        Only for a training step (adapter in training mode, autograd on) of a plain frozen ``nn.Linear`` or
-        ``Conv1D`` (exact types, no hooks, weight and bias without gradients, the adapter's dtype): anything else
-        (quantised or hooked layers, a trainable base weight, accelerate's offloading) calls the module.
+        Only for a plain ``nn.Linear`` or ``Conv1D`` (exact types, no hooks, a dense weight in the adapter's and
+        the input's dtype) whose weight and bias need no gradient in this call: then a training step runs the
+        base product inside the adapter's autograd Function, and inference skips a module call per layer (the
+        same ``addmm``/``mm``, bit-identical). Anything else (quantised or hooked layers, accelerate's
+        offloading, a base weight being trained) calls the module.
         """
-        if not (adapter.training and torch.is_grad_enabled()):
-            return None
         module = self.base_layer
         if type(module) is not nn.Linear and (Conv1D is None or type(module) is not Conv1D):
             return None
@@ -466,7 +471,7 @@ class PolyLayer(nn.Module):
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return None
         weight, bias = module.weight, module.bias
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
+        if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             return None
         if not (weight.dtype == x.dtype == adapter.poly_lora_A.dtype) or type(weight) not in (torch.Tensor, nn.Parameter):
             return None

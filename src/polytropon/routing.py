@@ -148,7 +148,7 @@ class RoutingState:
                 f"task_ids are required while adapter {self.active_adapter!r} is active: pass task_ids=... "
                 "(one task id per example) to forward/generate"
             )
-        cache_key = (batch_size, str(device))
+        cache_key = (batch_size, device)
         cached = self._per_batch.get(cache_key)
         if cached is None:
             cached = self._per_batch[cache_key] = _expand(self.task_ids, batch_size, device, where)
