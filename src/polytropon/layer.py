@@ -102,19 +102,20 @@ def _mix_factors(
 BaseLinear = tuple[torch.Tensor, Optional[torch.Tensor], bool]
 
 
-def _base_linear(x: torch.Tensor, base: BaseLinear) -> torch.Tensor:
+def _base_linear(x: torch.Tensor, base: BaseLinear, own_storage: bool = False) -> torch.Tensor:
     """``x @ W^T + bias`` (Linear) or ``x @ W + bias`` (Conv1D): ``x (..., in)`` -> ``(..., out)``.
 
     The same ``addmm``/``mm`` on the flattened rows that ``nn.Linear`` (contiguous input) and ``Conv1D`` run,
-    so the values are bit-identical to calling the module.
+    so the values are bit-identical to calling the module. With ``own_storage`` the result is a tensor of its
+    own rather than a view of the 2-D product, as an autograd Function's output must be for later in-place
+    ops on it (writing through ``out=`` costs a few microseconds, so only the Function asks for it).
     """
     weight, bias, fan_in_fan_out = base
     w_t = weight if fan_in_fan_out else weight.T  # (in, out)
     flat = x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled():
+    if not own_storage:
         out = torch.mm(flat, w_t) if bias is None else torch.addmm(bias, flat, w_t)
         return out.view(x.shape[:-1] + w_t.shape[-1:])
-    # a tensor of its own rather than a view, as an autograd Function's output must be to allow in-place ops
     out = x.new_empty(x.shape[:-1] + w_t.shape[-1:])
     flat_out = out.view(-1, w_t.shape[-1])
     torch.mm(flat, w_t, out=flat_out) if bias is None else torch.addmm(bias, flat, w_t, out=flat_out)
@@ -148,7 +149,7 @@ class _RoutedPoly(torch.autograd.Function):
         ctx.save_for_backward(x, weights, lora_a, lora_b, hidden_t)
         ctx.base = base
         if result is None:
-            return _base_linear(x, base).baddbmm_(hidden_t.transpose(1, 2), b)
+            return _base_linear(x, base, own_storage=True).baddbmm_(hidden_t.transpose(1, 2), b)
         if result._base is None:
             ctx.mark_dirty(result)
             return result.baddbmm_(hidden_t.transpose(1, 2), b)
