@@ -98,6 +98,10 @@ def _mix_factors(
     return a, b
 
 
+#: torch's registries of hooks that run around every module call (mutated in place, so these stay current)
+_GLOBAL_FORWARD_HOOKS = nn.modules.module._global_forward_hooks
+_GLOBAL_FORWARD_PRE_HOOKS = nn.modules.module._global_forward_pre_hooks
+
 #: A frozen base layer as the fused training path computes it: ``(weight, bias, fan_in_fan_out)``.
 BaseLinear = tuple[torch.Tensor, Optional[torch.Tensor], bool]
 
@@ -464,14 +468,14 @@ class PolyLayer(nn.Module):
         same ``addmm``/``mm``, bit-identical). Anything else (quantised or hooked layers, accelerate's
         offloading, a base weight being trained) calls the module.
         """
-        module = self.base_layer
+        module = self._modules["base_layer"]  # this runs in every layer at every generated token: no __getattr__
         if type(module) is not nn.Linear and (Conv1D is None or type(module) is not Conv1D):
             return None
         if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
             return None
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        if _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS:
             return None
-        weight, bias = module.weight, module.bias
+        weight, bias = module._parameters["weight"], module._parameters.get("bias")
         if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             return None
         if not (weight.dtype == x.dtype == adapter.poly_lora_A.dtype) or type(weight) not in (torch.Tensor, nn.Parameter):
