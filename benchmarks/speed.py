@@ -74,8 +74,8 @@ class Setup:
     gen_batch: int = 4
     gen_prompt: int = 32
     gen_new: int = 24
-    repeats: int = 15
-    gen_repeats: int = 7
+    repeats: int = 25
+    gen_repeats: int = 13
     memory_repeats: int = 3
 
 
