@@ -24,7 +24,10 @@ Timed workloads (``time.perf_counter``, torch's default thread count):
                  single-task batch
 
 Each repeat runs every variant once, in an order rotated from repeat to repeat (interleaved), after
-warm-up calls; the table shows medians over repeats and ratios of medians.
+warm-up calls; the table shows medians over repeats and, as ratios, the median over repeats of the ratio
+within a repeat (two variants timed back to back share the machine's state of the moment, so slow drifts of
+its speed cancel), followed by the interquartile range of those per-repeat ratios. The merged comparison
+(two quick variants) runs three times as many repeats.
 
 Peak memory of a training step: each variant runs in a fresh subprocess that builds the model, does one
 warm-up step, then resets the kernel's resident-set high-water mark (``echo 5 > /proc/self/clear_refs``),
@@ -149,9 +152,15 @@ class Workloads:
     def _kw(self, task_ids: torch.Tensor) -> dict:
         return {} if self.variant in ("base", "peft_lora") else {"task_ids": task_ids}
 
+    #: the mode each workload needs, set by :meth:`set_mode` before the timed calls (``Module.train()`` walks every
+    #: submodule: timing it would charge the adapters' extra modules to every call)
+    MODES = {"train": True, "infer": False, "infer_single": False, "generate": False}
+
+    def set_mode(self, workload: str) -> None:
+        self.model.train(self.MODES[workload])
+
     def train(self) -> None:
         m = self.model
-        m.train()
         if self.variant == "base":
             embeds = m.get_input_embeddings()(self.input_ids).detach().requires_grad_(True)
             loss = m(inputs_embeds=embeds, labels=self.input_ids).loss
@@ -162,18 +171,15 @@ class Workloads:
             p.grad = None
 
     def infer(self) -> None:
-        self.model.eval()
         with torch.no_grad():
             self.model(input_ids=self.input_ids, **self._kw(self.task_ids))
 
     def infer_single(self) -> None:
         """Single-task batch (task 0), for the merged comparison; ``ours`` must have task 0 merged."""
-        self.model.eval()
         with torch.no_grad():
             self.model(input_ids=self.input_ids)
 
     def generate(self) -> None:
-        self.model.eval()
         s = self.setup
         out = self.model.generate(
             input_ids=self.prompt, attention_mask=torch.ones_like(self.prompt), max_new_tokens=s.gen_new,
@@ -192,20 +198,35 @@ def check_equal(models: dict[str, torch.nn.Module], w: Workloads) -> float:
     return float((outs["ours"] - outs["peft_poly"]).abs().max() / outs["peft_poly"].abs().max())
 
 
-def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each call over ``repeats`` rounds, the order rotating every round."""
+class Timings(dict):
+    """Seconds per round of every call: ``{name: [t_round_0, t_round_1, ...]}``."""
+
+    def median(self, name: str) -> float:
+        return statistics.median(self[name])
+
+    def ratios(self, name: str, other: str) -> list[float]:
+        """``t_name / t_other`` round by round (the two ran back to back in every round), sorted."""
+        return sorted(a / b for a, b in zip(self[name], self[other]))
+
+    def ratio(self, name: str, other: str) -> float:
+        """Median over rounds of the per-round ratio: slow drifts of the machine's speed cancel within a round."""
+        return statistics.median(self.ratios(name, other))
+
+
+def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> Timings:
+    """Seconds of each call in each of ``repeats`` rounds, the order rotating every round."""
     names = list(calls)
     for _ in range(warmup):
         for name in names:
             calls[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples = Timings({name: [] for name in names})
     for i in range(repeats):
         order = names[i % len(names):] + names[: i % len(names)]
         for name in order:
             t0 = time.perf_counter()
             calls[name]()
             samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples
 
 
 # ---------------------------------------------------------------------- memory (one subprocess per measurement)
@@ -228,6 +249,7 @@ def memory_worker(variant: str, quick: bool) -> None:
     setup = QUICK if quick else Setup()
     model = build(variant, setup)
     w = Workloads(variant, model, setup)
+    w.set_mode("train")
     w.train()  # warm-up: lazy initialisations, allocator pools
     import gc
 
@@ -303,26 +325,30 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit("ours and PEFT Poly disagree: the timings would compare different computations")
 
     only = set(args.only.split(","))
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, Timings] = {}
+
+    def timed(workload: str, variants: tuple[str, ...] = VARIANTS, **kwargs) -> Timings:
+        for v in variants:
+            work[v].set_mode(workload)
+        return time_interleaved({v: getattr(work[v], workload) for v in variants}, **kwargs)
+
     if "train" in only:
-        results["train"] = time_interleaved({v: w.train for v, w in work.items()}, setup.repeats)
+        results["train"] = timed("train", repeats=setup.repeats)
     if "infer" in only:
-        results["infer"] = time_interleaved({v: w.infer for v, w in work.items()}, setup.repeats)
+        results["infer"] = timed("infer", repeats=setup.repeats)
     if "generate" in only:
-        results["generate"] = time_interleaved({v: w.generate for v, w in work.items()}, setup.gen_repeats, warmup=1)
+        results["generate"] = timed("generate", repeats=setup.gen_repeats, warmup=1)
     if "merged" in only:
         models["ours"].merge_adapter(0)
-        results["merged"] = time_interleaved(
-            {"ours": work["ours"].infer_single, "base": work["base"].infer_single}, setup.repeats
-        )
+        results["merged"] = timed("infer_single", ("ours", "base"), repeats=3 * setup.repeats)
         models["ours"].unmerge_adapter()
     memory = None if args.no_memory else measure_memory(setup, args.quick)
 
-    def row(label: str, t: dict[str, float]) -> str:
-        cells = [f"{1000 * t[v]:9.1f}" if v in t else f"{'-':>9}" for v in VARIANTS]
+    def row(label: str, t: Timings) -> str:
+        cells = [f"{1000 * t.median(v):9.1f}" if v in t else f"{'-':>9}" for v in VARIANTS]
         ratios = []
         for other in ("peft_poly", "peft_lora", "base"):
-            ratios.append(f"{t['ours'] / t[other]:6.2f}x" if other in t else f"{'-':>7}")
+            ratios.append(f"{t.ratio('ours', other):6.2f}x" if other in t else f"{'-':>7}")
         return f"| {label:<22} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |"
 
     head = "| workload (ms, median)  | " + " | ".join(f"{v:>9}" for v in VARIANTS)
@@ -340,7 +366,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         ratios = [f"{memory['ours'] / memory[o]:6.2f}x" for o in ("peft_poly", "peft_lora", "base")]
         print(f"| {'train peak MiB':<22} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     print()
-    print("ratio columns: ours / other (lower is better); peft_lora serves one task (no routing).")
+    print("times: medians over rounds; ratio columns: ours / other (lower is better), the median over rounds of the")
+    print("ratio within a round; peft_lora serves one task (no routing). Per-round ratios, 25th-75th percentile:")
+    for key, label in labels.items():
+        if key in results:
+            spread = []
+            for other in ("peft_poly", "base"):
+                if other in results[key]:
+                    q = statistics.quantiles(results[key].ratios("ours", other), n=4)
+                    spread.append(f"vs {other} {q[0]:.2f}-{q[2]:.2f}")
+            print(f"  {label}: " + ", ".join(spread))
 
 
 if __name__ == "__main__":
