@@ -235,6 +235,23 @@ def _add_low_rank(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
     return out if out.shape == result.shape else out.view(result.shape)
 
 
+def _routed_linear_eval(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: BaseLinear) -> torch.Tensor:
+    """``x W^T + bias + x A_i B_i`` per row ``i``, autograd off: ``x (n, t, in)``, ``a (n, in, r)``, ``b (n, r, out)``.
+
+    The low-rank term is written first (``bias + h @ B_i``, one ``baddbmm``) and the base product accumulated
+    into it by the GEMM itself (``addmm_``), so the full-size output is written once and read back only inside
+    the base GEMM, not in an extra pass as when the update is added to a finished base output.
+    """
+    weight, bias, fan_in_fan_out = base
+    hidden = torch.bmm(a.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2)  # (n, t, r)
+    if bias is None:
+        out = torch.bmm(hidden, b)
+    else:
+        out = torch.baddbmm(bias.expand(x.shape[0], x.shape[1], -1), hidden, b)
+    out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight if fan_in_fan_out else weight.T)
+    return out
+
+
 def _kaiming_per_block_(param: torch.Tensor) -> None:
     """Fill each ``(d_1, d_2)`` block of ``param (n_splits, n_skills, d_1, d_2)`` like a Linear weight.
 
@@ -408,6 +425,8 @@ class PolyAdapter(nn.Module):
                 a, b = a[routing.inverse], b[routing.inverse]
         else:
             a, b = self._eval_factors(routing)
+            if result is None and a.shape[0] > 1 and x.dim() == 3 and x.shape[1] > _FEW_ROWS:
+                return _routed_linear_eval(x, a, b, base)
         if result is None:
             result = _base_linear(x, base)
         if a.shape[0] == 1:  # every row has the same task
