@@ -372,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if key in results:
             spread = []
             for other in ("peft_poly", "base"):
-                if other in results[key]:
+                if other in results[key] and len(results[key][other]) > 1:
                     q = statistics.quantiles(results[key].ratios("ours", other), n=4)
                     spread.append(f"vs {other} {q[0]:.2f}-{q[2]:.2f}")
             print(f"  {label}: " + ", ".join(spread))
