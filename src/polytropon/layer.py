@@ -483,9 +483,9 @@ class PolyLayer(nn.Module):
 
         Only for a plain ``nn.Linear`` or ``Conv1D`` (exact types, no hooks, a dense weight in the adapter's and
         the input's dtype) whose weight and bias need no gradient in this call: then a training step runs the
-        base product inside the adapter's autograd Function, and inference skips a module call per layer (the
-        same ``addmm``/``mm``, bit-identical). Anything else (quantised or hooked layers, accelerate's
-        offloading, a base weight being trained) calls the module.
+        base product inside the adapter's autograd Function, and inference skips a module call per layer (and,
+        for mixed tasks, lets the base GEMM accumulate into the update: :func:`_routed_linear_eval`). Anything
+        else (quantised or hooked layers, accelerate's offloading, a base weight being trained) calls the module.
         """
         module = self._modules["base_layer"]  # this runs in every layer at every generated token: no __getattr__
         if type(module) is not nn.Linear and (Conv1D is None or type(module) is not Conv1D):
