@@ -228,11 +228,11 @@ def test_eval_layouts_by_rows_per_example_match_each_task_merged(arch, length):
             if name.endswith(".bias"):
                 param.normal_(0, 0.5)
     ids = tokens(batch=3, length=length)
-    task_ids = [2, 0, 1]
-    with torch.no_grad():
-        mixed = model(input_ids=ids, task_ids=task_ids).logits
-        for row, task in enumerate(task_ids):
-            model.merge_adapter(task)
-            alone = model(input_ids=ids[row : row + 1]).logits
-            model.unmerge_adapter()
-            assert rel_diff(mixed[row : row + 1], alone) < TOL, (row, task)
+    for task_ids in ([2, 0, 1], [1, 1, 1]):  # mixed tasks (per-row factors), one task (shared factors)
+        with torch.no_grad():
+            routed = model(input_ids=ids, task_ids=task_ids).logits
+            for row, task in enumerate(task_ids):
+                model.merge_adapter(task)
+                alone = model(input_ids=ids[row : row + 1]).logits
+                model.unmerge_adapter()
+                assert rel_diff(routed[row : row + 1], alone) < TOL, (task_ids, row)
