@@ -36,9 +36,10 @@ class _SampledRouting(torch.autograd.Function):
     """Training routing weights of ``m`` routers in one autograd node: gather, relaxed-Bernoulli sample, normalise.
 
     Inputs: ``task_ids (n,)`` and the ``m`` routers' logits, each ``(n_tasks, q * s)``. Outputs: ``m`` weight
-    tensors ``(n, q, s)``. Per router, the values are bit-identical to ``relaxed_bernoulli_rsample`` followed
-    by the per-split normalisation (the same elementwise ops; one ``torch.rand`` of shape ``(m, n, q, s)``
-    gives the numbers that ``m`` consecutive per-router draws give)::
+    tensors ``(n, q, s)``. Per router, the values equal ``relaxed_bernoulli_rsample`` followed by the per-split
+    normalisation: one ``torch.rand`` of shape ``(m, n, q, s)`` gives the numbers that ``m`` consecutive
+    per-router draws give, and the elementwise ops are the same (they may round differently in the last bit,
+    as torch's vectorised and scalar kernels do on tensors of different lengths)::
 
         z = logits[task_ids].view(n, q, s)
         p = clamp(sigmoid(z), eps, 1 - eps)
