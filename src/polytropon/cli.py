@@ -952,6 +952,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("polytropon: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Shut down the process group a distributed run (torchrun, accelerate) opened, before the process exits.
+
+    Left open, its communication threads are still running while the interpreter tears down, and a process
+    can die with ``terminate called without an active exception`` (seen as a rare SIGABRT in a rank).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
