@@ -68,8 +68,9 @@ class _SampledRouting(torch.autograd.Function):
         uniforms = torch.rand(sig_z.shape, dtype=sig_z.dtype, device=sig_z.device).clamp_(min=finfo.eps, max=1 - finfo.eps)
         noisy = uniforms.log().sub_((-uniforms).log1p_()).add_(probs.log()).sub_((-probs).log1p()).div_(temperature)
         sig_v = torch.sigmoid(noisy)
-        total = sig_v.clamp(min=finfo.tiny, max=1.0 - finfo.eps).sum(dim=-1, keepdim=True).add_(EPS)
-        weights = sig_v.clamp(min=finfo.tiny, max=1.0 - finfo.eps).div_(total)
+        sample = sig_v.clamp(min=finfo.tiny, max=1.0 - finfo.eps)
+        total = sample.sum(dim=-1, keepdim=True).add_(EPS)
+        weights = sample.div_(total)
         ctx.task_ids, ctx.sig_z, ctx.probs, ctx.sig_v, ctx.total = task_ids, sig_z, probs, sig_v, total
         ctx.n_tasks, ctx.temperature = stacked.shape[1], temperature
         return weights.unbind(0)
