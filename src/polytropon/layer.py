@@ -56,7 +56,7 @@ class _RoutedLowRank(torch.autograd.Function):
     On a CPU (MKL), products whose large operand is the transposed ``x``/``g`` and whose small operand is
     ``r``-major run about twice as fast as autograd's default backward of ``result + x @ A @ B`` at r = 8
     (measured on the shapes of ``benchmarks/speed.py``). Only ``h^T`` (``r`` rows) is saved besides the
-    inputs, and ``x`` is the tensor the base layer saves anyway.
+    inputs. ``x`` must be kept for ``dA`` (as in any LoRA); a frozen base layer alone would not keep it.
     """
 
     @staticmethod
