@@ -34,4 +34,4 @@ def routers(model, adapter: str = "default") -> list:
     """The distinct routers of an adapter (shared routers counted once)."""
     from polytropon.variants import unique_routers
 
-    return unique_routers([layer.adapters[adapter].poly_router for _, layer in model._poly_layers()])
+    return unique_routers([layer.adapters[adapter].poly_router for _, layer in model.poly_layers()])

@@ -10,7 +10,7 @@ import torch
 from deploy_helpers import poly_model, rel_diff, tiny_gpt2, tiny_llama, tokens
 
 from polytropon import PolyConfig, get_peft_model
-from polytropon.layer import _base_linear, _mix_factors, _RoutedLowRank, _RoutedPoly
+from polytropon.kernels import RoutedLowRank, RoutedPoly, base_linear, mix_factors
 from polytropon.router import relaxed_bernoulli_rsample
 
 peft = pytest.importorskip("peft")
@@ -72,7 +72,7 @@ def test_routed_low_rank_gradcheck(as_view):
     def fn(base, x, a, b):
         result = base * 1.0  # a fresh non-leaf tensor, as a layer output is
         result = result.view(n, t, d_out) if as_view else result.reshape(n, t, d_out).clone()
-        return _RoutedLowRank.apply(result, x, a, b)
+        return RoutedLowRank.apply(result, x, a, b)
 
     assert torch.autograd.gradcheck(fn, (base, x, a, b))
     expected = base.view(n, t, d_out) + x @ a @ b
@@ -95,10 +95,10 @@ def test_routed_poly_gradcheck(as_view, n_splits):
     def fn(base, x, weights, lora_a, lora_b):
         result = base * 1.0
         result = result.view(n, t, d_out) if as_view else result.reshape(n, t, d_out).clone()
-        return _RoutedPoly.apply(result, x, weights, lora_a, lora_b)
+        return RoutedPoly.apply(result, x, weights, lora_a, lora_b)
 
     assert torch.autograd.gradcheck(fn, (base, x, weights, lora_a, lora_b))
-    a, b = _mix_factors(weights, lora_a, lora_b)
+    a, b = mix_factors(weights, lora_a, lora_b)
     torch.testing.assert_close(fn(base, x, weights, lora_a, lora_b), base.view(n, t, d_out) + x @ a @ b)
 
 
@@ -199,21 +199,21 @@ def test_conv1d_training_gradients_match_plain_autograd():
     from polytropon import layer as layer_module
 
     def slow(result, x, weights, lora_a, lora_b, base=None):
-        a, b = _mix_factors(weights, lora_a, lora_b)
+        a, b = mix_factors(weights, lora_a, lora_b)
         if result is None:  # the fused path: the base layer is computed inside the Function
             calls.append(base)
-            result = _base_linear(x, base)
+            result = base_linear(x, base)
         return result + torch.bmm(torch.bmm(x, a), b)
 
     calls = []
 
-    original = layer_module._RoutedPoly.apply
-    layer_module._RoutedPoly.apply = slow
+    original = layer_module.RoutedPoly.apply
+    layer_module.RoutedPoly.apply = slow
     try:
         torch.manual_seed(5)
         model(input_ids=ids, labels=ids, task_ids=[0, 2, 1]).loss.backward()
     finally:
-        layer_module._RoutedPoly.apply = original
+        layer_module.RoutedPoly.apply = original
     slow_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert len(calls) == 2 * 2 and all(fan_in_fan_out for _, _, fan_in_fan_out in calls)  # every layer fused
     assert set(fast) == set(slow_grads) and len(fast) == 3 * 2 * 2

@@ -121,7 +121,7 @@ def test_out_of_range_task_id_raises_without_change(bad):
     with pytest.raises(ValueError, match="out of range"):
         model.merge_and_unload(bad)
     assert model.merged_task is None
-    assert all(isinstance(m, PolyLayer) for _, m in model._poly_layers())
+    assert all(isinstance(m, PolyLayer) for _, m in model.poly_layers())
     for key, value in base_weights(model).items():
         assert torch.equal(value, before[key])
 

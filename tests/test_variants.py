@@ -16,7 +16,7 @@ from polytropon.variants import block_of, router_groups, unique_routers
 
 
 def _routers(model, adapter="default"):
-    return unique_routers([layer.adapters[adapter].poly_router for _, layer in model._poly_layers()])
+    return unique_routers([layer.adapters[adapter].poly_router for _, layer in model.poly_layers()])
 
 
 def _run(model, kind, task_ids, **kw):
@@ -169,7 +169,7 @@ def test_variants_round_trip_through_polytropon(tmp_path, kind, extra):
 
     keys = load_file(str(tmp_path / WEIGHTS_NAME)).keys()
     n_router_keys = sum(k.endswith("module_logits") for k in keys)
-    assert n_router_keys == (len(list(model._poly_layers())) if cfg.poly_type == "poly" else 0)
+    assert n_router_keys == (len(list(model.poly_layers())) if cfg.poly_type == "poly" else 0)
     assert model.peft_config["default"].peft_compatible == (cfg.poly_type == "poly" and not cfg.hard_routing)
 
 
@@ -182,14 +182,14 @@ def test_private_routing_uses_one_skill_per_task():
     model.eval()
     before = _run(model, "llama", [0, 1, 2, 0])
     with torch.no_grad():  # change skill 1 only: task 1 changes, tasks 0 and 2 do not
-        for _, layer in model._poly_layers():
+        for _, layer in model.poly_layers():
             layer.adapters["default"].poly_lora_B[:, 1] += 1.0
     after = _run(model, "llama", [0, 1, 2, 0])
     torch.testing.assert_close(after[[0, 2, 3]], before[[0, 2, 3]], atol=0, rtol=0)
     assert (after[1] - before[1]).abs().max() > 1e-3
     assert model.get_nb_trainable_parameters()[0] == sum(
         layer.adapters["default"].poly_lora_A.numel() + layer.adapters["default"].poly_lora_B.numel()
-        for _, layer in model._poly_layers()
+        for _, layer in model.poly_layers()
     )
 
 
@@ -211,7 +211,7 @@ def test_fixed_allocation_is_normalised_and_not_trained():
     model = get_peft_model(tiny_llama(), PolyConfig(poly_type="fixed", n_tasks=3, n_skills=4, allocation=allocation))
     expected = torch.tensor([[0.5, 0, 0.5, 0], [0, 0, 0, 1], [0.1, 0.2, 0.3, 0.4]])
     model.train()
-    for _, layer in model._poly_layers():
+    for _, layer in model.poly_layers():
         router = layer.adapters["default"].poly_router
         assert isinstance(router, FixedRouter) and not list(router.parameters())
         torch.testing.assert_close(router(torch.arange(3))[:, 0], expected)  # training mode too
@@ -335,7 +335,7 @@ def test_activation_checkpointing_needs_per_module_routers():
         base.gradient_checkpointing_enable()
         model = get_peft_model(base, PolyConfig(n_tasks=3, init_weights=False, router_granularity=granularity))
         model.train()
-        for _, layer in model._poly_layers():  # eval routing inside checkpointed layers that train
+        for _, layer in model.poly_layers():  # eval routing inside checkpointed layers that train
             layer.adapters["default"].train(adapter_mode)
         loss = model(input_ids=x, labels=x, task_ids=[0, 1, 2, 0]).loss
         if granularity == "module":

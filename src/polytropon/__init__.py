@@ -1,20 +1,26 @@
 """polytropon: multi-task fine-tuning with Polytropon (Poly) and Multi-Head Routing (MHR) adapters.
 
-A drop-in for PEFT's Poly tuner: ``from polytropon import PolyConfig, get_peft_model``. The research toolkit
-(routing variants, task names, few-shot helpers, priors, read-outs) is exported here too; the plots live in
-:mod:`polytropon.plots`, imported on demand because matplotlib and scipy are optional.
+A drop-in for PEFT's Poly tuner: ``from polytropon import PolyConfig, get_peft_model``. Three layers, each
+importing only the ones below it (see ``docs/architecture.md``):
+
+* the tuner, in this folder: config, router, routing, layer and kernels, model, checkpoints, export;
+* :mod:`polytropon.toolkit`: the research toolkit (task names, few-shot helpers, priors, read-outs, plots);
+* :mod:`polytropon.app`: the ``polytropon`` command line, its training loop, data loading and built-in suite.
+
+The toolkit's functions are exported here too; the plots live in :mod:`polytropon.toolkit.plots`, imported
+on demand because matplotlib and scipy are optional.
 """
 
-from .analysis import allocation_matrix, routing_weights, task_similarity
 from .config import PolyConfig
-from .few_shot import collapse_to_average, freeze_skills, unfreeze_skills
 from .layer import PolyAdapter, PolyLayer
 from .model import PolyModel, get_peft_model
-from .optim import param_groups
-from .priors import ibp_loss
 from .router import PolyRouter
 from .routing import RoutingState
-from .tasks import add_tasks, set_task_names
+from .toolkit.analysis import allocation_matrix, routing_weights, task_similarity
+from .toolkit.few_shot import collapse_to_average, freeze_skills, unfreeze_skills
+from .toolkit.optim import param_groups
+from .toolkit.priors import ibp_loss
+from .toolkit.tasks import add_tasks, set_task_names
 from .variants import FixedRouter
 
 __all__ = [

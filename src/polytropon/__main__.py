@@ -1,8 +1,8 @@
-"""``python -m polytropon``: the command line (see :mod:`polytropon.cli`)."""
+"""``python -m polytropon``: the command line (see :mod:`polytropon.app.cli`)."""
 
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,55 +27,58 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Optional, Union
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from .checkpoint import KEY_PREFIX, WEIGHTS_NAME, atomic_write_bytes, save_tensors
-from .config import CONFIG_NAME
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import PolyModel
+from .config import CONFIG_NAME, PolyConfig
+from .layer import PolyLayer
+from .modules_to_save import ModulesToSave
 
 LORA_PEFT_TYPE = "LORA"
 
+#: ``(module path, module)`` pairs as :meth:`PolyModel.poly_layers` / :meth:`PolyModel.saved_modules` yield them
+Layers = Iterable[tuple[str, PolyLayer]]
+SavedModules = Iterable[tuple[str, ModulesToSave]]
 
-def lora_state_dict(model: "PolyModel", task_id: int, adapter_name: str) -> dict[str, torch.Tensor]:
+
+def lora_state_dict(layers: Layers, saved: SavedModules, task_id: int, adapter_name: str) -> dict[str, torch.Tensor]:
     """The task's LoRA tensors under PEFT's LoRA key names (plus the adapter's ``modules_to_save`` copies).
 
     ``task_id`` and ``adapter_name`` must already be checked.
     """
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for path, layer in model._poly_layers():
+        for path, layer in layers:
             if adapter_name not in layer.adapters:
                 continue
             a, b = layer.adapters[adapter_name].task_factors(task_id, scaled=False)
             out[f"{KEY_PREFIX}{path}.lora_A.weight"] = a.T.contiguous()
             out[f"{KEY_PREFIX}{path}.lora_B.weight"] = b.T.contiguous()
-        for path, wrapper in model._saved_modules():
+        for path, wrapper in saved:
             if adapter_name in wrapper.modules_to_save:
                 for name, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
                     out[f"{KEY_PREFIX}{path}.{name}"] = tensor
     return out
 
 
-def lora_config_dict(model: "PolyModel", adapter_name: str) -> dict[str, Any]:
+def lora_config_dict(config: PolyConfig, layers: Layers, saved: SavedModules, adapter_name: str) -> dict[str, Any]:
     """``adapter_config.json`` of the exported LoRA adapter, in PEFT's ``LoraConfig`` schema."""
-    cfg = model.peft_config[adapter_name]
     targets, fan_in_fan_out = [], []
-    for path, layer in model._poly_layers():
+    for path, layer in layers:
         if adapter_name in layer.adapters:
             targets.append(path)
             fan_in_fan_out.append(layer.fan_in_fan_out)
-    saved = sorted(path for path, wrapper in model._saved_modules() if adapter_name in wrapper.modules_to_save)
+    saved_paths = sorted(path for path, wrapper in saved if adapter_name in wrapper.modules_to_save)
     return {
         "peft_type": LORA_PEFT_TYPE,
-        "task_type": cfg.task_type,
-        "base_model_name_or_path": cfg.base_model_name_or_path,
-        "revision": cfg.revision,
+        "task_type": config.task_type,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "revision": config.revision,
         "inference_mode": True,
-        "r": cfg.r,
+        "r": config.r,
         "lora_alpha": 1,
         "lora_dropout": 0.0,
         "use_rslora": False,
@@ -86,7 +89,7 @@ def lora_config_dict(model: "PolyModel", adapter_name: str) -> dict[str, Any]:
         "fan_in_fan_out": sum(fan_in_fan_out) * 2 > len(fan_in_fan_out),
         "target_modules": sorted(targets),
         "exclude_modules": None,
-        "modules_to_save": saved or None,
+        "modules_to_save": saved_paths or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -96,29 +99,14 @@ def lora_config_dict(model: "PolyModel", adapter_name: str) -> dict[str, Any]:
     }
 
 
-def export_lora(
-    model: "PolyModel",
-    save_directory: Union[str, os.PathLike],
-    task_id: Any,
-    adapter_name: Optional[str] = None,
-) -> None:
-    """Write task ``task_id`` of ``adapter_name`` (default: the active adapter) as a PEFT LoRA adapter.
-
-    Each file is written atomically (temporary file + rename).
+def write_lora(save_directory: str, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write a LoRA adapter directory; each file atomically (temporary file + rename).
 
     Raises:
-        TypeError: ``task_id`` is not an integer.
-        ValueError: unknown adapter, ``task_id`` out of range, or ``save_directory`` is a file. Nothing is
-            written in these cases.
+        ValueError: ``save_directory`` is a file (nothing is written).
     """
-    adapter_name = adapter_name or model.active_adapter
-    model._check_adapter(adapter_name)
-    task_id = model._resolve_task_id(task_id, adapter_name)
-    save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
         raise ValueError(f"{save_directory}: expected a directory, found a file")
-    tensors = lora_state_dict(model, task_id, adapter_name)
-    config = lora_config_dict(model, adapter_name)
     os.makedirs(save_directory, exist_ok=True)
     save_tensors(os.path.join(save_directory, WEIGHTS_NAME), tensors)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"

@@ -13,12 +13,13 @@ from torch import nn
 
 from .checkpoint import ADAPTER_KEYS, KEY_PREFIX, WEIGHTS_NAME, adapter_directory, load_tensors, save_tensors
 from .config import PolyConfig
+from .export import lora_config_dict, lora_state_dict, write_lora
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
 from .router import PolyRouter, presample
 from .routing import RoutingState, TaskIds, check_task_ids
 from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
-from .tasks import resolve_task_names, task_index
+from .tasks import grow_tasks, resolve_task_names, task_index
 from .variants import build_routers, check_tied_router_tensors
 
 
@@ -217,22 +218,49 @@ class PolyModel(nn.Module):
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         setattr(parent, child, new)
 
-    def _poly_layers(self) -> Iterator[tuple[str, PolyLayer]]:
+    def poly_layers(self) -> Iterator[tuple[str, PolyLayer]]:
+        """``(path, PolyLayer)`` of every adapted layer, in the order of the model's modules."""
         for path, module in _walk(self.model):
             if isinstance(module, PolyLayer):
                 yield path, module
 
-    def _saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        """``(path, ModulesToSave)`` of every module trained and saved beside the adapters (e.g. a head)."""
         for path, module in _walk(self.model):
             if isinstance(module, ModulesToSave):
                 yield path, module
 
-    def _check_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
+    def named_adapters(self, adapter_name: Optional[str] = None) -> list[tuple[str, PolyAdapter]]:
+        """``(layer path, PolyAdapter)`` of every layer carrying ``adapter_name`` (default: the active adapter).
+
+        Raises:
+            ValueError: unknown adapter.
+        """
+        adapter_name = self.resolve_adapter(adapter_name)
+        return [(path, layer.adapters[adapter_name]) for path, layer in self.poly_layers() if adapter_name in layer.adapters]
+
+    def _check_adapter(self, adapter_name: Any) -> None:
+        if not isinstance(adapter_name, str) or adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {sorted(self.peft_config)}")
 
-    def _resolve_task_id(self, task: Union[int, str], adapter_name: str) -> int:
-        """A task given by id or by name (``PolyConfig.task_names``) as a checked id."""
+    def resolve_adapter(self, adapter_name: Optional[str] = None) -> str:
+        """``adapter_name``, or the active adapter when ``None``, checked to exist.
+
+        Raises:
+            ValueError: no such adapter (or none given and none active), naming the existing ones.
+        """
+        name = self.routing.active_adapter if adapter_name is None else adapter_name
+        self._check_adapter(name)
+        return name
+
+    def resolve_task_id(self, task: Union[int, str], adapter_name: Optional[str] = None) -> int:
+        """A task given by id or by name (``PolyConfig.task_names``) as a checked id of ``adapter_name``.
+
+        Raises:
+            TypeError: neither an integer nor (with task names) a string. ValueError: unknown adapter, unknown
+            name, or an id outside ``[0, n_tasks)``.
+        """
+        adapter_name = self.resolve_adapter(adapter_name)
         if isinstance(task, str):
             task = task_index(task, self.peft_config[adapter_name])
         return self._check_task_id(task, adapter_name)
@@ -265,10 +293,10 @@ class PolyModel(nn.Module):
         self._check_adapter(adapter_name)
         if self.routing.merged_task is not None and self.routing.merged_task[0] == adapter_name:
             raise ValueError(f"adapter {adapter_name!r} is merged: call unmerge_adapter() first")
-        for _, layer in self._poly_layers():
+        for _, layer in self.poly_layers():
             if adapter_name in layer.adapters:
                 del layer.adapters[adapter_name]
-        for _, wrapper in self._saved_modules():
+        for _, wrapper in self.saved_modules():
             if adapter_name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[adapter_name]
         del self.peft_config[adapter_name]
@@ -280,10 +308,10 @@ class PolyModel(nn.Module):
     def _update_trainable(self) -> None:
         active = self.routing.active_adapter
         trainable = active is not None and not self.peft_config[active].inference_mode
-        for _, layer in self._poly_layers():
+        for _, layer in self.poly_layers():
             for name, adapter in layer.adapters.items():
                 adapter.requires_grad_(trainable and name == active)
-        for _, wrapper in self._saved_modules():
+        for _, wrapper in self.saved_modules():
             wrapper.original_module.requires_grad_(False)
             for name, copy in wrapper.modules_to_save.items():
                 copy.requires_grad_(trainable and name == active)
@@ -316,28 +344,82 @@ class PolyModel(nn.Module):
         """The wrapped transformers model (with the adapter layers in place)."""
         return self.model
 
-    # ------------------------------------------------------------------ research toolkit (docs/research.md)
+    # ------------------------------------------------------------------ the task axis and trainable set
     def add_tasks(
         self, tasks: Union[int, list[str]], init: Union[str, int] = "uniform", adapter_name: Optional[str] = None
     ) -> list[int]:
-        """Add tasks after training (few-shot adaptation); see :func:`polytropon.tasks.add_tasks`."""
-        from .tasks import add_tasks
+        """Add tasks to an adapter after training (few-shot adaptation); returns the new tasks' ids.
 
-        return add_tasks(self, tasks, init=init, adapter_name=adapter_name)
+        Every router gets new rows (``init``: ``"uniform"``, ``"average"`` or a copy of an existing task);
+        trained rows are kept bit for bit. See :func:`polytropon.tasks.grow_tasks`.
 
-    def freeze_skills(self, adapter_name: Optional[str] = None) -> int:
-        """MHR-z: train only the routing; returns the trainable count. See :func:`polytropon.few_shot.freeze_skills`."""
-        from .few_shot import freeze_skills
+        Raises:
+            TypeError / ValueError: bad ``tasks``, ``init`` or adapter (naming the value); nothing is changed.
+        """
+        adapter_name = self.resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        new_config = grow_tasks(config, self.named_adapters(adapter_name), tasks, init, adapter_name)
+        self.peft_config[adapter_name] = new_config
+        return list(range(config.n_tasks, new_config.n_tasks))
 
-        return freeze_skills(self, adapter_name)
+    def freeze_skills(self, adapter_name: Optional[str] = None, freeze_saved_modules: bool = True) -> int:
+        """MHR-z: freeze the skills so that only the routing trains; returns the number of trainable parameters.
 
+        Sets ``requires_grad=False`` on ``poly_lora_A``/``poly_lora_B`` of every layer (and, with
+        ``freeze_saved_modules``, on the ``modules_to_save`` copies) of the adapter. Learned rows of other
+        tasks get zero gradient, so with an optimizer without weight decay they stay unchanged.
+        :meth:`set_adapter` restores the default trainable set.
+
+        Raises:
+            ValueError: the adapter is not the active (trainable) one, is in inference mode, or has no learned
+            router.
+        """
+        adapter_name = self.resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        if adapter_name != self.active_adapter or config.inference_mode:
+            raise ValueError(
+                f"adapter {adapter_name!r} is not trainable (only the active adapter trains, and not in inference_mode)"
+            )
+        if config.poly_type != "poly":
+            raise ValueError(
+                f"adapter {adapter_name!r} has a fixed allocation (poly_type={config.poly_type!r}): with frozen "
+                "skills nothing would train"
+            )
+        for _, adapter in self.named_adapters(adapter_name):
+            adapter.poly_lora_A.requires_grad_(False)
+            adapter.poly_lora_B.requires_grad_(False)
+        if freeze_saved_modules:
+            for _, wrapper in self.saved_modules():
+                if adapter_name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[adapter_name].requires_grad_(False)
+        return self.get_nb_trainable_parameters()[0]
+
+    @torch.no_grad()
     def routing_weights(
         self, task: Optional[Union[int, str]] = None, adapter_name: Optional[str] = None
     ) -> dict[str, torch.Tensor]:
-        """Eval routing weights per layer; see :func:`polytropon.analysis.routing_weights`."""
-        from .analysis import routing_weights
+        """Eval routing weights of every adapted layer (``router.eval_weights``, whatever the mode).
 
-        return routing_weights(self, task, adapter_name)
+        Returns:
+            layer path -> float32 CPU tensor ``(n_tasks, n_splits, n_skills)``, or ``(n_splits, n_skills)`` for
+            one ``task`` (id or name); each split's weights sum to 1. Layers sharing a router return the same
+            tensor.
+
+        Raises:
+            ValueError / TypeError: unknown adapter or task.
+        """
+        adapter_name = self.resolve_adapter(adapter_name)
+        index = None if task is None else self.resolve_task_id(task, adapter_name)
+        ids = torch.arange(self.peft_config[adapter_name].n_tasks)
+        computed: dict[int, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
+        for path, adapter in self.named_adapters(adapter_name):
+            router = adapter.poly_router
+            if id(router) not in computed:
+                device = next(iter([*router.parameters(), *router.buffers()]), ids).device
+                computed[id(router)] = router.eval_weights(ids.to(device)).float().cpu()
+            out[path] = computed[id(router)] if index is None else computed[id(router)][index]
+        return out
 
     # ------------------------------------------------------------------ calls
     @staticmethod
@@ -407,7 +489,7 @@ class PolyModel(nn.Module):
         active = self.routing.active_adapter
         if self._router_cache is None or self._router_cache[0] != active:
             routers: dict[int, PolyRouter] = {}
-            for _, layer in self._poly_layers():
+            for _, layer in self.poly_layers():
                 router = getattr(layer.adapters[active], "poly_router", None) if active in layer.adapters else None
                 if isinstance(router, PolyRouter):
                     routers.setdefault(id(router), router)
@@ -461,16 +543,15 @@ class PolyModel(nn.Module):
             TypeError: ``task_id`` is neither an integer nor (with task names) a string. ValueError: unknown
             adapter, unknown task name or ``task_id`` out of range. All are raised before anything changes.
         """
-        adapter_name = adapter_name or self.routing.active_adapter
-        self._check_adapter(adapter_name)
-        task_id = self._resolve_task_id(task_id, adapter_name)
+        adapter_name = self.resolve_adapter(adapter_name or None)
+        task_id = self.resolve_task_id(task_id, adapter_name)
         if self.routing.merged_task == (adapter_name, task_id):
             return
         if self.routing.merged_task is not None:
             self.unmerge_adapter()
         if adapter_name != self.routing.active_adapter:
             self.set_adapter(adapter_name)
-        for _, layer in self._poly_layers():
+        for _, layer in self.poly_layers():
             if adapter_name in layer.adapters:
                 layer.merge(adapter_name, task_id)
         self.routing.merged_task = (adapter_name, task_id)
@@ -489,15 +570,15 @@ class PolyModel(nn.Module):
         """
         if self.routing.merged_task is None:
             return
-        for _, layer in self._poly_layers():
+        for _, layer in self.poly_layers():
             layer.unmerge()
         self.routing.merged_task = None
 
     def _unload(self, keep_saved_copy: bool) -> nn.Module:
-        for path, layer in list(self._poly_layers()):
+        for path, layer in list(self.poly_layers()):
             self._replace(path, layer.base_layer)
         active = self.routing.active_adapter
-        for path, wrapper in list(self._saved_modules()):
+        for path, wrapper in list(self.saved_modules()):
             if keep_saved_copy and active in wrapper.modules_to_save:
                 self._replace(path, wrapper.modules_to_save[active])
             else:
@@ -533,9 +614,11 @@ class PolyModel(nn.Module):
             TypeError: ``task_id`` is not an integer. ValueError: unknown adapter, ``task_id`` out of range,
             or ``save_directory`` is a file (nothing is written).
         """
-        from .export import export_lora
-
-        export_lora(self, save_directory, task_id, adapter_name)
+        adapter_name = self.resolve_adapter(adapter_name)
+        task_id = self.resolve_task_id(task_id, adapter_name)
+        layers, saved = list(self.poly_layers()), list(self.saved_modules())
+        tensors = lora_state_dict(layers, saved, task_id, adapter_name)
+        write_lora(os.fspath(save_directory), tensors, lora_config_dict(self.peft_config[adapter_name], layers, saved, adapter_name))
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -555,17 +638,16 @@ class PolyModel(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def adapter_state_dict(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
         """The adapter's tensors under PEFT's checkpoint key names (see :mod:`polytropon.checkpoint`)."""
-        adapter_name = adapter_name or self.routing.active_adapter
-        self._check_adapter(adapter_name)
+        adapter_name = self.resolve_adapter(adapter_name or None)
         out: dict[str, torch.Tensor] = {}
-        for path, layer in self._poly_layers():
+        for path, layer in self.poly_layers():
             if adapter_name in layer.adapters:
                 adapter = layer.adapters[adapter_name]
                 out[f"{KEY_PREFIX}{path}.poly_lora_A"] = adapter.poly_lora_A
                 out[f"{KEY_PREFIX}{path}.poly_lora_B"] = adapter.poly_lora_B
                 if isinstance(adapter.poly_router, PolyRouter):  # a shared router is written under every layer
                     out[f"{KEY_PREFIX}{path}.poly_router.module_logits"] = adapter.poly_router.module_logits
-        for path, wrapper in self._saved_modules():
+        for path, wrapper in self.saved_modules():
             if adapter_name in wrapper.modules_to_save:
                 for name, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
                     out[f"{KEY_PREFIX}{path}.{name}"] = tensor

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .routing import RoutingState, _in_backward, with_unknown_rows
+from .routing import RoutingState, in_backward, with_unknown_rows
 
 #: Added to the per-split sum of routing weights before normalising (as PEFT and the papers' code do).
 EPS = 1e-12
@@ -225,7 +225,7 @@ class PolyRouter(nn.Module):
         computes at every call, as in PEFT.
         """
         state = self.routing_state
-        if self.shared and state is not None and state.task_ids is None and _in_backward():
+        if self.shared and state is not None and state.task_ids is None and in_backward():
             # activation checkpointing re-running layers in backward(): the call's shared computation is gone,
             # so the recomputed layers would each recompute (or re-sample) the weights -- not what the forward
             # pass did, and torch's checkpoint would fail on the mismatch or, with sampling, get wrong gradients

@@ -116,7 +116,7 @@ class RoutingState:
         routed with autograd on (the tensors the forward pass used, so gradients reach the router's logits).
         """
         samples = self._samples
-        if self.task_ids is None and _in_backward():
+        if self.task_ids is None and in_backward():
             samples = self._samples_for_backward
         entry = samples.get(id(router))
         if entry is None:
@@ -140,7 +140,7 @@ class RoutingState:
         Raises:
             ValueError: if no task ids were given, or ``batch_size`` is not a multiple of their number.
         """
-        if self.task_ids is None and self._for_backward is not None and _in_backward():
+        if self.task_ids is None and self._for_backward is not None and in_backward():
             # a checkpointed segment being recomputed for the last routed call (not cached: the call is over)
             return _expand(self._for_backward, batch_size, device, where)
         if self.task_ids is None:
@@ -170,7 +170,7 @@ def _expand(task_ids: torch.Tensor, batch_size: int, device: torch.device, where
     return BatchRouting(ids, unique, inverse, tuple(unique.tolist()))
 
 
-def _in_backward() -> bool:
+def in_backward() -> bool:
     """Whether the autograd engine is running a backward pass on this thread."""
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current is not None and current() != -1

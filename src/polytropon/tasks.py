@@ -1,10 +1,11 @@
-"""Tasks by name, new tasks after training, and the unknown-task fallback.
+"""The task axis of an adapter: tasks by name, new tasks after training, the unknown-task fallback.
 
 * ``PolyConfig.task_names`` lets ``task_ids`` (and ``merge_adapter``) take names; the names are saved in
-  ``adapter_config.json`` and restored with it.
-* :func:`add_tasks` grows every router of an adapter by new rows, for few-shot adaptation to unseen tasks
-  (Caccia et al. 2022, arXiv 2211.03831: the skills stay, a new task only learns its routing -- see
-  :func:`polytropon.few_shot.freeze_skills`). Trained rows are kept bit for bit.
+  ``adapter_config.json`` and restored with it (:func:`task_index`, :func:`resolve_task_names`).
+* :func:`grow_tasks` (behind :meth:`PolyModel.add_tasks <polytropon.model.PolyModel.add_tasks>`) grows every
+  router of an adapter by new rows, for few-shot adaptation to unseen tasks (Caccia et al. 2022, arXiv
+  2211.03831: the skills stay, a new task only learns its routing -- see
+  :meth:`PolyModel.freeze_skills <polytropon.model.PolyModel.freeze_skills>`). Trained rows are kept bit for bit.
 * ``PolyConfig.unknown_task="average"`` routes, at eval, an unknown task to the average of the skills
   (uniform weights -- what MHR-mu does for unseen tasks), instead of raising.
 """
@@ -13,16 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .config import PolyConfig
+from .router import PolyRouter
 from .routing import UNKNOWN_TASK
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import PolyModel
+from .variants import FixedRouter, unique_routers
 
 TaskRef = Union[int, str]
 
@@ -84,29 +84,6 @@ def task_names_of(config: PolyConfig) -> list[str]:
     return list(config.task_names) if config.task_names is not None else [f"task {i}" for i in range(config.n_tasks)]
 
 
-def _adapter_name(model: "PolyModel", adapter_name: Optional[str]) -> str:
-    name = adapter_name or model.active_adapter
-    if name is None or name not in model.peft_config:
-        raise ValueError(f"unknown adapter {name!r}; existing adapters: {sorted(model.peft_config)}")
-    return name
-
-
-def adapters_of(model: "PolyModel", adapter_name: str) -> list[tuple[str, nn.Module]]:
-    """``(layer path, PolyAdapter)`` of every layer carrying ``adapter_name``."""
-    return [(path, layer.adapters[adapter_name]) for path, layer in model._poly_layers() if adapter_name in layer.adapters]
-
-
-def set_task_names(model: "PolyModel", names: Sequence[str], adapter_name: Optional[str] = None) -> None:
-    """Name the tasks of an adapter (in id order), replacing any previous names.
-
-    Raises:
-        ValueError / TypeError: as ``PolyConfig.task_names`` validation (wrong count, duplicates, non-strings).
-    """
-    adapter_name = _adapter_name(model, adapter_name)
-    config = model.peft_config[adapter_name]
-    model.peft_config[adapter_name] = dataclasses.replace(config, task_names=list(names))
-
-
 def _new_rows(old: torch.Tensor, k: int, init: Union[str, int], uniform: torch.Tensor) -> torch.Tensor:
     """``k`` new rows for a ``(n_tasks, ...)`` tensor: ``uniform`` repeated, the mean row, or a copy of a row."""
     if init == "uniform":
@@ -140,12 +117,13 @@ def _replace_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, name, nn.Parameter(value.detach().to(old), requires_grad=old.requires_grad))
 
 
-def add_tasks(
-    model: "PolyModel",
+def grow_tasks(
+    config: PolyConfig,
+    adapters: Sequence[tuple[str, nn.Module]],
     tasks: Union[int, Sequence[str]],
     init: Union[str, int] = "uniform",
-    adapter_name: Optional[str] = None,
-) -> list[int]:
+    adapter_name: str = "default",
+) -> PolyConfig:
     """Add new tasks to an adapter after training, for few-shot adaptation to unseen tasks.
 
     Every router of the adapter gets ``k`` new rows after its ``n_tasks`` trained rows, which are kept bit for
@@ -158,28 +136,24 @@ def add_tasks(
 
     With ``poly_type="private"`` (one skill per task) each new task also gets a new skill in every layer:
     freshly initialised (``"uniform"``, same init as the adapter's), the mean of the skills (``"average"``)
-    or a copy of the given task's skill. ``peft_config[adapter].n_tasks`` (and ``task_names``,
-    ``allocation``, ``n_skills``) are updated so saves stay consistent.
+    or a copy of the given task's skill. The returned config has the new ``n_tasks`` (and ``task_names``,
+    ``allocation``, ``n_skills``) so that saves stay consistent; the caller stores it.
 
     Learned routers get new ``nn.Parameter`` objects: build the optimizer after calling this.
 
     Args:
-        model: the :class:`~polytropon.model.PolyModel`.
+        config: the adapter's current config.
+        adapters: ``(layer path, PolyAdapter)`` of every layer carrying the adapter; grown in place.
         tasks: number of new tasks, or their names (required when the adapter has ``task_names``).
         init: ``"uniform"``, ``"average"`` or an existing task (name or id).
-        adapter_name: the adapter to grow (default: the active one).
+        adapter_name: the adapter's name, for error messages.
 
     Returns:
-        The ids of the new tasks.
+        The adapter's new config; the new tasks' ids are ``range(config.n_tasks, new_config.n_tasks)``.
 
     Raises:
         TypeError / ValueError: bad ``tasks`` or ``init`` (naming the value); nothing is changed.
     """
-    from .variants import FixedRouter, unique_routers
-    from .router import PolyRouter
-
-    adapter_name = _adapter_name(model, adapter_name)
-    config = model.peft_config[adapter_name]
     names: Optional[list[str]] = None
     if isinstance(tasks, bool) or not isinstance(tasks, (int, list, tuple)):
         raise TypeError(f"tasks must be a positive int or a list of new task names, got {tasks!r}")
@@ -233,7 +207,6 @@ def add_tasks(
     new_config = dataclasses.replace(config, **updates)  # validates before anything changes
 
     # compute every new tensor first, then swap them in
-    adapters = adapters_of(model, adapter_name)
     routers = unique_routers([adapter.poly_router for _, adapter in adapters])
     new_logits = {}
     for router in routers:
@@ -272,6 +245,5 @@ def add_tasks(
                 _replace_param(adapter, "poly_lora_B", new_skills[path][1])
                 adapter.n_skills = new_config.n_skills
             adapter.n_tasks = n_old + k
-            adapter._cache = None
-    model.peft_config[adapter_name] = new_config
-    return list(range(n_old, n_old + k))
+            adapter.clear_cache()
+    return new_config

@@ -27,7 +27,7 @@ def _run(model, task_ids, kind="llama"):
 
 
 def _routers(model, adapter="default"):
-    return unique_routers([layer.adapters[adapter].poly_router for _, layer in model._poly_layers()])
+    return unique_routers([layer.adapters[adapter].poly_router for _, layer in model.poly_layers()])
 
 
 def _snapshot(model):
@@ -129,7 +129,7 @@ def test_add_tasks_keeps_trained_rows_and_outputs(granularity):
         assert torch.equal(router.module_logits[:3], old)  # bit-identical
         torch.testing.assert_close(router.module_logits[3], old.mean(0))
         torch.testing.assert_close(router.module_logits[4], old.mean(0))
-    assert all(layer.adapters["default"].n_tasks == 5 for _, layer in model._poly_layers())
+    assert all(layer.adapters["default"].n_tasks == 5 for _, layer in model.poly_layers())
     torch.testing.assert_close(_run(model, [0, 1, 2, 1]), before, atol=0, rtol=0)
     assert _run(model, ["cola", "rte", "cola", "sst2"]).shape == before.shape
     if granularity == "block":
@@ -195,12 +195,12 @@ def test_add_tasks_by_name_needs_names():
 def test_add_tasks_to_private_adds_skills():
     model = _model(poly_type="private", n_skills=3, task_names=NAMES, init_weights=False)
     before = _run(model, [0, 1, 2, 0])
-    old_a = {p: l.adapters["default"].poly_lora_A.detach().clone() for p, l in model._poly_layers()}
+    old_a = {p: l.adapters["default"].poly_lora_A.detach().clone() for p, l in model.poly_layers()}
     add_tasks(model, ["cola", "rte"], init="average")
     add_tasks(model, ["qnli2"], init="qnli")
     cfg = model.peft_config["default"]
     assert (cfg.n_tasks, cfg.n_skills) == (6, 6)
-    for path, layer in model._poly_layers():
+    for path, layer in model.poly_layers():
         adapter = layer.adapters["default"]
         assert adapter.poly_lora_A.shape[1] == 6 and adapter.n_skills == 6
         assert torch.equal(adapter.poly_lora_A[:, :3], old_a[path])
@@ -260,7 +260,7 @@ def test_model_methods_delegate_to_the_toolkit():
     model = _model(task_names=NAMES)
     assert model.add_tasks(["cola"], init="qnli") == [3]
     cola, qnli = model.routing_weights("cola"), model.routing_weights(1)
-    assert set(cola) == set(qnli) == {path for path, _ in model._poly_layers()}
+    assert set(cola) == set(qnli) == {path for path, _ in model.poly_layers()}
     for path in cola:
         assert torch.equal(cola[path], qnli[path])
     assert model.freeze_skills() == sum(r.module_logits.numel() for r in _routers(model))

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src")
 
 
 def test_torchrun_two_cpu_processes(tiny_bert, tiny_data, tmp_path):
@@ -15,7 +15,7 @@ def test_torchrun_two_cpu_processes(tiny_bert, tiny_data, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from polytropon import PolyModel
-    from polytropon.training import state_digest, trainable_state
+    from polytropon.app.training import state_digest, trainable_state
 
     train, evaluation = tiny_data
     out, dumps = tmp_path / "run", tmp_path / "ranks"

@@ -29,7 +29,7 @@ def test_param_groups_split_router_logits_from_skills(granularity):
     assert (skills["lr"], skills["weight_decay"], router["lr"], router["weight_decay"]) == (1e-4, 0.1, 1e-2, 0.0)
     logits_ids = {id(r.module_logits) for r in routers(model)}
     assert {id(p) for p in router["params"]} == logits_ids
-    assert len(router["params"]) == (1 if granularity == "model" else len(list(model._poly_layers())))
+    assert len(router["params"]) == (1 if granularity == "model" else len(list(model.poly_layers())))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sorted(map(id, skills["params"] + router["params"])) == sorted(map(id, trainable))
     assert any(p.shape[0] == 3 and p.dim() == 2 for p in skills["params"])  # the classifier head copy

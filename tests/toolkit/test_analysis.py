@@ -26,7 +26,7 @@ def test_routing_weights_are_the_routers_eval_weights():
     model = _model(n_splits=2, n_skills=3, task_names=["a", "b", "c"])
     model.train()  # read-outs are deterministic whatever the mode
     weights = routing_weights(model)
-    layers = dict(model._poly_layers())
+    layers = dict(model.poly_layers())
     assert set(weights) == set(layers)
     for path, w in weights.items():
         expected = _expected_weights(layers[path].adapters["default"].poly_router.module_logits, 2, 3)
@@ -44,7 +44,7 @@ def test_routing_weights_are_the_routers_eval_weights():
 def test_allocation_matrix_averages_splits_and_distinct_routers():
     model = _model(n_splits=2, n_skills=4, router_granularity="block")
     per_layer = routing_weights(model)
-    routers = unique_routers([layer.adapters["default"].poly_router for _, layer in model._poly_layers()])
+    routers = unique_routers([layer.adapters["default"].poly_router for _, layer in model.poly_layers()])
     per_router = [_expected_weights(r.module_logits, 2, 4) for r in routers]
     expected = torch.stack([w.mean(1) for w in per_router]).mean(0)
     got = allocation_matrix(model)
@@ -65,7 +65,7 @@ def test_private_allocation_and_similarity():
 def test_task_similarity_is_cosine_of_routing_features():
     model = _model(n_splits=2)
     with torch.no_grad():  # tasks 0 and 2 route identically everywhere
-        for _, layer in model._poly_layers():
+        for _, layer in model.poly_layers():
             logits = layer.adapters["default"].poly_router.module_logits
             logits[2] = logits[0]
     sim = task_similarity(model)
@@ -86,7 +86,7 @@ def test_task_similarity_is_cosine_of_routing_features():
     [dict(), dict(router_granularity="block", n_splits=2), dict(hard_routing=True), dict(poly_type="fixed", allocation=[[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 1, 1]])],
 )
 def test_load_snapshot_reads_a_checkpoint_without_the_base_model(tmp_path, extra):
-    from polytropon.analysis import load_snapshot, snapshot
+    from polytropon.toolkit.analysis import load_snapshot, snapshot
 
     model = _model(**extra)
     model.save_pretrained(str(tmp_path))
@@ -103,7 +103,7 @@ def test_load_snapshot_of_a_peft_checkpoint(tmp_path):
     from peft import PolyConfig as PeftPolyConfig
     from peft import get_peft_model as peft_get_peft_model
 
-    from polytropon.analysis import load_snapshot
+    from polytropon.toolkit.analysis import load_snapshot
 
     theirs = peft_get_peft_model(tiny_llama(), PeftPolyConfig(task_type="CAUSAL_LM", n_tasks=3, n_splits=2))
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_load_snapshot_of_a_peft_checkpoint(tmp_path):
 
 
 def test_load_snapshot_errors(tmp_path):
-    from polytropon.analysis import load_snapshot
+    from polytropon.toolkit.analysis import load_snapshot
 
     with pytest.raises(FileNotFoundError):
         load_snapshot(tmp_path)

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from polytropon.suite import HELDOUT_TASKS, SKILLS, TRAIN_TASKS, TaskSpec, build_suite
+from polytropon.app.suite import HELDOUT_TASKS, SKILLS, TRAIN_TASKS, TaskSpec, build_suite
 
 # An independent reading of the attributes from the surface text, written
 # without the generator's word lists, so the test can disagree with it.

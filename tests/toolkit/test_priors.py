@@ -9,12 +9,12 @@ import torch
 
 from _toolkit_models import randomize, tiny_llama
 from polytropon import PolyConfig, get_peft_model, ibp_loss
-from polytropon.priors import ibp_log_prior
+from polytropon.toolkit.priors import ibp_log_prior
 from polytropon.variants import unique_routers
 
 
 def _routers(model, adapter="default"):
-    return unique_routers([layer.adapters[adapter].poly_router for _, layer in model._poly_layers()])
+    return unique_routers([layer.adapters[adapter].poly_router for _, layer in model.poly_layers()])
 
 
 # ---------------------------------------------------------------------- IBP prior

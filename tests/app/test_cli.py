@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from polytropon.cli import main
+from polytropon.app.cli import main
 
 from conftest import make_rows, write_jsonl
 
@@ -238,7 +238,7 @@ def test_unknown_eval_target_label(trained_run, tmp_path, capsys):
 
 
 def test_console_entry_points(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "..", "src"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "polytropon", "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "train" in proc.stdout and "inspect" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "polytropon", "inspect", str(tmp_path / "none")], capture_output=True, text=True, env=env, timeout=120)
@@ -269,7 +269,7 @@ def test_causal_lm_head_is_inferred_and_evaluated(tiny_gpt2_dir, tiny_data, tmp_
 def test_routing_plot_with_reference_panel(tmp_path):
     import numpy as np
 
-    from polytropon.cli_plots import plot_routing
+    from polytropon.app.plots import plot_routing
 
     m = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
     path = plot_routing(m, ["x", "y", "z"], tmp_path / "p.png", reference=np.eye(3)[:, :2], reference_names=["u", "v"])
@@ -284,7 +284,7 @@ def test_run_routing_matches_the_saved_adapter(trained_run):
     """metrics.json's routing matrix is the toolkit's allocation of the saved adapter, with task names."""
     import numpy as np
 
-    from polytropon.analysis import allocation_matrix, load_snapshot
+    from polytropon.toolkit.analysis import allocation_matrix, load_snapshot
 
     snap = load_snapshot(os.path.join(trained_run, "adapter"))
     assert snap.task_names == ["animal", "color"]
@@ -295,7 +295,7 @@ def test_run_routing_matches_the_saved_adapter(trained_run):
 
 
 def test_suite_command_writes_jsonl_that_train_accepts(tmp_path, capsys):
-    from polytropon.data import load_jsonl
+    from polytropon.app.data import load_jsonl
 
     out = tmp_path / "suite"
     code, stdout, err = run_cli(capsys, "suite", str(out), "--n-train-per-task", "4", "--n-eval-per-task", "2")
@@ -328,7 +328,7 @@ def test_seq2seq_head_is_inferred_and_learns(tiny_t5_dir, tiny_data, tmp_path, c
 def test_infer_head_from_configs():
     from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
 
-    from polytropon.training import infer_head
+    from polytropon.app.training import infer_head
 
     assert infer_head(BertConfig()) == "classification"  # no architectures: an encoder family
     assert infer_head(BertConfig(architectures=["BertModel"])) == "classification"

@@ -8,7 +8,7 @@ import torch
 
 from _toolkit_models import randomize, tiny_llama, tiny_t5
 from polytropon import PolyConfig, get_peft_model
-from polytropon.plots import plot_allocation, plot_routing, plot_task_hierarchy
+from polytropon.toolkit.plots import plot_allocation, plot_routing, plot_task_hierarchy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -16,7 +16,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _expected_allocation(model) -> np.ndarray:
     """Average over layers (all distinct here) and splits of normalised sigmoid(logits), computed by hand."""
     per_layer = []
-    for _, layer in model._poly_layers():
+    for _, layer in model.poly_layers():
         router = layer.adapters["default"].poly_router
         probs = torch.sigmoid(router.module_logits.detach()).view(router.n_tasks, router.n_splits, router.n_skills)
         per_layer.append((probs / probs.sum(-1, keepdim=True)).mean(1))
@@ -55,7 +55,7 @@ def test_plot_routing_writes_pngs_of_the_models_routing(tmp_path, n_splits):
 
 def _routing_features(model):
     out = []
-    for _, layer in model._poly_layers():
+    for _, layer in model.poly_layers():
         router = layer.adapters["default"].poly_router
         out.append(router.eval_weights(torch.arange(router.n_tasks)).detach())
     return out
@@ -64,7 +64,7 @@ def _routing_features(model):
 def test_hierarchy_groups_tasks_with_the_same_routing(tmp_path):
     model = get_peft_model(tiny_t5(), PolyConfig(n_tasks=4, n_skills=4))
     with torch.no_grad():  # tasks {0, 2} use skills 0-1, tasks {1, 3} use skills 2-3
-        for _, layer in model._poly_layers():
+        for _, layer in model.poly_layers():
             logits = layer.adapters["default"].poly_router.module_logits
             logits.copy_(torch.tensor([[4.0, 4, -4, -4], [-4, -4, 4, 4], [4, 3, -4, -4], [-4, -4, 3, 4]]))
     figure = plot_task_hierarchy(model, tmp_path / "tree.png")
@@ -75,7 +75,7 @@ def test_hierarchy_groups_tasks_with_the_same_routing(tmp_path):
 
 def test_plot_allocation_of_one_layer_and_fixed_variant(tmp_path):
     model = get_peft_model(tiny_llama(), PolyConfig(poly_type="fixed", n_tasks=2, n_skills=3, allocation=[[1, 1, 0], [0, 0, 1]]))
-    path = next(p for p, _ in model._poly_layers())
+    path = next(p for p, _ in model.poly_layers())
     figure = plot_allocation(model, tmp_path / "layer.png", layer=path)
     np.testing.assert_allclose(figure.allocation, [[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     assert _is_png(tmp_path / "layer.png") and figure.labels == ["task 0", "task 1"]

@@ -11,51 +11,29 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .tasks import _adapter_name, adapters_of
-
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import PolyModel
+    from ..model import PolyModel
 
 
 def freeze_skills(model: "PolyModel", adapter_name: Optional[str] = None, freeze_saved_modules: bool = True) -> int:
     """MHR-z: freeze the skills so that only the routing trains; returns the number of trainable parameters.
 
-    Sets ``requires_grad=False`` on ``poly_lora_A``/``poly_lora_B`` of every layer (and, with
-    ``freeze_saved_modules``, on the ``modules_to_save`` copies) of the adapter. Typical few-shot use::
+    The function form of :meth:`PolyModel.freeze_skills <polytropon.model.PolyModel.freeze_skills>`. Typical
+    few-shot use::
 
         add_tasks(model, ["new_task"]); freeze_skills(model)     # then train on the new task only
 
-    Learned rows of other tasks get zero gradient, so with an optimizer without weight decay they stay
-    unchanged. :meth:`PolyModel.set_adapter` restores the default trainable set; so does
-    :func:`unfreeze_skills`.
+    :meth:`PolyModel.set_adapter` restores the default trainable set; so does :func:`unfreeze_skills`.
 
     Raises:
         ValueError: the adapter is not the active (trainable) one, is in inference mode, or has no learned router.
     """
-    adapter_name = _adapter_name(model, adapter_name)
-    config = model.peft_config[adapter_name]
-    if adapter_name != model.active_adapter or config.inference_mode:
-        raise ValueError(
-            f"adapter {adapter_name!r} is not trainable (only the active adapter trains, and not in inference_mode)"
-        )
-    if config.poly_type != "poly":
-        raise ValueError(
-            f"adapter {adapter_name!r} has a fixed allocation (poly_type={config.poly_type!r}): with frozen skills "
-            "nothing would train"
-        )
-    for _, adapter in adapters_of(model, adapter_name):
-        adapter.poly_lora_A.requires_grad_(False)
-        adapter.poly_lora_B.requires_grad_(False)
-    if freeze_saved_modules:
-        for _, wrapper in model._saved_modules():
-            if adapter_name in wrapper.modules_to_save:
-                wrapper.modules_to_save[adapter_name].requires_grad_(False)
-    return model.get_nb_trainable_parameters()[0]
+    return model.freeze_skills(adapter_name, freeze_saved_modules)
 
 
 def unfreeze_skills(model: "PolyModel") -> int:
     """Undo :func:`freeze_skills`: the active adapter trains fully again; returns the trainable count."""
-    model._update_trainable()
+    model.set_adapter(model.resolve_adapter())
     return model.get_nb_trainable_parameters()[0]
 
 
@@ -92,7 +70,7 @@ def collapse_to_average(
     Raises:
         ValueError: unknown source adapter, or ``new_adapter_name`` already taken (nothing is changed).
     """
-    adapter_name = _adapter_name(model, adapter_name)
+    adapter_name = model.resolve_adapter(adapter_name)
     if not isinstance(new_adapter_name, str) or not new_adapter_name:
         raise ValueError(f"new_adapter_name must be a non-empty string, got {new_adapter_name!r}")
     if new_adapter_name in model.peft_config:
@@ -104,20 +82,20 @@ def collapse_to_average(
         inference_mode=False,
     )
     if isinstance(config.target_modules, list):  # exactly the source's layers, whatever the patterns match now
-        config.target_modules = [path for path, _ in adapters_of(model, adapter_name)]
+        config.target_modules = [path for path, _ in model.named_adapters(adapter_name)]
     averaged = {}
-    for path, adapter in adapters_of(model, adapter_name):
+    for path, adapter in model.named_adapters(adapter_name):
         a, b = adapter.poly_lora_A, adapter.poly_lora_B
         q, _, d_in, r = a.shape
         a_mu = a.mean(dim=1).reshape(q * d_in, r)  # splits stacked along in_features
         b_mu = b.mean(dim=1).permute(1, 0, 2).reshape(r, -1)  # splits stacked along out_features
         averaged[path] = (a_mu, b_mu)
     model.add_adapter(new_adapter_name, config)
-    for path, adapter in adapters_of(model, new_adapter_name):
+    for path, adapter in model.named_adapters(new_adapter_name):
         a_mu, b_mu = averaged[path]
         adapter.poly_lora_A.copy_(a_mu.view_as(adapter.poly_lora_A))
         adapter.poly_lora_B.copy_(b_mu.view_as(adapter.poly_lora_B))
-    for _, wrapper in model._saved_modules():
+    for _, wrapper in model.saved_modules():
         if adapter_name in wrapper.modules_to_save and new_adapter_name in wrapper.modules_to_save:
             wrapper.modules_to_save[new_adapter_name].load_state_dict(wrapper.modules_to_save[adapter_name].state_dict())
     if activate:

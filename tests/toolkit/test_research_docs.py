@@ -7,7 +7,7 @@ import re
 
 import torch
 
-DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "research.md"
+DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "research.md"
 
 
 def test_research_doc_examples_run(capsys):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from polytropon.data import (
+from polytropon.app.data import (
     DataError,
     PolyDataCollator,
     PolyDataset,
@@ -154,7 +154,7 @@ def test_documented_trainer_example_runs(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
     env = dict(os.environ, PYTHONPATH=os.path.join(root, "src"), EXAMPLE_OUTPUT_DIR=str(tmp_path / "out"),
                EXAMPLE_MAX_STEPS="3", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, os.path.join(root, "docs", "trainer_example.py")], env=env,

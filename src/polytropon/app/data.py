@@ -1,0 +1,295 @@
+"""Multi-task data: JSONL loading and validation, tokenization, and batching with ``task_ids``.
+
+The on-disk format is one JSON object per line::
+
+    {"task": "sentiment", "input": "The film was great.", "target": "yes"}
+
+:class:`PolyDataCollator` pads a batch and adds a ``task_ids`` ``LongTensor`` next to
+``input_ids``/``attention_mask``/``labels``. To keep that column when using the
+Hugging Face :class:`~transformers.Trainer` directly with a ``PolyModel``, pass
+``remove_unused_columns=False`` in the ``TrainingArguments`` and this collator as
+``data_collator``; see ``docs/cli.md`` for a runnable example.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "HeadType",
+    "HEAD_TYPES",
+    "DataError",
+    "Row",
+    "load_jsonl",
+    "write_jsonl",
+    "task_names_of",
+    "check_tasks",
+    "encode_rows",
+    "PolyDataset",
+    "PolyDataCollator",
+    "rows_from_dicts",
+    "split_rows",
+]
+
+HeadType = Literal["classification", "causal-lm", "seq2seq"]
+HEAD_TYPES: tuple[str, ...] = ("classification", "causal-lm", "seq2seq")
+
+REQUIRED_KEYS: tuple[str, ...] = ("task", "input", "target")
+
+
+class DataError(ValueError):
+    """Invalid user data; the message names the file and, where it applies, the line."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One example, with where it came from (for error messages)."""
+
+    task: str
+    input: str
+    target: str
+    source: str = "<memory>"
+    line: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}" if self.line else self.source
+
+
+def _row_from_obj(obj: Any, source: str, line: int) -> Row:
+    where = f"{source}:{line}" if line else source
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with keys task, input, target")
+    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {', '.join(missing)}")
+    for key in REQUIRED_KEYS:
+        if not isinstance(obj[key], str):
+            raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
+    if not obj["task"]:
+        raise DataError(f"{where}: 'task' is empty")
+    return Row(obj["task"], obj["input"], obj["target"], source, line)
+
+
+def load_jsonl(path: str | os.PathLike[str]) -> list[Row]:
+    """Read and validate a JSONL file of ``{"task", "input", "target"}`` objects.
+
+    Blank lines are skipped; extra keys are ignored. Raises :class:`DataError` naming
+    the file and 1-based line number on the first problem, or if the file is missing,
+    unreadable, or holds no example.
+    """
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise DataError(f"{source}: no such file")
+    rows: list[Row] = []
+    try:
+        with open(source, encoding="utf-8") as fh:
+            for lineno, text in enumerate(fh, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{source}:{lineno}: not valid JSON ({err.msg})") from None
+                rows.append(_row_from_obj(obj, source, lineno))
+    except UnicodeDecodeError:
+        raise DataError(f"{source}: not UTF-8 text") from None
+    except OSError as err:
+        raise DataError(f"{source}: cannot read ({err.strerror})") from None
+    if not rows:
+        raise DataError(f"{source}: no examples")
+    return rows
+
+
+def rows_from_dicts(items: Iterable[dict[str, Any]], source: str = "<memory>") -> list[Row]:
+    """Validate in-memory ``{"task", "input", "target"}`` dicts (e.g. from :mod:`polytropon.suite`)."""
+    return [_row_from_obj(obj, source, 0) for obj in items]
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Row | dict[str, Any]]) -> None:
+    """Write rows as JSONL (the format :func:`load_jsonl` reads)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            obj = row if isinstance(row, dict) else {"task": row.task, "input": row.input, "target": row.target}
+            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def task_names_of(rows: Sequence[Row]) -> list[str]:
+    """Task names in order of first appearance."""
+    return list(dict.fromkeys(r.task for r in rows))
+
+
+def check_tasks(rows: Sequence[Row], task_names: Sequence[str]) -> None:
+    """Raise :class:`DataError` if a row's task is not one of ``task_names``."""
+    known = set(task_names)
+    for row in rows:
+        if row.task not in known:
+            raise DataError(f"{row.where}: unknown task {row.task!r} (the adapter knows {len(known)} tasks)")
+
+
+def encode_rows(
+    rows: Sequence[Row],
+    tokenizer: Any,
+    head: HeadType,
+    task_to_id: dict[str, int],
+    label_to_id: dict[str, int] | None = None,
+    max_length: int = 128,
+) -> list[dict[str, Any]]:
+    """Tokenize rows into features for :class:`PolyDataCollator`.
+
+    * ``classification``: ``labels`` is the class index of ``target`` in ``label_to_id``.
+    * ``causal-lm``: the sequence is ``input`` followed by `` target`` and EOS; ``labels``
+      masks the prompt with ``-100`` so the loss covers only the answer.
+    * ``seq2seq``: ``input`` is encoded, ``target`` becomes ``labels``.
+    """
+    check_tasks(rows, list(task_to_id))
+    features: list[dict[str, Any]] = []
+    if head == "classification":
+        if label_to_id is None:
+            raise ValueError("classification needs label_to_id")
+        for row in rows:
+            if row.target not in label_to_id:
+                raise DataError(f"{row.where}: unknown target {row.target!r} (labels: {', '.join(label_to_id)})")
+        enc = tokenizer([r.input for r in rows], truncation=True, max_length=max_length)
+        for i, row in enumerate(rows):
+            features.append(
+                {
+                    "input_ids": enc["input_ids"][i],
+                    "attention_mask": enc["attention_mask"][i],
+                    "labels": label_to_id[row.target],
+                    "task_ids": task_to_id[row.task],
+                }
+            )
+    elif head == "causal-lm":
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        prompts = tokenizer([r.input for r in rows])["input_ids"]
+        answers = tokenizer([" " + r.target for r in rows], add_special_tokens=False)["input_ids"]
+        for row, prompt, answer in zip(rows, prompts, answers):
+            answer = (answer + eos)[:max_length]
+            prompt = prompt[-(max_length - len(answer)) :] if max_length > len(answer) else []
+            ids = prompt + answer
+            features.append(
+                {
+                    "input_ids": ids,
+                    "attention_mask": [1] * len(ids),
+                    "labels": [-100] * len(prompt) + answer,
+                    "task_ids": task_to_id[row.task],
+                }
+            )
+    elif head == "seq2seq":
+        enc = tokenizer([r.input for r in rows], truncation=True, max_length=max_length)
+        tgt = tokenizer(text_target=[r.target for r in rows], truncation=True, max_length=max_length)
+        for i, row in enumerate(rows):
+            features.append(
+                {
+                    "input_ids": enc["input_ids"][i],
+                    "attention_mask": enc["attention_mask"][i],
+                    "labels": tgt["input_ids"][i],
+                    "task_ids": task_to_id[row.task],
+                }
+            )
+    else:
+        raise ValueError(f"unknown head {head!r}; expected one of {HEAD_TYPES}")
+    return features
+
+
+class PolyDataset(Dataset):
+    """A list of tokenized features (see :func:`encode_rows`) as a map-style dataset."""
+
+    def __init__(self, features: Sequence[dict[str, Any]]):
+        self.features = list(features)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.features[index]
+
+
+@dataclass
+class PolyDataCollator:
+    """Pad ``input_ids``/``attention_mask``/``labels`` and batch ``task_ids``.
+
+    Args:
+        tokenizer: supplies the pad token id and padding side.
+        label_pad_id: padding for token-level labels (ignored by the loss).
+        pad_to_multiple_of: optional rounding of the padded length.
+
+    Features are dicts with ``input_ids``, ``attention_mask``, ``task_ids`` (an int),
+    and ``labels`` (an int for classification, a list of token ids otherwise).
+    Unknown keys are dropped. The output holds ``torch.long`` tensors.
+    """
+
+    tokenizer: Any
+    label_pad_id: int = -100
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("empty batch")
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+
+        def pad(seq: Sequence[int], value: int, length: int) -> list[int]:
+            filler = [value] * (length - len(seq))
+            return filler + list(seq) if left else list(seq) + filler
+
+        batch = {
+            "input_ids": torch.tensor([pad(f["input_ids"], pad_id, longest) for f in features], dtype=torch.long),
+            "attention_mask": torch.tensor(
+                [pad(f.get("attention_mask", [1] * len(f["input_ids"])), 0, longest) for f in features],
+                dtype=torch.long,
+            ),
+            "task_ids": torch.tensor([int(f["task_ids"]) for f in features], dtype=torch.long),
+        }
+        if "labels" in features[0]:
+            first = features[0]["labels"]
+            if isinstance(first, (list, tuple)):
+                # token labels: pad on the right for seq2seq targets, like the inputs for causal LMs
+                same_as_inputs = all(len(f["labels"]) == len(f["input_ids"]) for f in features)
+                length = longest if same_as_inputs else max(len(f["labels"]) for f in features)
+                if same_as_inputs:
+                    labels = [pad(f["labels"], self.label_pad_id, length) for f in features]
+                else:
+                    labels = [list(f["labels"]) + [self.label_pad_id] * (length - len(f["labels"])) for f in features]
+                batch["labels"] = torch.tensor(labels, dtype=torch.long)
+            else:
+                batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+        return batch
+
+
+def split_rows(rows: Sequence[Row], fraction: float, seed: int = 0) -> tuple[list[Row], list[Row]]:
+    """Hold out about ``fraction`` of every task's rows (at least one when a task has two or more).
+
+    Returns ``(train, held_out)``; deterministic for ``seed``.
+    """
+    import random
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    by_task: dict[str, list[Row]] = {}
+    for row in rows:
+        by_task.setdefault(row.task, []).append(row)
+    rng = random.Random(seed)
+    train: list[Row] = []
+    held: list[Row] = []
+    for task_rows in by_task.values():
+        shuffled = list(task_rows)
+        rng.shuffle(shuffled)
+        k = max(1, round(fraction * len(shuffled))) if len(shuffled) >= 2 else 0
+        held.extend(shuffled[:k])
+        train.extend(shuffled[k:])
+    return train, held

@@ -1,0 +1,477 @@
+"""Training and evaluation helpers behind ``polytropon train`` / ``eval``.
+
+* :func:`infer_head` and :func:`load_base_model` pick and load the right transformers head.
+* :class:`PolyTrainer` is a :class:`transformers.Trainer` with a two-speed optimizer (router
+  logits get their own learning rate) and small adapter-only checkpoints that it can resume from.
+* :func:`evaluate_per_task` computes per-task accuracy / exact match (and loss for language models).
+* :func:`head_only_baseline` trains just the classification head of a frozen base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer
+
+from .data import HeadType, PolyDataCollator, Row
+
+__all__ = [
+    "ModelLoadError",
+    "TASK_TYPE_OF_HEAD",
+    "infer_head",
+    "load_base_model",
+    "PolyTrainer",
+    "TRAINABLE_STATE_NAME",
+    "trainable_state",
+    "state_digest",
+    "evaluate_per_task",
+    "head_only_baseline",
+    "find_head_module",
+]
+
+#: PEFT task type written to the adapter config for each head.
+TASK_TYPE_OF_HEAD: dict[str, str] = {
+    "classification": "SEQ_CLS",
+    "causal-lm": "CAUSAL_LM",
+    "seq2seq": "SEQ_2_SEQ_LM",
+}
+#: File with every trainable tensor in a checkpoint (used to resume).
+TRAINABLE_STATE_NAME = "trainable_state.safetensors"
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder or hub id does not load."""
+
+
+def _load_kwargs(model: str, revision: str | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if os.path.isdir(model):
+        kwargs["local_files_only"] = True
+    if revision:
+        kwargs["revision"] = revision
+    return kwargs
+
+
+def _check_model_reference(model: str) -> None:
+    """Reject things that are clearly meant as local paths but do not exist (never ask the hub for them)."""
+    if os.path.isdir(model):
+        return
+    if os.path.exists(model):
+        raise ModelLoadError(f"{model}: not a model folder")
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+    if looks_local:
+        raise ModelLoadError(f"{model}: no such model folder")
+
+
+def load_model_config(model: str, revision: str | None = None) -> Any:
+    """The transformers config of ``model``, or :class:`ModelLoadError`."""
+    from transformers import AutoConfig
+
+    _check_model_reference(model)
+    try:
+        return AutoConfig.from_pretrained(model, **_load_kwargs(model, revision))
+    except Exception as err:  # transformers raises many types here (OSError, ValueError, KeyError...)
+        raise ModelLoadError(f"{model}: cannot load the model config ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def infer_head(config: Any) -> HeadType:
+    """Which head to train for a model config: seq2seq, causal LM, or sequence classification.
+
+    Encoder-decoder models are ``seq2seq``; models whose ``architectures`` name a causal LM
+    (``*ForCausalLM``, ``*LMHeadModel``) are ``causal-lm``; everything else, including bare encoders
+    such as ``BertModel``, gets a sequence-classification head.
+    """
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForSequenceClassification"):
+            return "classification"
+        if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+            return "causal-lm"
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    # No telling architecture: masked-LM families (BERT, RoBERTa, ...) are encoders -> classification.
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "classification"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    return "classification"
+
+
+def load_base_model(
+    model: str,
+    head: HeadType,
+    labels: Sequence[str] | None = None,
+    revision: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)`` with the head for ``head``; raises :class:`ModelLoadError`.
+
+    For classification ``labels`` name the classes; a head of another size is re-initialised.
+    The tokenizer gets a pad token (EOS) when it has none.
+    """
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    _check_model_reference(model)
+    kwargs = _load_kwargs(model, revision)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, **_load_kwargs(model, revision))
+    except Exception as err:
+        raise ModelLoadError(f"{model}: cannot load the tokenizer ({_first_line(err)})") from None
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        if head == "classification":
+            if not labels:
+                raise ValueError("classification needs labels")
+            net = AutoModelForSequenceClassification.from_pretrained(
+                model,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)},
+                ignore_mismatched_sizes=True,
+                **kwargs,
+            )
+            if net.config.pad_token_id is None:
+                net.config.pad_token_id = tokenizer.pad_token_id
+        elif head == "causal-lm":
+            net = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        elif head == "seq2seq":
+            net = AutoModelForSeq2SeqLM.from_pretrained(model, **kwargs)
+        else:
+            raise ValueError(f"unknown head {head!r}")
+    except ModelLoadError:
+        raise
+    except Exception as err:
+        raise ModelLoadError(f"{model}: cannot load the model as {head} ({_first_line(err)})") from None
+    return net, tokenizer
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor of ``model`` by parameter name (detached, contiguous, on CPU)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names and float32 bytes of ``state``; equal digests mean identical tensors."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class PolyTrainer(Trainer):
+    """A :class:`~transformers.Trainer` for ``PolyModel``.
+
+    * The optimizer is AdamW over :func:`polytropon.optim.param_groups`: router logits use
+      ``router_lr`` and no weight decay; skills and saved modules use ``args.learning_rate``.
+      The scheduler scales both.
+    * Checkpoints hold the adapter (``save_pretrained``) and all trainable tensors
+      (:data:`TRAINABLE_STATE_NAME`), not the frozen base model; resuming loads the latter.
+    """
+
+    def __init__(self, *args: Any, router_lr: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.router_lr = router_lr
+        # PolyModel.forward takes **kwargs; do not let Trainer pass num_items_in_batch into the base model.
+        self.model_accepts_loss_kwargs = False
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            from ..toolkit.optim import param_groups
+
+            groups = param_groups(self.model, self.args.learning_rate, self.router_lr, self.args.weight_decay)
+            self.optimizer = torch.optim.AdamW(
+                groups,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+            )
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(output_dir)
+        save_file(trainable_state(model), os.path.join(output_dir, TRAINABLE_STATE_NAME))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        path = os.path.join(resume_from_checkpoint, TRAINABLE_STATE_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"{resume_from_checkpoint}: not a polytropon checkpoint (no {TRAINABLE_STATE_NAME})")
+        saved = load_file(path)
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
+        if missing:
+            raise ValueError(f"{resume_from_checkpoint}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                if name not in params or params[name].shape != tensor.shape:
+                    raise ValueError(f"{resume_from_checkpoint}: tensor {name} does not fit the model")
+                params[name].copy_(tensor)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _batches(items: Sequence[Any], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate_per_task(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    head: HeadType,
+    task_to_id: dict[str, int],
+    label_to_id: dict[str, int] | None = None,
+    max_length: int = 128,
+    batch_size: int = 64,
+    use_task_ids: bool = True,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Per-task metrics of ``model`` on ``rows``.
+
+    Classification: ``accuracy`` and ``loss``. Language models: ``loss`` (mean token cross-entropy
+    of the target) and ``exact_match`` of the greedy continuation against ``target`` (whitespace
+    stripped). With ``use_task_ids=False`` the model is called without ``task_ids`` (for a base model).
+    Returns ``{task: {metric: value, "n": count}}``.
+    """
+    from .data import encode_rows
+
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    collate = PolyDataCollator(tokenizer)
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input))  # less padding
+    chunks = list(_batches([rows[i] for i in order], batch_size))
+    iterator: Any = chunks
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(chunks, desc="eval", leave=False)
+    for chunk in iterator:
+        features = encode_rows(chunk, tokenizer, head, task_to_id, label_to_id, max_length)
+        batch = {k: v.to(device) for k, v in collate(features).items()}
+        task_ids = batch.pop("task_ids")
+        extra = {"task_ids": task_ids} if use_task_ids else {}
+        out = model(**batch, **extra)
+        logits = out.logits.float()
+        if head == "classification":
+            losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+            correct = (logits.argmax(-1) == batch["labels"]).float()
+            for row, loss, ok in zip(chunk, losses.tolist(), correct.tolist()):
+                s = sums[row.task]
+                s["loss"] += loss
+                s["accuracy"] += ok
+                s["n"] += 1
+        else:
+            labels = batch["labels"]
+            if head == "causal-lm":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            token_loss = nn.functional.cross_entropy(
+                logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+            )
+            mask = (labels != -100).float()
+            per_example = (token_loss * mask).sum(1) / mask.sum(1).clamp_min(1)
+            matches = _exact_matches(model, tokenizer, chunk, head, task_ids, use_task_ids, max_length, max_new_tokens)
+            for row, loss, ok in zip(chunk, per_example.tolist(), matches):
+                s = sums[row.task]
+                s["loss"] += loss
+                s["exact_match"] += float(ok)
+                s["n"] += 1
+    model.train(was_training)
+    result: dict[str, dict[str, float]] = {}
+    for task in task_to_id:
+        if task not in sums:
+            continue
+        s = sums[task]
+        n = s.pop("n")
+        result[task] = {k: v / n for k, v in s.items()} | {"n": int(n)}
+    return result
+
+
+def _exact_matches(
+    model: nn.Module,
+    tokenizer: Any,
+    chunk: Sequence[Row],
+    head: HeadType,
+    task_ids: torch.Tensor,
+    use_task_ids: bool,
+    max_length: int,
+    max_new_tokens: int | None,
+) -> list[bool]:
+    device = _model_device(model)
+    if max_new_tokens is None:
+        longest = max(len(tokenizer(" " + r.target, add_special_tokens=False)["input_ids"]) for r in chunk)
+        max_new_tokens = longest + 2
+    side = tokenizer.padding_side
+    if head == "causal-lm":
+        tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(
+            [r.input for r in chunk], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        ).to(device)
+    finally:
+        tokenizer.padding_side = side
+    extra = {"task_ids": task_ids} if use_task_ids else {}
+    generated = model.generate(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+    if head == "causal-lm":
+        generated = generated[:, enc["input_ids"].shape[1] :]
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    return [text.strip() == row.target.strip() for text, row in zip(texts, chunk)]
+
+
+def mean_metric(per_task: dict[str, dict[str, float]], metric: str) -> float:
+    """Unweighted mean of ``metric`` over tasks (NaN when no task has it)."""
+    values = [m[metric] for m in per_task.values() if metric in m]
+    return sum(values) / len(values) if values else math.nan
+
+
+# --------------------------------------------------------------------------- head-only baseline
+
+
+def find_head_module(model: nn.Module) -> tuple[str, nn.Module]:
+    """The classification head of a transformers model (``classifier`` or ``score``)."""
+    for name in ("classifier", "score"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return name, module
+    raise ValueError(f"{type(model).__name__} has no 'classifier' or 'score' head")
+
+
+def head_only_baseline(
+    model: nn.Module,
+    tokenizer: Any,
+    train_rows: Sequence[Row],
+    eval_rows: Sequence[Row],
+    task_to_id: dict[str, int],
+    label_to_id: dict[str, int],
+    max_length: int = 128,
+    batch_size: int = 64,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Train only the classification head of a frozen ``model`` and return its per-task eval metrics.
+
+    The encoder runs once over the data (the head's inputs are cached), then the head is trained
+    with AdamW on the cached features. The model's own head is trained in place.
+    """
+    from .data import encode_rows
+
+    _, head = find_head_module(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = _model_device(model)
+    collate = PolyDataCollator(tokenizer)
+    captured: list[torch.Tensor] = []
+
+    def grab(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        captured.append(inputs[0].detach())
+
+    def features_of(rows: Sequence[Row]) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        out = []
+        chunks = list(_batches(list(rows), batch_size))
+        iterator: Any = chunks
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(chunks, desc="baseline features", leave=False)
+        handle = head.register_forward_pre_hook(grab)
+        try:
+            with torch.no_grad():
+                for chunk in iterator:
+                    batch = collate(encode_rows(chunk, tokenizer, "classification", task_to_id, label_to_id, max_length))
+                    batch.pop("task_ids")
+                    labels = batch.pop("labels")
+                    captured.clear()
+                    model(**{k: v.to(device) for k, v in batch.items()})
+                    out.append((captured[-1], labels.to(device), [r.task for r in chunk]))
+        finally:
+            handle.remove()
+        return out
+
+    train_feats = features_of(train_rows)
+    eval_feats = features_of(eval_rows)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for i in torch.randperm(len(train_feats), generator=generator).tolist():
+                x, y, _tasks = train_feats[i]
+                loss = nn.functional.cross_entropy(head(x).float(), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    head.eval()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    with torch.no_grad():
+        for x, y, tasks in eval_feats:
+            logits = head(x).float()
+            losses = nn.functional.cross_entropy(logits, y, reduction="none").tolist()
+            correct = (logits.argmax(-1) == y).float().tolist()
+            for task, loss, ok in zip(tasks, losses, correct):
+                s = sums[task]
+                s[0] += loss
+                s[1] += ok
+                s[2] += 1
+    return {
+        task: {"loss": s[0] / s[2], "accuracy": s[1] / s[2], "n": int(s[2])}
+        for task in task_to_id
+        if (s := sums.get(task)) is not None
+    }
