@@ -56,12 +56,23 @@ def test_bad_task_ids_rejected_in_generate(model):
         model.generate(input_ids=batch_inputs("llama")["input_ids"], task_ids=[0, 5, 0, 0], max_new_tokens=2)
 
 
-def test_divisor_length_is_repeated_per_example(model):
+@pytest.mark.parametrize("n_ids", [2, 3, 5, 8])
+def test_a_length_other_than_the_batch_or_one_is_an_error(model, n_ids):
+    inputs = batch_inputs("llama", batch=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"got {n_ids} task_ids for a batch of 4 examples"):
+        model(**inputs, task_ids=list(range(n_ids)) if n_ids <= 3 else [0] * n_ids)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_single_id_routes_the_whole_batch(model):
     inputs = batch_inputs("llama", batch=4)
     with torch.no_grad():
-        short = model(**inputs, task_ids=[1, 2]).logits
-        full = model(**inputs, task_ids=[1, 1, 2, 2]).logits
-    torch.testing.assert_close(short, full, rtol=0, atol=0)
+        single = model(**inputs, task_ids=[2]).logits
+        scalar_tensor = model(**inputs, task_ids=torch.tensor([2])).logits
+        full = model(**inputs, task_ids=[2, 2, 2, 2]).logits
+    torch.testing.assert_close(single, full, rtol=0, atol=0)
+    torch.testing.assert_close(scalar_tensor, full, rtol=0, atol=0)
 
 
 def test_each_example_uses_its_own_task(model):

@@ -433,18 +433,33 @@ class PolyModel(nn.Module):
         return None
 
     def _task_ids_for_call(self, task_ids: Optional[TaskIds], batch_size: Optional[int]) -> Optional[torch.Tensor]:
+        """The checked task ids of one call: ``task_ids`` if given, else those of the innermost :meth:`task_context`.
+
+        One id per example, or a single id for the whole batch (expanded to the batch when its size is known).
+        """
         state = self.routing
         active = state.active_adapter
+        if task_ids is None:
+            task_ids = state.context_task_ids
         if task_ids is None:
             if active is not None and not state.disabled and state.merged_task is None:
                 raise ValueError(
                     f"task_ids are required while adapter {active!r} is active: pass task_ids=... "
-                    "(a LongTensor of shape (batch,) or a list of ints, one task per example)"
+                    "(a LongTensor of shape (batch,) or a list of ints, one task per example), or route a block "
+                    "of calls with model.task_context(...)"
                 )
             return None
-        if active is None:
+        ids = self._check_call_task_ids(task_ids, batch_size)
+        if batch_size is not None and ids.shape[0] == 1 and batch_size > 1:
+            ids = ids.expand(batch_size)  # one route per example in training, as for a full list
+        return ids
+
+    def _check_call_task_ids(self, task_ids: TaskIds, batch_size: Optional[int]) -> torch.Tensor:
+        """``task_ids`` (ids or names) checked against the active adapter, the batch size and a merged task."""
+        state = self.routing
+        if state.active_adapter is None:
             raise ValueError("task_ids were given but the model has no active adapter")
-        config = self.peft_config[active]
+        config = self.peft_config[state.active_adapter]
         allow_unknown = config.unknown_task == "average" and not self.training
         task_ids = resolve_task_names(task_ids, config, allow_unknown=allow_unknown)
         ids = check_task_ids(task_ids, config.n_tasks, batch_size, allow_unknown=allow_unknown)
@@ -458,13 +473,49 @@ class PolyModel(nn.Module):
                 )
         return ids
 
+    @contextmanager
+    def task_context(self, task_ids: Union[TaskIds, int, str]) -> Iterator[None]:
+        """Route every call inside the block that gives no ``task_ids`` to these tasks.
+
+        Covers ``forward`` and ``generate`` of this model and direct calls of :meth:`get_base_model` -- e.g. by a
+        transformers ``pipeline`` or an evaluation harness that does not know about task ids::
+
+            with model.task_context("sst2"):                    # or an id, or one id/name per example
+                pipeline("text-classification", model=model.get_base_model(), tokenizer=tok)("great film")
+
+        A single id or name applies to a batch of any size (and to every row of beam search); a list gives one
+        task per example and must match the batch size of each call (through ``forward``/``generate``: exactly;
+        a direct base-model call also accepts a multiple of it, each example's rows in a row, as generation
+        makes). A ``task_ids=`` passed to a call inside the block wins over the block's. Blocks nest (the
+        innermost wins) and are undone on exit, exceptions included. The block belongs to the current thread
+        or asyncio task: other threads never see it.
+
+        Raises:
+            TypeError / ValueError: bad ids or names for the active adapter (checked on entry, nothing is set).
+        """
+        if isinstance(task_ids, (int, str)) and not isinstance(task_ids, bool):
+            task_ids = [task_ids]
+        ids = self._check_call_task_ids(task_ids, None)
+        with self.routing.task_context(ids):
+            yield
+
+    def _manage_pre_hooks(self, task_ids: Union[TaskIds, int, str]) -> Any:
+        """PEFT's spelling of :meth:`task_context` (``with peft_model._manage_pre_hooks(task_ids=...):``)."""
+        return self.task_context(task_ids)
+
     def forward(self, *args: Any, task_ids: Optional[TaskIds] = None, **kwargs: Any) -> Any:
         """Run the wrapped model with every example routed to its task.
 
         Args:
-            task_ids: ``(batch,)`` LongTensor or list of ints in ``[0, n_tasks)``; required while an adapter
-                is active and not merged or disabled.
+            task_ids: ``(batch,)`` LongTensor or list of ints (or task names) in ``[0, n_tasks)``, one per
+                example, or a single id for the whole batch; required while an adapter is active and not merged
+                or disabled, unless a :meth:`task_context` gives them.
             *args, **kwargs: the wrapped model's own arguments (``input_ids``, ``labels``, ...).
+
+        Raises:
+            ValueError: no task ids, ids out of range, or a number of ids other than the batch size or 1
+                (naming both numbers); raised before the model runs.
+            TypeError: ids that are not integers (or names).
         """
         ids = self._task_ids_for_call(task_ids, self._batch_size(args, kwargs))
         with self.routing.route(ids, self._presample(ids)):
@@ -497,7 +548,11 @@ class PolyModel(nn.Module):
         return self._router_cache[1]
 
     def generate(self, *args: Any, task_ids: Optional[TaskIds] = None, **kwargs: Any) -> Any:
-        """``model.generate`` with every example routed to its task, for any decoding strategy."""
+        """``model.generate`` with every example routed to its task, for any decoding strategy.
+
+        ``task_ids`` as in :meth:`forward` (one per input example, or one for all); when transformers expands
+        the batch (beam search, ``num_return_sequences``), every example's rows keep its task.
+        """
         ids = self._task_ids_for_call(task_ids, self._batch_size(args, kwargs))
         with self.routing.route(ids):
             return self.model.generate(*args, **kwargs)

@@ -219,8 +219,8 @@ class PolyRouter(nn.Module):
 
         A router shared by several layers (``shared = True``, ``router_granularity`` "block"/"model") is
         given the very same task-id tensor by all its layers during one model call (the call's
-        :class:`~polytropon.routing.BatchRouting`); the result is kept in the model's
-        ``RoutingState.call_store``, which lives for that call only. So the layers of a group share one
+        :class:`~polytropon.routing.BatchRouting`); the result is kept in the call's
+        scratch space (``RoutingState.call_store()``), which lives for that call only. So the layers of a group share one
         computation and, in training, one relaxed-Bernoulli sample per example. A router of a single layer
         computes at every call, as in PEFT.
         """
@@ -233,14 +233,15 @@ class PolyRouter(nn.Module):
                 "activation (gradient) checkpointing is not supported with a router shared by several layers "
                 "(router_granularity='block' or 'model'): use router_granularity='module', or disable checkpointing"
             )
-        if not self.shared or state is None or state.task_ids is None:
+        store = None if not self.shared or state is None else state.call_store()
+        if store is None:
             return self._compute(compute, task_ids)
         key = (id(self), kind, id(task_ids), torch.is_grad_enabled())
-        entry = state.call_store.get(key)
+        entry = store.get(key)
         if entry is not None and entry[0] is task_ids:
             return entry[1]
         out = self._compute(compute, task_ids)
-        state.call_store[key] = (task_ids, out)  # holding task_ids keeps its id unique during the call
+        store[key] = (task_ids, out)  # holding task_ids keeps its id unique during the call
         return out
 
     def _compute(self, compute, task_ids: torch.Tensor) -> torch.Tensor:

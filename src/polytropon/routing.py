@@ -1,15 +1,25 @@
 """The routing state shared by a :class:`~polytropon.model.PolyModel` and its layers, and task-id checks.
 
-A model owns one :class:`RoutingState`; every Poly layer holds a reference to it. The model sets the task ids
-once at the start of ``forward``/``generate`` (:meth:`RoutingState.route`) and clears them when the call
-ends; layers read them. Nothing is registered or removed per call.
+A model owns one :class:`RoutingState`; every Poly layer holds a reference to it. What belongs to the model
+(the active adapter, a merged task) lives on the state; what belongs to one call (its task ids and what is
+derived from them: the ids expanded to a layer's rows, the routes drawn for training, the weights of routers
+shared by several layers) lives in a :class:`CallRouting` that the model opens for the duration of the call
+(:meth:`RoutingState.route`) in a :mod:`contextvars` variable. Every thread and every asyncio task sees its own
+calls only, so any number of them can run ``forward``/``generate`` on one model at once. Nothing is registered
+or removed per call.
+
+Task ids can also be given for a whole block of code (:meth:`RoutingState.task_context`, behind
+:meth:`PolyModel.task_context <polytropon.model.PolyModel.task_context>`): calls that pass no ``task_ids`` --
+including direct calls of the base model, e.g. by a transformers ``pipeline`` -- are routed to them.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -62,26 +72,93 @@ def with_unknown_rows(
 
 
 @dataclass
+class CallRouting:
+    """What the layers need to route one call: its task ids and what is derived from them.
+
+    Attributes:
+        task_ids: LongTensor ``(n,)``, one task per example of the call (or a single id for all of them).
+        samples: training routing weights drawn for the call before the model runs, ``{id(router): (task_ids,
+            weights (n, n_splits, n_skills))}`` (see :func:`polytropon.router.presample`).
+        per_batch: :class:`BatchRouting` of the call per ``(rows, device)`` of a layer input, computed once.
+        store: scratch space of the call (e.g. weights of routers shared by several layers).
+    """
+
+    task_ids: torch.Tensor
+    samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    per_batch: dict[tuple[int, torch.device], BatchRouting] = field(default_factory=dict)
+    store: dict[Any, Any] = field(default_factory=dict)
+
+
+_EMPTY: Mapping[int, Any] = MappingProxyType({})
+#: ``id(RoutingState)`` -> the :class:`CallRouting` of that model's call in progress in this context (or ``None``
+#: inside a call that routes nothing, e.g. with adapters disabled). Replaced, never mutated.
+_CALLS: ContextVar[Mapping[int, Optional[CallRouting]]] = ContextVar("polytropon_calls", default=_EMPTY)
+#: ``id(RoutingState)`` -> task ids set by :meth:`RoutingState.task_context` in this context.
+_TASK_CONTEXTS: ContextVar[Mapping[int, torch.Tensor]] = ContextVar("polytropon_task_contexts", default=_EMPTY)
+#: ``id(RoutingState)`` -> ``True`` inside :meth:`PolyModel.disable_adapter` in this context.
+_DISABLED: ContextVar[Mapping[int, bool]] = ContextVar("polytropon_disabled", default=_EMPTY)
+
+
+def _with(mapping: Mapping[int, Any], key: int, value: Any) -> Mapping[int, Any]:
+    updated = dict(mapping)
+    updated[key] = value
+    return MappingProxyType(updated)
+
+
 class RoutingState:
     """What every Poly layer of one model needs to know to route its input.
 
-    Attributes:
-        active_adapter: name of the adapter the layers apply (``None``: none).
-        disabled: ``True`` inside :meth:`PolyModel.disable_adapter`: layers run their base module only.
-        merged_task: ``(adapter, task_id)`` while a task is merged into the base weights, else ``None``.
-        task_ids: the task ids of the call in progress, shape ``(n,)``; ``None`` outside a call.
+    Model-wide (one value for every caller):
+
+    * ``active_adapter``: name of the adapter the layers apply (``None``: none);
+    * ``merged_task``: ``(adapter, task_id)`` while a task is merged into the base weights, else ``None``.
+
+    Per context (each thread / asyncio task sees its own):
+
+    * ``task_ids``: the task ids of this context's call in progress, ``None`` outside a call;
+    * ``disabled``: ``True`` inside :meth:`PolyModel.disable_adapter`: layers run their base module only;
+    * ``context_task_ids``: the ids of the innermost :meth:`task_context`, or ``None``.
     """
 
-    active_adapter: Optional[str] = None
-    disabled: bool = False
-    merged_task: Optional[tuple[str, int]] = None
-    task_ids: Optional[torch.Tensor] = None
-    _per_batch: dict[tuple[int, str], BatchRouting] = field(default_factory=dict, repr=False)
-    #: scratch space that lives for one call (e.g. weights of routers shared by several layers)
-    call_store: dict[Any, Any] = field(default_factory=dict, repr=False)
-    _for_backward: Optional[torch.Tensor] = field(default=None, repr=False)
-    _samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _samples_for_backward: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    def __init__(self, active_adapter: Optional[str] = None, disabled: bool = False, merged_task: Optional[tuple[str, int]] = None) -> None:
+        self.active_adapter = active_adapter
+        self.merged_task = merged_task
+        # the last call routed with autograd on: layers re-run by activation checkpointing inside backward()
+        # (after the call has ended) route with it
+        self._for_backward: Optional[CallRouting] = None
+        if disabled:
+            self.disabled = True
+
+    # ------------------------------------------------------------------ per-context values
+    def current_call(self) -> Optional[CallRouting]:
+        """The routing of this context's call in progress, or ``None``."""
+        return _CALLS.get().get(id(self))
+
+    @property
+    def task_ids(self) -> Optional[torch.Tensor]:
+        call = _CALLS.get().get(id(self))
+        return None if call is None else call.task_ids
+
+    @property
+    def disabled(self) -> bool:
+        return _DISABLED.get().get(id(self), False)
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        _DISABLED.set(_with(_DISABLED.get(), id(self), bool(value)))
+
+    @property
+    def context_task_ids(self) -> Optional[torch.Tensor]:
+        return _TASK_CONTEXTS.get().get(id(self))
+
+    @contextmanager
+    def task_context(self, task_ids: torch.Tensor) -> Iterator[None]:
+        """Route calls without explicit task ids to ``task_ids`` (already validated) inside the block."""
+        token = _TASK_CONTEXTS.set(_with(_TASK_CONTEXTS.get(), id(self), task_ids))
+        try:
+            yield
+        finally:
+            _TASK_CONTEXTS.reset(token)
 
     @contextmanager
     def route(self, task_ids: Optional[torch.Tensor], samples: Optional[dict[int, torch.Tensor]] = None) -> Iterator[None]:
@@ -89,25 +166,28 @@ class RoutingState:
 
         ``samples`` are training routing weights drawn for the call before the model runs, ``{id(router):
         (n, n_splits, n_skills)}`` (see :func:`polytropon.router.presample`); a router finds its own with
-        :meth:`presampled`.
+        :meth:`presampled`. The call's routing is visible in this context only (this thread or asyncio task).
         """
-        previous = self.task_ids, self._per_batch, self.call_store, self._samples
-        kept = {} if task_ids is None else {key: (task_ids, w) for key, w in (samples or {}).items()}
-        self.task_ids, self._per_batch, self.call_store, self._samples = task_ids, {}, {}, kept
+        call = None
+        if task_ids is not None:
+            call = CallRouting(task_ids, {key: (task_ids, w) for key, w in (samples or {}).items()})
+        token = _CALLS.set(_with(_CALLS.get(), id(self), call))
         try:
             yield
         finally:
-            self.task_ids, self._per_batch, self.call_store, self._samples = previous
-            if task_ids is not None and torch.is_grad_enabled():
-                # activation checkpointing re-runs layers inside backward(), after the call has ended: they
-                # need the call's task ids and, to recompute the same function, its routing samples
-                self._for_backward, self._samples_for_backward = task_ids, kept
+            _CALLS.reset(token)
+            if call is not None and torch.is_grad_enabled():
+                self._for_backward = CallRouting(call.task_ids, call.samples)
 
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles of a model carry its configuration, not the tensors of a call (graph nodes)
-        state = dict(self.__dict__)
-        state.update(_per_batch={}, call_store={}, _samples={}, _samples_for_backward={}, _for_backward=None)
-        return state
+        return {"active_adapter": self.active_adapter, "merged_task": self.merged_task, "_for_backward": None}
+
+    def _recomputing(self) -> Optional[CallRouting]:
+        """The last call routed with autograd on, while a checkpointed layer is re-run inside ``backward()``."""
+        if self._for_backward is not None and self.current_call() is None and in_backward():
+            return self._for_backward
+        return None
 
     def presampled(self, router: Any, task_ids: torch.Tensor) -> Optional[torch.Tensor]:
         """The training weights drawn for ``router`` at the start of this call, if any, for these task ids.
@@ -115,10 +195,8 @@ class RoutingState:
         A layer re-run by activation checkpointing inside ``backward()`` gets the weights of the last call
         routed with autograd on (the tensors the forward pass used, so gradients reach the router's logits).
         """
-        samples = self._samples
-        if self.task_ids is None and in_backward():
-            samples = self._samples_for_backward
-        entry = samples.get(id(router))
+        call = self.current_call() or self._recomputing()
+        entry = None if call is None else call.samples.get(id(router))
         if entry is None:
             return None
         ids, weights = entry
@@ -126,12 +204,19 @@ class RoutingState:
             return weights
         return None
 
+    def call_store(self) -> Optional[dict[Any, Any]]:
+        """Scratch space of this context's call in progress (``None`` outside a call)."""
+        call = self.current_call()
+        return None if call is None else call.store
+
     def for_batch(self, batch_size: int, device: torch.device, where: str = "") -> BatchRouting:
         """The task ids of the current call expanded to a layer input of ``batch_size`` rows.
 
         Generation runs the model on ``batch * k`` rows (beam search, ``num_return_sequences``), repeating
-        every example ``k`` times in a row; the task ids are expanded the same way (``repeat_interleave``).
-        The result is computed once per call and batch size, not once per layer.
+        every example ``k`` times in a row; the task ids are expanded the same way (``repeat_interleave``), and
+        so is a single id to any number of rows. The result is computed once per call and batch size, not once
+        per layer. Outside a routed call (e.g. the base model called directly) the ids of the innermost
+        :meth:`task_context` are used.
 
         Under activation (gradient) checkpointing, layers recomputed during ``backward()`` get the task ids of
         the last routed call made with autograd on; so run each forward's backward before the next forward
@@ -140,18 +225,23 @@ class RoutingState:
         Raises:
             ValueError: if no task ids were given, or ``batch_size`` is not a multiple of their number.
         """
-        if self.task_ids is None and self._for_backward is not None and in_backward():
-            # a checkpointed segment being recomputed for the last routed call (not cached: the call is over)
-            return _expand(self._for_backward, batch_size, device, where)
-        if self.task_ids is None:
-            raise ValueError(
-                f"task_ids are required while adapter {self.active_adapter!r} is active: pass task_ids=... "
-                "(one task id per example) to forward/generate"
-            )
+        call = self.current_call()
+        if call is None:
+            recomputing = self._recomputing()
+            if recomputing is not None:  # a checkpointed segment re-run for the last routed call (not cached)
+                return _expand(recomputing.task_ids, batch_size, device, where)
+            context = self.context_task_ids
+            if context is None:
+                raise ValueError(
+                    f"task_ids are required while adapter {self.active_adapter!r} is active: pass task_ids=... "
+                    "(one task id per example) to forward/generate, or route a block of calls with "
+                    "model.task_context(...)"
+                )
+            return _expand(context, batch_size, device, where)
         cache_key = (batch_size, device)
-        cached = self._per_batch.get(cache_key)
+        cached = call.per_batch.get(cache_key)
         if cached is None:
-            cached = self._per_batch[cache_key] = _expand(self.task_ids, batch_size, device, where)
+            cached = call.per_batch[cache_key] = _expand(call.task_ids, batch_size, device, where)
         return cached
 
 
@@ -184,7 +274,8 @@ def check_task_ids(
     Args:
         task_ids: a 1-D integer tensor or a sequence of Python ints, one task per example.
         n_tasks: number of tasks of the active adapter; ids must lie in ``[0, n_tasks)``.
-        batch_size: the batch size of the call when known: ``n`` must equal it or divide it.
+        batch_size: the batch size of the call when known: ``n`` must equal it, or be 1 (one task for the
+            whole batch).
         allow_unknown: also accept :data:`UNKNOWN_TASK` (examples routed to the average of the skills).
 
     Raises:
@@ -217,9 +308,9 @@ def check_task_ids(
         if high >= n_tasks:
             raise ValueError(f"task id {high} is out of range: the adapter has n_tasks={n_tasks} (ids 0..{n_tasks - 1})")
     n = tensor.shape[0]
-    if batch_size is not None and (batch_size % n != 0):
+    if batch_size is not None and n not in (1, batch_size):
         raise ValueError(
             f"got {n} task_ids for a batch of {batch_size} examples: expected {batch_size} "
-            "(one per example) or a divisor of it"
+            "(one per example) or 1 (one task for the whole batch)"
         )
     return tensor.long()
