@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import polytropon
 from polytropon import PolyConfig, get_peft_model
-from polytropon.plots import plot_routing
+from polytropon.toolkit.plots import plot_routing
 
 VOCAB = 64
 RULES = {"a": 5, "b": 5, "c": 11, "d": 11, "new": 5}
