@@ -1,8 +1,12 @@
-"""Multi-task data: JSONL loading and validation, tokenization, and batching with ``task_ids``.
+"""Multi-task data: loading and validation, tokenization, and batching with ``task_ids``.
 
-The on-disk format is one JSON object per line::
+Every example is a row with three text fields, a task name, an input and a target::
 
     {"task": "sentiment", "input": "The film was great.", "target": "yes"}
+
+:func:`load_rows` reads them from local CSV, JSON, JSONL or Parquet files (through 🤗 ``datasets``; JSONL
+with line-precise errors), with other column names if the file has them (:class:`Columns`);
+:func:`rows_from_dataset` takes a ``datasets.Dataset`` (or any iterable of dicts) already in memory.
 
 :class:`PolyDataCollator` pads a batch and adds a ``task_ids`` ``LongTensor`` next to
 ``input_ids``/``attention_mask``/``labels``. To keep that column when using the
@@ -27,7 +31,11 @@ __all__ = [
     "HEAD_TYPES",
     "DataError",
     "Row",
+    "Columns",
+    "DATA_FORMATS",
+    "load_rows",
     "load_jsonl",
+    "rows_from_dataset",
     "write_jsonl",
     "task_names_of",
     "check_tasks",
@@ -42,6 +50,22 @@ HeadType = Literal["classification", "causal-lm", "seq2seq"]
 HEAD_TYPES: tuple[str, ...] = ("classification", "causal-lm", "seq2seq")
 
 REQUIRED_KEYS: tuple[str, ...] = ("task", "input", "target")
+
+#: file ending -> the ``datasets`` builder that reads it
+DATA_FORMATS: dict[str, str] = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which column of a data file holds each field of a row."""
+
+    task: str = "task"
+    input: str = "input"
+    target: str = "target"
+
+    def names(self) -> tuple[str, str, str]:
+        """The column names of the task, the input and the target."""
+        return self.task, self.input, self.target
 
 
 class DataError(ValueError):
@@ -63,22 +87,28 @@ class Row:
         return f"{self.source}:{self.line}" if self.line else self.source
 
 
-def _row_from_obj(obj: Any, source: str, line: int) -> Row:
+def _row_from_obj(obj: Any, source: str, line: int, columns: Columns = Columns(), typed: bool = False) -> Row:
     where = f"{source}:{line}" if line else source
+    names = columns.names()
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with keys task, input, target")
-    missing = [k for k in REQUIRED_KEYS if k not in obj]
+        raise DataError(f"{where}: expected a JSON object with keys {', '.join(names)}")
+    missing = [c for c in names if c not in obj]
     if missing:
         raise DataError(f"{where}: missing key(s) {', '.join(missing)}")
-    for key in REQUIRED_KEYS:
-        if not isinstance(obj[key], str):
-            raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
-    if not obj["task"]:
-        raise DataError(f"{where}: 'task' is empty")
-    return Row(obj["task"], obj["input"], obj["target"], source, line)
+    values = {}
+    for key, column in zip(REQUIRED_KEYS, names):
+        value = obj[column]
+        if isinstance(value, (bool, int)) and typed:  # CSV / Parquet columns of numbers: "1" was meant
+            value = str(value).lower() if isinstance(value, bool) else str(value)
+        if not isinstance(value, str):
+            raise DataError(f"{where}: {column!r} must be a string, got {type(value).__name__} ({value!r})")
+        values[key] = value
+    if not values["task"]:
+        raise DataError(f"{where}: {columns.task!r} is empty")
+    return Row(values["task"], values["input"], values["target"], source, line)
 
 
-def load_jsonl(path: str | os.PathLike[str]) -> list[Row]:
+def load_jsonl(path: str | os.PathLike[str], columns: Columns = Columns()) -> list[Row]:
     """Read and validate a JSONL file of ``{"task", "input", "target"}`` objects.
 
     Blank lines are skipped; extra keys are ignored. Raises :class:`DataError` naming
@@ -98,7 +128,7 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Row]:
                     obj = json.loads(text)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{source}:{lineno}: not valid JSON ({err.msg})") from None
-                rows.append(_row_from_obj(obj, source, lineno))
+                rows.append(_row_from_obj(obj, source, lineno, columns))
     except UnicodeDecodeError:
         raise DataError(f"{source}: not UTF-8 text") from None
     except OSError as err:
@@ -111,6 +141,57 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Row]:
 def rows_from_dicts(items: Iterable[dict[str, Any]], source: str = "<memory>") -> list[Row]:
     """Validate in-memory ``{"task", "input", "target"}`` dicts (e.g. from :mod:`polytropon.suite`)."""
     return [_row_from_obj(obj, source, 0) for obj in items]
+
+
+def load_rows(path: str | os.PathLike[str], columns: Columns = Columns()) -> list[Row]:
+    """Read and validate a local CSV, JSON, JSONL or Parquet file of rows (format from the file ending).
+
+    JSONL is read line by line (errors name the line); the other formats through ``datasets``
+    (``load_dataset("csv" | "json" | "parquet", data_files=path)``), offline. Numbers in typed columns
+    (a CSV target ``1``) are taken as their text.
+
+    Raises:
+        DataError: missing file, unknown ending (naming the known ones), unreadable file, a missing column
+            (naming the file's columns), a bad value (naming the row), or no example.
+    """
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise DataError(f"{source}: no such file")
+    ending = os.path.splitext(source)[1].lower()
+    if ending not in DATA_FORMATS:
+        raise DataError(f"{source}: unknown data format {ending or '(no ending)'!r}; expected one of {', '.join(DATA_FORMATS)}")
+    if ending == ".jsonl":
+        return load_jsonl(source, columns)
+    return rows_from_dataset(_read_dataset(source, DATA_FORMATS[ending]), columns, source)
+
+
+def _read_dataset(source: str, builder: str) -> Any:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - installed with the train and test extras
+        raise DataError(f"{source}: reading {builder} files needs the 'datasets' package (pip install datasets)") from None
+    try:
+        return datasets.load_dataset(builder, data_files=source, split="train")
+    except Exception as err:  # datasets raises many types for a malformed file
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{source}: cannot read as {builder} ({message})") from None
+
+
+def rows_from_dataset(dataset: Any, columns: Columns = Columns(), source: str = "<dataset>") -> list[Row]:
+    """Validate the rows of a ``datasets.Dataset`` (or any iterable of dicts), one per example.
+
+    Raises:
+        DataError: a missing column (naming the available ones), a bad value (naming the row), or no example.
+    """
+    available = getattr(dataset, "column_names", None)
+    if available is not None:
+        missing = [c for c in columns.names() if c not in available]
+        if missing:
+            raise DataError(f"{source}: missing column(s) {', '.join(missing)}; the data has columns {', '.join(available)}")
+    rows = [_row_from_obj(obj, source, index + 1, columns, typed=True) for index, obj in enumerate(dataset)]
+    if not rows:
+        raise DataError(f"{source}: no examples")
+    return rows
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Row | dict[str, Any]]) -> None:
