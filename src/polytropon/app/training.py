@@ -13,7 +13,7 @@ import hashlib
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -251,8 +251,41 @@ def _batches(items: Sequence[Any], size: int):
         yield items[start : start + size]
 
 
+def _with_progress(chunks: list, progress: bool, desc: str) -> Any:
+    """``chunks``, wrapped in a tqdm bar when ``progress``."""
+    if not progress:
+        return chunks
+    from tqdm.auto import tqdm
+
+    return tqdm(chunks, desc=desc, leave=False)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+class _PerTaskTally:
+    """Sums of per-example metrics by task; :meth:`means` divides by each task's example count."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+    def add(self, task: str, **values: float) -> None:
+        s = self.sums[task]
+        for key, value in values.items():
+            s[key] += value
+        s["n"] += 1
+
+    def means(self, tasks: Iterable[str]) -> dict[str, dict[str, float]]:
+        """``{task: {metric: mean, "n": count}}`` in the order of ``tasks``, for the tasks seen."""
+        result: dict[str, dict[str, float]] = {}
+        for task in tasks:
+            if task not in self.sums:
+                continue
+            s = dict(self.sums[task])
+            n = s.pop("n")
+            result[task] = {k: v / n for k, v in s.items()} | {"n": int(n)}
+        return result
 
 
 @torch.no_grad()
@@ -282,53 +315,39 @@ def evaluate_per_task(
     model.eval()
     device = _model_device(model)
     collate = PolyDataCollator(tokenizer)
-    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    tally = _PerTaskTally()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input))  # less padding
     chunks = list(_batches([rows[i] for i in order], batch_size))
-    iterator: Any = chunks
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(chunks, desc="eval", leave=False)
-    for chunk in iterator:
+    for chunk in _with_progress(chunks, progress, "eval"):
         features = encode_rows(chunk, tokenizer, head, task_to_id, label_to_id, max_length)
         batch = {k: v.to(device) for k, v in collate(features).items()}
         task_ids = batch.pop("task_ids")
         extra = {"task_ids": task_ids} if use_task_ids else {}
-        out = model(**batch, **extra)
-        logits = out.logits.float()
+        logits = model(**batch, **extra).logits.float()
         if head == "classification":
             losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
             correct = (logits.argmax(-1) == batch["labels"]).float()
             for row, loss, ok in zip(chunk, losses.tolist(), correct.tolist()):
-                s = sums[row.task]
-                s["loss"] += loss
-                s["accuracy"] += ok
-                s["n"] += 1
+                tally.add(row.task, loss=loss, accuracy=ok)
         else:
-            labels = batch["labels"]
-            if head == "causal-lm":
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            token_loss = nn.functional.cross_entropy(
-                logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
-            )
-            mask = (labels != -100).float()
-            per_example = (token_loss * mask).sum(1) / mask.sum(1).clamp_min(1)
+            per_example = _target_token_loss(logits, batch["labels"], head)
             matches = _exact_matches(model, tokenizer, chunk, head, task_ids, use_task_ids, max_length, max_new_tokens)
             for row, loss, ok in zip(chunk, per_example.tolist(), matches):
-                s = sums[row.task]
-                s["loss"] += loss
-                s["exact_match"] += float(ok)
-                s["n"] += 1
+                tally.add(row.task, loss=loss, exact_match=float(ok))
     model.train(was_training)
-    result: dict[str, dict[str, float]] = {}
-    for task in task_to_id:
-        if task not in sums:
-            continue
-        s = sums[task]
-        n = s.pop("n")
-        result[task] = {k: v / n for k, v in s.items()} | {"n": int(n)}
-    return result
+    return tally.means(task_to_id)
+
+
+def _target_token_loss(logits: torch.Tensor, labels: torch.Tensor, head: HeadType) -> torch.Tensor:
+    """Per-example mean cross-entropy over the target tokens (labels != -100), shape ``(batch,)``.
+
+    For a causal LM the logits at position ``t`` predict the token at ``t + 1``.
+    """
+    if head == "causal-lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    mask = (labels != -100).float()
+    return (token_loss * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 def _exact_matches(
@@ -406,12 +425,40 @@ def head_only_baseline(
     The encoder runs once over the data (the head's inputs are cached), then the head is trained
     with AdamW on the cached features. The model's own head is trained in place.
     """
-    from .data import encode_rows
-
     _, head = find_head_module(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    encode = dict(tokenizer=tokenizer, task_to_id=task_to_id, label_to_id=label_to_id, max_length=max_length,
+                  batch_size=batch_size, progress=progress)
+    train_feats = _head_inputs(model, head, train_rows, **encode)
+    eval_feats = _head_inputs(model, head, eval_rows, **encode)
+    _train_head(head, train_feats, epochs, lr, seed)
+    tally = _PerTaskTally()
+    with torch.no_grad():
+        for x, y, tasks in eval_feats:
+            logits = head(x).float()
+            losses = nn.functional.cross_entropy(logits, y, reduction="none").tolist()
+            correct = (logits.argmax(-1) == y).float().tolist()
+            for task, loss, ok in zip(tasks, losses, correct):
+                tally.add(task, loss=loss, accuracy=ok)
+    return tally.means(task_to_id)
+
+
+def _head_inputs(
+    model: nn.Module,
+    head: nn.Module,
+    rows: Sequence[Row],
+    tokenizer: Any,
+    task_to_id: dict[str, int],
+    label_to_id: dict[str, int],
+    max_length: int,
+    batch_size: int,
+    progress: bool,
+) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """``[(head input, labels, task names)]`` per batch of ``rows``: the frozen model run once, its head's input kept."""
+    from .data import encode_rows
+
     device = _model_device(model)
     collate = PolyDataCollator(tokenizer)
     captured: list[torch.Tensor] = []
@@ -419,30 +466,26 @@ def head_only_baseline(
     def grab(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
         captured.append(inputs[0].detach())
 
-    def features_of(rows: Sequence[Row]) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        out = []
-        chunks = list(_batches(list(rows), batch_size))
-        iterator: Any = chunks
-        if progress:
-            from tqdm.auto import tqdm
+    out = []
+    chunks = list(_batches(list(rows), batch_size))
+    handle = head.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            for chunk in _with_progress(chunks, progress, "baseline features"):
+                batch = collate(encode_rows(chunk, tokenizer, "classification", task_to_id, label_to_id, max_length))
+                batch.pop("task_ids")
+                labels = batch.pop("labels")
+                captured.clear()
+                model(**{k: v.to(device) for k, v in batch.items()})
+                out.append((captured[-1], labels.to(device), [r.task for r in chunk]))
+    finally:
+        handle.remove()
+    return out
 
-            iterator = tqdm(chunks, desc="baseline features", leave=False)
-        handle = head.register_forward_pre_hook(grab)
-        try:
-            with torch.no_grad():
-                for chunk in iterator:
-                    batch = collate(encode_rows(chunk, tokenizer, "classification", task_to_id, label_to_id, max_length))
-                    batch.pop("task_ids")
-                    labels = batch.pop("labels")
-                    captured.clear()
-                    model(**{k: v.to(device) for k, v in batch.items()})
-                    out.append((captured[-1], labels.to(device), [r.task for r in chunk]))
-        finally:
-            handle.remove()
-        return out
 
-    train_feats = features_of(train_rows)
-    eval_feats = features_of(eval_rows)
+def _train_head(head: nn.Module, feats: list[tuple[torch.Tensor, torch.Tensor, list[str]]], epochs: int, lr: float, seed: int) -> None:
+    """AdamW on the cross-entropy of ``head`` over cached ``feats`` (batches in a seeded random order per
+    epoch); the head ends frozen and in eval mode."""
     for p in head.parameters():
         p.requires_grad_(True)
     head.train()
@@ -450,8 +493,8 @@ def head_only_baseline(
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         for _ in range(epochs):
-            for i in torch.randperm(len(train_feats), generator=generator).tolist():
-                x, y, _tasks = train_feats[i]
+            for i in torch.randperm(len(feats), generator=generator).tolist():
+                x, y, _tasks = feats[i]
                 loss = nn.functional.cross_entropy(head(x).float(), y)
                 loss.backward()
                 optimizer.step()
@@ -459,19 +502,3 @@ def head_only_baseline(
     head.eval()
     for p in head.parameters():
         p.requires_grad_(False)
-    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
-    with torch.no_grad():
-        for x, y, tasks in eval_feats:
-            logits = head(x).float()
-            losses = nn.functional.cross_entropy(logits, y, reduction="none").tolist()
-            correct = (logits.argmax(-1) == y).float().tolist()
-            for task, loss, ok in zip(tasks, losses, correct):
-                s = sums[task]
-                s[0] += loss
-                s[1] += ok
-                s[2] += 1
-    return {
-        task: {"loss": s[0] / s[2], "accuracy": s[1] / s[2], "n": int(s[2])}
-        for task in task_to_id
-        if (s := sums.get(task)) is not None
-    }

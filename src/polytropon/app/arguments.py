@@ -1,0 +1,46 @@
+"""Argument types and argument groups that several verbs share."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["positive_int", "positive_float", "add_adapter_argument", "add_one_task_arguments"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    value = _convert(text, int, "an integer")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _convert(text, float, "a number")
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _convert(text: str, kind: Callable[[str], Any], noun: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+
+
+def add_adapter_argument(parser: argparse.ArgumentParser) -> None:
+    """The positional ``adapter`` of the verbs that read a saved adapter."""
+    parser.add_argument("adapter", help="a run directory or an adapter directory")
+
+
+def add_one_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """``adapter --task --output [--model]``: the verbs that turn one task of an adapter into files."""
+    add_adapter_argument(parser)
+    parser.add_argument("--task", required=True, help="the task: its name or its id")
+    parser.add_argument("--output", required=True, help="a new or empty directory")
+    parser.add_argument("--model", help="base model (default: the one recorded in the adapter)")

@@ -1,0 +1,69 @@
+"""``polytropon eval``: per-task metrics of a saved adapter on a JSONL file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..adapters import load_adapted, read_adapter_config, read_tasks_file, resolve_adapter_dir
+from ..arguments import add_adapter_argument, positive_int
+from ..console import CliError
+from ..report import format_table, means
+from ..runs import finite, write_json
+
+__all__ = ["VERB", "HELP", "DESCRIPTION", "add_arguments", "run"]
+
+VERB = "eval"
+HELP = "per-task metrics of a saved adapter on a JSONL file"
+DESCRIPTION = "Per-task accuracy (classification) or exact match and loss (LMs) of a saved adapter."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``eval``: an adapter, ``--data`` and a few evaluation knobs."""
+    add_adapter_argument(parser)
+    parser.add_argument("--data", required=True, help="JSONL with {task, input, target} rows")
+    parser.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--max-length", type=positive_int, help="default: the training value")
+    parser.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file (must not exist)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the adapter, the rows and ``--json`` before loading the model; evaluate; print; write the JSON."""
+    from ..data import check_tasks, load_jsonl
+
+    adapter_dir = resolve_adapter_dir(args.adapter)
+    info = read_tasks_file(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    rows = load_jsonl(args.data)
+    tasks: list[str] = info["tasks"]
+    check_tasks(rows, tasks)
+    head = info.get("head", "classification")
+    label_to_id = check_labels(rows, head, info.get("labels"))
+    if args.json_out and os.path.exists(args.json_out):
+        raise CliError(f"{args.json_out}: exists; refusing to overwrite")
+    from ..training import evaluate_per_task
+
+    model, tokenizer = load_adapted(adapter_dir, info, config, args.model)
+    max_length = args.max_length or int(info.get("max_length", 128))
+    task_to_id = {t: i for i, t in enumerate(tasks)}
+    metrics = evaluate_per_task(model, tokenizer, rows, head, task_to_id, label_to_id, max_length, args.batch_size)
+
+    present = [t for t in tasks if t in metrics]
+    shown = ["accuracy"] if head == "classification" else ["exact_match", "loss"]
+    for metric in shown:
+        print(format_table(present, [(metric, metrics)], metric))
+    if args.json_out:
+        summary = {"adapter": adapter_dir, "data": args.data, "per_task": metrics, "mean": means(metrics)}
+        write_json(args.json_out, finite(summary))
+    return 0
+
+
+def check_labels(rows: list, head: str, labels: list[str] | None) -> dict[str, int] | None:
+    """``{label: class id}`` of the adapter (``None`` without labels); for a classifier, every target must be one."""
+    label_to_id = {label: i for i, label in enumerate(labels)} if labels else None
+    if head == "classification":
+        for row in rows:
+            if row.target not in label_to_id:
+                raise CliError(f"{row.where}: target {row.target!r} is not a label of this adapter ({', '.join(labels)})")
+    return label_to_id

