@@ -5,6 +5,7 @@
 * :mod:`.optim` -- parameter groups with their own router learning rate;
 * :mod:`.priors` -- the Indian Buffet Process prior on learned allocations;
 * :mod:`.analysis` -- read-outs of the learned routing (allocation matrices, task similarity);
+* :mod:`.recovery` -- how well a learned allocation matches a known task x skill structure;
 * :mod:`.plots` -- figures of them (needs matplotlib and scipy, imported on demand).
 
 The toolkit builds on the tuner's public surface only; the tuner never imports it.
