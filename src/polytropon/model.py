@@ -439,7 +439,8 @@ class PolyModel(nn.Module):
         """
         state = self.routing
         active = state.active_adapter
-        if task_ids is None:
+        from_context = task_ids is None
+        if from_context:
             task_ids = state.context_task_ids
         if task_ids is None:
             if active is not None and not state.disabled and state.merged_task is None:
@@ -449,7 +450,12 @@ class PolyModel(nn.Module):
                     "of calls with model.task_context(...)"
                 )
             return None
-        ids = self._check_call_task_ids(task_ids, batch_size)
+        try:
+            ids = self._check_call_task_ids(task_ids, batch_size)
+        except ValueError as exc:
+            if from_context:  # the caller passed no ids: say where they came from
+                raise ValueError(f"{exc} (task ids of the enclosing model.task_context(...))") from None
+            raise
         if batch_size is not None and ids.shape[0] == 1 and batch_size > 1:
             ids = ids.expand(batch_size)  # one route per example in training, as for a full list
         return ids
