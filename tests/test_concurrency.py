@@ -14,7 +14,6 @@ import threading
 from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -38,7 +37,8 @@ def build(kind: str = "llama", **config) -> torch.nn.Module:
 
 @dataclass(frozen=True)
 class Job:
-    """One call: ``forward`` (logits), or ``generate`` with ``beams`` beams (sequences); ``ids`` its task ids."""
+    """One call: ``forward`` (logits), or ``generate`` with ``beams`` beams (sequences and scores); ``ids`` its
+    task ids (one per example, or one for the batch)."""
 
     kind: str
     batch: int
@@ -53,7 +53,7 @@ class Job:
         return inputs
 
 
-def run(model, job: Job, model_kind: str, how: str = "explicit") -> torch.Tensor:
+def run(model, job: Job, model_kind: str, how: str = "explicit"):
     """Run ``job`` on ``model``: ``how`` is "explicit" (``task_ids=``), "context" (``task_context`` around the
     PolyModel call) or "base" (``task_context`` around a direct call of the base model)."""
     inputs = job.inputs(model_kind)
