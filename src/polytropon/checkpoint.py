@@ -9,15 +9,20 @@ An adapter saved in ``save_directory`` (a non-default adapter in ``save_director
                                    base_model.model.<saved module path>.<param>                modules_to_save copies
 
 Weights are read from safetensors only; pickled ``.bin`` files are never loaded.
+
+Adapter names are identifiers (:func:`check_adapter_name`), and the one path built from a name -- an adapter's
+folder in a save directory -- must resolve (symlinks followed) inside that directory (:func:`adapter_directory`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Mapping
 
 import torch
+from torch import nn
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -25,9 +30,64 @@ KEY_PREFIX = "base_model.model."
 ADAPTER_KEYS = ("poly_lora_A", "poly_lora_B", "poly_router.module_logits")
 
 
+#: the rule for adapter names, as error messages state it
+ADAPTER_NAME_RULE = (
+    "ASCII letters, digits, '_' and '-', starting with a letter, digit or '_', at most 128 characters "
+    "(e.g. 'default', 'task-1', 'lora_v2')"
+)
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")
+_MODULE_DICT = nn.ModuleDict()  # adapters live in ModuleDicts: a name must not shadow one of their attributes
+
+
+def check_adapter_name(name: object, what: str = "adapter_name") -> str:
+    """Return ``name`` if it is a valid adapter name, else raise.
+
+    An adapter's name is a key of the layers' ``nn.ModuleDict`` and, for an adapter other than ``"default"``,
+    the name of its folder when saved: it must follow :data:`ADAPTER_NAME_RULE` (so it holds no path separator,
+    no ``.`` -- torch refuses dots in module names -- and is never ``..`` or an absolute path) and must not be
+    an attribute of ``nn.ModuleDict`` (``"train"``, ``"keys"``, ...).
+
+    Raises:
+        TypeError: ``name`` is not a string. ValueError: it breaks the rule (the message states it).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a string, got {type(name).__name__} ({name!r})")
+    if _ADAPTER_NAME.fullmatch(name) is None:
+        raise ValueError(f"{what} {name!r} is not a valid adapter name: use {ADAPTER_NAME_RULE}")
+    if hasattr(_MODULE_DICT, name):
+        raise ValueError(
+            f"{what} {name!r} is reserved (an attribute of torch.nn.ModuleDict, which holds the adapters): "
+            "choose another name"
+        )
+    return name
+
+
+def is_inside(root: str, path: str) -> bool:
+    """Whether ``path`` is ``root`` or lies below it (both absolute and normalised by the caller)."""
+    try:
+        return os.path.commonpath([root, path]) == root
+    except ValueError:  # different drives (Windows)
+        return False
+
+
 def adapter_directory(save_directory: str, adapter_name: str) -> str:
-    """Where an adapter lives: the directory itself for ``"default"``, else a subfolder named after it."""
-    return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+    """Where an adapter lives: the directory itself for ``"default"``, else a subfolder named after it.
+
+    Raises:
+        TypeError, ValueError: an invalid adapter name (:func:`check_adapter_name`), or a subfolder that resolves
+        outside ``save_directory`` (e.g. a symbolic link to elsewhere); nothing is created.
+    """
+    check_adapter_name(adapter_name)
+    if adapter_name == "default":
+        return save_directory
+    directory = os.path.join(save_directory, adapter_name)
+    root, resolved = os.path.realpath(save_directory), os.path.realpath(directory)
+    if not is_inside(root, resolved) or resolved == root:
+        raise ValueError(
+            f"{directory}: the folder of adapter {adapter_name!r} resolves to {resolved}, outside the save "
+            f"directory {root}; nothing is written there"
+        )
+    return directory
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -11,7 +11,9 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import ADAPTER_KEYS, KEY_PREFIX, WEIGHTS_NAME, adapter_directory, load_tensors, save_tensors
+from .checkpoint import (
+    ADAPTER_KEYS, KEY_PREFIX, WEIGHTS_NAME, adapter_directory, check_adapter_name, load_tensors, save_tensors,
+)
 from .config import PolyConfig
 from .export import lora_config_dict, lora_state_dict, write_lora
 from .layer import PolyAdapter, PolyLayer, layer_features
@@ -165,13 +167,15 @@ class PolyModel(nn.Module):
         model: the transformers model to adapt. Its parameters are frozen; only adapter weights (and the
             ``modules_to_save`` copies) train.
         config: the adapter's :class:`PolyConfig`.
-        adapter_name: name of the first adapter.
+        adapter_name: name of the first adapter (see :func:`~polytropon.checkpoint.check_adapter_name`: ASCII
+            letters, digits, ``_`` and ``-``).
 
     Attribute reads that PolyModel does not define fall through to the wrapped model (``model.config``).
     """
 
     def __init__(self, model: nn.Module, config: PolyConfig, adapter_name: str = "default") -> None:
         super().__init__()
+        check_adapter_name(adapter_name)
         plan = _plan(model, config)  # before any change to the model
         self.model = model
         self.peft_config: dict[str, PolyConfig] = {}
@@ -269,10 +273,10 @@ class PolyModel(nn.Module):
         """Add another adapter (not active, not trainable until :meth:`set_adapter`).
 
         Raises:
-            ValueError: the name is taken, or the config does not fit the model (nothing is changed).
+            TypeError, ValueError: an invalid name (:func:`~polytropon.checkpoint.check_adapter_name`), a name
+            taken, or a config that does not fit the model (nothing is changed).
         """
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
         if self.routing.merged_task is not None:
@@ -439,7 +443,8 @@ class PolyModel(nn.Module):
         """
         state = self.routing
         active = state.active_adapter
-        if task_ids is None:
+        from_context = task_ids is None
+        if from_context:
             task_ids = state.context_task_ids
         if task_ids is None:
             if active is not None and not state.disabled and state.merged_task is None:
@@ -449,7 +454,12 @@ class PolyModel(nn.Module):
                     "of calls with model.task_context(...)"
                 )
             return None
-        ids = self._check_call_task_ids(task_ids, batch_size)
+        try:
+            ids = self._check_call_task_ids(task_ids, batch_size)
+        except ValueError as exc:
+            if from_context:  # the caller passed no ids: say where they came from
+                raise ValueError(f"{exc} (task ids of the enclosing model.task_context(...))") from None
+            raise
         if batch_size is not None and ids.shape[0] == 1 and batch_size > 1:
             ids = ids.expand(batch_size)  # one route per example in training, as for a full list
         return ids
@@ -714,6 +724,10 @@ class PolyModel(nn.Module):
         The ``"default"`` adapter goes to ``save_directory``, any other to ``save_directory/<name>``. Each
         file is written to a temporary file and renamed into place, so an interrupted save never leaves a
         half-written file where a good one was.
+
+        Raises:
+            ValueError: ``save_directory`` is a file, an unknown adapter is selected, or an adapter's folder
+            resolves outside ``save_directory`` (a symbolic link to elsewhere); checked before anything is written.
         """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
@@ -721,8 +735,8 @@ class PolyModel(nn.Module):
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_adapter(name)
-        for name in names:
-            directory = adapter_directory(save_directory, name)
+        directories = {name: adapter_directory(save_directory, name) for name in names}
+        for name, directory in directories.items():
             os.makedirs(directory, exist_ok=True)
             config = dataclasses.replace(self.peft_config[name], inference_mode=True)  # as PEFT writes it
             save_tensors(os.path.join(directory, WEIGHTS_NAME), self.adapter_state_dict(name))
@@ -740,8 +754,10 @@ class PolyModel(nn.Module):
         with ``is_trainable=True``; it does not become the active adapter (use :meth:`set_adapter`).
 
         Raises:
-            FileNotFoundError, ValueError: see :func:`_read_checkpoint`; the model is left unchanged.
+            FileNotFoundError, ValueError: see :func:`_read_checkpoint`; an invalid or taken ``adapter_name``.
+            The model is left unchanged.
         """
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
         config = PolyConfig.from_pretrained(os.fspath(model_id))
@@ -768,8 +784,10 @@ class PolyModel(nn.Module):
 
         Raises:
             FileNotFoundError: missing directory, ``adapter_config.json`` or ``adapter_model.safetensors``.
-            ValueError: corrupt file, another ``peft_type``, or tensors that do not fit the model.
+            ValueError: corrupt file, another ``peft_type``, tensors that do not fit the model, or an invalid
+            ``adapter_name``.
         """
+        check_adapter_name(adapter_name)
         model_id = os.fspath(model_id)
         if config is None:
             config = PolyConfig.from_pretrained(model_id)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ..checkpoint import check_adapter_name
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import PolyModel
 
@@ -68,11 +70,11 @@ def collapse_to_average(
         ``new_adapter_name``.
 
     Raises:
-        ValueError: unknown source adapter, or ``new_adapter_name`` already taken (nothing is changed).
+        ValueError: unknown source adapter, or ``new_adapter_name`` invalid (see
+        :func:`~polytropon.checkpoint.check_adapter_name`) or already taken (nothing is changed).
     """
     adapter_name = model.resolve_adapter(adapter_name)
-    if not isinstance(new_adapter_name, str) or not new_adapter_name:
-        raise ValueError(f"new_adapter_name must be a non-empty string, got {new_adapter_name!r}")
+    check_adapter_name(new_adapter_name, "new_adapter_name")
     if new_adapter_name in model.peft_config:
         raise ValueError(f"an adapter named {new_adapter_name!r} already exists")
     source = model.peft_config[adapter_name]
