@@ -154,7 +154,19 @@ def grow_tasks(
     Raises:
         TypeError / ValueError: bad ``tasks`` or ``init`` (naming the value); nothing is changed.
     """
-    names: Optional[list[str]] = None
+    names = _new_task_names(config, tasks, adapter_name)
+    k = len(names) if isinstance(names, list) else names
+    init = _check_init(config, init, adapter_name)
+    new_config = _grown_config(config, names, k, init)  # validates before anything changes
+    routers = unique_routers([adapter.poly_router for _, adapter in adapters])
+    new_logits = _grown_logits(routers, k, init)  # every new tensor first, then swap them in
+    new_skills = _grown_skills(adapters, k, init, config.init_weights) if config.poly_type == "private" else {}
+    _swap_in(routers, adapters, new_logits, new_skills, new_config)
+    return new_config
+
+
+def _new_task_names(config: PolyConfig, tasks: Any, adapter_name: str) -> Union[int, list[str]]:
+    """The number of new tasks (adapter without names) or their checked names."""
     if isinstance(tasks, bool) or not isinstance(tasks, (int, list, tuple)):
         raise TypeError(f"tasks must be a positive int or a list of new task names, got {tasks!r}")
     if isinstance(tasks, int):
@@ -164,37 +176,42 @@ def grow_tasks(
             raise ValueError(
                 f"adapter {adapter_name!r} names its tasks ({config.task_names}): pass the new tasks' names, not a count"
             )
-        k = tasks
-    else:
-        names = list(tasks)
-        if not names:
-            raise ValueError("tasks must name at least one new task, got an empty list")
-        if config.task_names is None:
-            raise ValueError(
-                f"adapter {adapter_name!r} has no task_names, so new tasks cannot be named: pass a count, or "
-                "name the existing tasks first with polytropon.set_task_names"
-            )
-        for name in names:
-            if not isinstance(name, str) or not name:
-                raise TypeError(f"new task names must be non-empty strings, got {name!r}")
-            if name in config.task_names:
-                raise ValueError(f"task {name!r} already exists in adapter {adapter_name!r}")
-        k = len(names)
+        return tasks
+    names = list(tasks)
+    if not names:
+        raise ValueError("tasks must name at least one new task, got an empty list")
+    if config.task_names is None:
+        raise ValueError(
+            f"adapter {adapter_name!r} has no task_names, so new tasks cannot be named: pass a count, or "
+            "name the existing tasks first with polytropon.set_task_names"
+        )
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"new task names must be non-empty strings, got {name!r}")
+        if name in config.task_names:
+            raise ValueError(f"task {name!r} already exists in adapter {adapter_name!r}")
+    return names
+
+
+def _check_init(config: PolyConfig, init: Any, adapter_name: str) -> Union[str, int]:
+    """``"uniform"``, ``"average"`` or the id of the existing task to copy."""
     if isinstance(init, str) and init not in ("uniform", "average"):
         if config.task_names is None or init not in config.task_names:
             raise ValueError(
                 f"init must be 'uniform', 'average' or an existing task, got {init!r}"
                 + (f"; known tasks: {config.task_names}" if config.task_names else "")
             )
-        init = config.task_names.index(init)
-    elif isinstance(init, bool) or not isinstance(init, (int, str)):
+        return config.task_names.index(init)
+    if isinstance(init, bool) or not isinstance(init, (int, str)):
         raise TypeError(f"init must be 'uniform', 'average' or an existing task (name or id), got {init!r}")
-    elif isinstance(init, int) and not 0 <= init < config.n_tasks:
+    if isinstance(init, int) and not 0 <= init < config.n_tasks:
         raise ValueError(f"init task id {init} is out of range: adapter {adapter_name!r} has n_tasks={config.n_tasks}")
+    return init
 
-    n_old = config.n_tasks
-    updates: dict[str, Any] = {"n_tasks": n_old + k}
-    if names is not None:
+
+def _grown_config(config: PolyConfig, names: Union[int, list[str]], k: int, init: Union[str, int]) -> PolyConfig:
+    updates: dict[str, Any] = {"n_tasks": config.n_tasks + k}
+    if isinstance(names, list):
         updates["task_names"] = list(config.task_names) + names
     if config.poly_type == "private":
         updates["n_skills"] = config.n_skills + k
@@ -204,46 +221,61 @@ def grow_tasks(
         source = normalised if init == "average" else old
         rows = _new_rows(source, k, init, torch.full((config.n_skills,), 1.0 / config.n_skills, dtype=torch.float64))
         updates["allocation"] = config.allocation + rows.tolist()
-    new_config = dataclasses.replace(config, **updates)  # validates before anything changes
+    return dataclasses.replace(config, **updates)
 
-    # compute every new tensor first, then swap them in
-    routers = unique_routers([adapter.poly_router for _, adapter in adapters])
-    new_logits = {}
+
+def _grown_logits(routers: Sequence[nn.Module], k: int, init: Union[str, int]) -> dict[int, torch.Tensor]:
+    """``id(router)`` -> its logits with ``k`` new rows, for every learned router."""
+    grown = {}
     for router in routers:
         if isinstance(router, PolyRouter):
             old_logits = router.module_logits.detach()
             rows = _new_rows(old_logits, k, init, torch.zeros(old_logits.shape[1]))
-            new_logits[id(router)] = torch.cat([old_logits, rows], dim=0)
-    new_skills = {}
-    if config.poly_type == "private":
-        for path, adapter in adapters:
-            a_old, b_old = adapter.poly_lora_A.detach(), adapter.poly_lora_B.detach()
-            if init == "uniform":
-                fresh = [_fresh_skill(adapter, config.init_weights) for _ in range(k)]
-                a_new = torch.cat([f[0] for f in fresh], dim=1)
-                b_new = torch.cat([f[1] for f in fresh], dim=1)
-            elif init == "average":
-                a_new = a_old.mean(dim=1, keepdim=True).expand(-1, k, -1, -1)
-                b_new = b_old.mean(dim=1, keepdim=True).expand(-1, k, -1, -1)
-            else:
-                a_new = a_old[:, init : init + 1].expand(-1, k, -1, -1)
-                b_new = b_old[:, init : init + 1].expand(-1, k, -1, -1)
-            new_skills[path] = (torch.cat([a_old, a_new], dim=1), torch.cat([b_old, b_new], dim=1))
+            grown[id(router)] = torch.cat([old_logits, rows], dim=0)
+    return grown
 
-    with torch.no_grad():
-        for router in routers:
-            if isinstance(router, PolyRouter):
-                _replace_param(router, "module_logits", new_logits[id(router)])
-                router.n_tasks = n_old + k
-            elif isinstance(router, FixedRouter):
-                fresh = FixedRouter.from_config(new_config).to(router.weights.device)
-                router.weights = fresh.weights
-                router.n_tasks, router.n_skills = fresh.n_tasks, fresh.n_skills
-        for path, adapter in adapters:
-            if path in new_skills:
-                _replace_param(adapter, "poly_lora_A", new_skills[path][0])
-                _replace_param(adapter, "poly_lora_B", new_skills[path][1])
-                adapter.n_skills = new_config.n_skills
-            adapter.n_tasks = n_old + k
-            adapter.clear_cache()
-    return new_config
+
+def _grown_skills(
+    adapters: Sequence[tuple[str, nn.Module]], k: int, init: Union[str, int], init_weights: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer path -> its ``(A, B)`` with ``k`` new skills (``poly_type="private"``: one skill per task)."""
+    grown = {}
+    for path, adapter in adapters:
+        a_old, b_old = adapter.poly_lora_A.detach(), adapter.poly_lora_B.detach()
+        if init == "uniform":
+            fresh = [_fresh_skill(adapter, init_weights) for _ in range(k)]
+            a_new = torch.cat([f[0] for f in fresh], dim=1)
+            b_new = torch.cat([f[1] for f in fresh], dim=1)
+        elif init == "average":
+            a_new = a_old.mean(dim=1, keepdim=True).expand(-1, k, -1, -1)
+            b_new = b_old.mean(dim=1, keepdim=True).expand(-1, k, -1, -1)
+        else:
+            a_new = a_old[:, init : init + 1].expand(-1, k, -1, -1)
+            b_new = b_old[:, init : init + 1].expand(-1, k, -1, -1)
+        grown[path] = (torch.cat([a_old, a_new], dim=1), torch.cat([b_old, b_new], dim=1))
+    return grown
+
+
+@torch.no_grad()
+def _swap_in(
+    routers: Sequence[nn.Module],
+    adapters: Sequence[tuple[str, nn.Module]],
+    new_logits: dict[int, torch.Tensor],
+    new_skills: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    new_config: PolyConfig,
+) -> None:
+    for router in routers:
+        if isinstance(router, PolyRouter):
+            _replace_param(router, "module_logits", new_logits[id(router)])
+            router.n_tasks = new_config.n_tasks
+        elif isinstance(router, FixedRouter):
+            fresh = FixedRouter.from_config(new_config).to(router.weights.device)
+            router.weights = fresh.weights
+            router.n_tasks, router.n_skills = fresh.n_tasks, fresh.n_skills
+    for path, adapter in adapters:
+        if path in new_skills:
+            _replace_param(adapter, "poly_lora_A", new_skills[path][0])
+            _replace_param(adapter, "poly_lora_B", new_skills[path][1])
+            adapter.n_skills = new_config.n_skills
+        adapter.n_tasks = new_config.n_tasks
+        adapter.clear_cache()
