@@ -32,6 +32,48 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]
             yield from _walk(child, path)
 
 
+def _local_full(tensor: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether ``tensor`` is a plain local tensor of ``shape`` with its storage present.
+
+    Not so for a parameter that FSDP keeps sharded outside its module's forward: a ``DTensor`` shard
+    (``fully_shard``), or a flat 1-D view / freed storage (``FullyShardedDataParallel``).
+    """
+    return (
+        type(tensor) in (torch.Tensor, nn.Parameter)
+        and tuple(tensor.shape) == shape
+        and tensor.untyped_storage().nbytes() > 0
+    )
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds modules sharded by FSDP2 (``fully_shard``); raises for FSDP1.
+
+    Raises:
+        ValueError: a ``FullyShardedDataParallel`` (FSDP1) module, whose flat parameters are not gathered here.
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    sharded = False
+    for module in model.modules():
+        if isinstance(module, FullyShardedDataParallel):
+            raise ValueError(
+                "save_pretrained of a model wrapped in FullyShardedDataParallel (FSDP1) is not supported: "
+                "shard it with torch.distributed.fsdp.fully_shard (FSDP2; accelerate: fsdp_version 2)"
+            )
+        sharded = sharded or isinstance(module, FSDPModule)
+    return sharded
+
+
+def _gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every FSDP2 shard (a ``DTensor``) replaced by the full tensor (collective: all ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+
+
 @dataclasses.dataclass
 class _Plan:
     config: PolyConfig
@@ -400,7 +442,10 @@ class PolyModel(nn.Module):
         if task_ids is None or state.disabled or state.merged_task is not None or not self.training:
             return None
         routers = [r for r in self._active_routers() if r.batchable and r.routing_state is state]
-        return presample(routers, task_ids) if routers else None
+        if not routers or not all(_local_full(r.module_logits, (r.n_tasks, r.n_splits * r.n_skills)) for r in routers):
+            # sharded (FSDP): a layer's logits exist only inside its own forward, where its router samples
+            return None
+        return presample(routers, task_ids)
 
     def _active_routers(self) -> list[PolyRouter]:
         """The distinct learned routers of the active adapter, in the order of the layers (cached)."""
@@ -577,6 +622,10 @@ class PolyModel(nn.Module):
         The ``"default"`` adapter goes to ``save_directory``, any other to ``save_directory/<name>``. Each
         file is written to a temporary file and renamed into place, so an interrupted save never leaves a
         half-written file where a good one was.
+
+        A model sharded with FSDP2 (``fully_shard``) must be saved by every rank at once: each adapter tensor
+        is gathered in full (a collective call), rank 0 writes the complete, unsharded adapter, and every rank
+        returns once the files are written.
         """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
@@ -584,12 +633,18 @@ class PolyModel(nn.Module):
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_adapter(name)
+        sharded = _is_sharded(self)
+        writer = not sharded or torch.distributed.get_rank() == 0
         for name in names:
-            directory = adapter_directory(save_directory, name)
-            os.makedirs(directory, exist_ok=True)
-            config = dataclasses.replace(self.peft_config[name], inference_mode=True)  # as PEFT writes it
-            save_tensors(os.path.join(directory, WEIGHTS_NAME), self.adapter_state_dict(name))
-            config.save_pretrained(directory)
+            tensors = _gathered(self.adapter_state_dict(name)) if sharded else self.adapter_state_dict(name)
+            if writer:
+                directory = adapter_directory(save_directory, name)
+                os.makedirs(directory, exist_ok=True)
+                config = dataclasses.replace(self.peft_config[name], inference_mode=True)  # as PEFT writes it
+                save_tensors(os.path.join(directory, WEIGHTS_NAME), tensors)
+                config.save_pretrained(directory)
+        if sharded:
+            torch.distributed.barrier()  # every rank returns once the files are in place
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():

@@ -1,0 +1,61 @@
+"""Sharded training with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+A Poly model shards like any transformers model: ``fully_shard`` on every transformer block, then on the
+root. Two things are specific to Poly adapters:
+
+* A learned router shared by layers of several blocks (``router_granularity="model"``, or ``"block"`` when
+  the sharded units are smaller than the blocks) belongs to no single block; FSDP refuses a parameter
+  claimed by two units. :func:`fully_shard_routers` makes every shared router its own unit, gathered when
+  the first layer of a call asks for its weights; run it before sharding the blocks.
+* Under FSDP a layer's parameters exist in full only inside that layer's forward. The model then does not
+  draw the training routes of all layers at the start of the call (the single-process fast path,
+  :func:`polytropon.router.presample`); every router draws its own inside its layer, in the order the layers
+  run. For models whose layers run in the order they are registered (transformers decoders and encoders),
+  that is the same random numbers in the same order: a sharded step equals the single-process step.
+
+:meth:`PolyModel.save_pretrained <polytropon.model.PolyModel.save_pretrained>` gathers the shards; call it on
+every rank (rank 0 writes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .router import PolyRouter
+
+
+def fully_shard_routers(model: nn.Module, **fully_shard_kwargs: Any) -> list[nn.Module]:
+    """Apply ``fully_shard`` to every learned router shared by several layers; returns those routers.
+
+    Call it on every rank before ``fully_shard`` is applied to the blocks and the root (or before
+    ``accelerate``/the HF ``Trainer`` prepares the model: they leave modules that are already sharded alone).
+    Routers of a single layer are left to their block's unit. ``eval_weights`` is registered as a forward
+    method, so that eval-mode calls also gather the router's logits.
+
+    Args:
+        model: a :class:`~polytropon.model.PolyModel` (or any module holding Poly layers).
+        **fully_shard_kwargs: passed to ``fully_shard`` (``mesh``, ``mp_policy``, ...). ``reshard_after_forward``
+            defaults to ``False``: the logits (``n_tasks x n_splits * n_skills`` numbers) stay gathered until
+            the backward pass is done instead of being gathered again by every layer that reads them.
+
+    Raises:
+        ValueError: ``model`` has already been sharded (its shared routers would belong to another unit).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    routers: dict[int, PolyRouter] = {}
+    for module in model.modules():
+        if isinstance(module, PolyRouter) and module.shared and id(module) not in routers:
+            routers[id(module)] = module
+    if routers and any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError(
+            "fully_shard_routers must run before fully_shard is applied to the model's blocks or root: "
+            "the model already has sharded modules"
+        )
+    fully_shard_kwargs.setdefault("reshard_after_forward", False)
+    for router in routers.values():
+        fully_shard(router, **fully_shard_kwargs)
+        register_fsdp_forward_method(router, "eval_weights")
+    return list(routers.values())
