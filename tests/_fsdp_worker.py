@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node 2 tests/_fsdp_worker.py OUT`` (gloo, CPU): for every case of :data:`CASES`, every
 rank builds the same model, shards it (:func:`polytropon.fsdp.fully_shard_routers`, ``fully_shard`` on each
-decoder layer and on the root), runs an eval forward, one AdamW step on its own batch with its own seed, an
+decoder layer and on the root), runs an eval forward, one SGD step on its own batch with its own seed, an
 eval forward again, and ``save_pretrained`` on every rank. Each rank writes what it saw to
 ``OUT/<case>/rank<r>.pt``; the test recomputes all of it in one process (:func:`reference_step`).
 
@@ -31,18 +31,23 @@ def case_name(granularity: str, n_splits: int) -> str:
     return f"{granularity}-s{n_splits}"
 
 
-def build_model(granularity: str, n_splits: int):
-    """A tiny Llama (2 layers, width 32) with a training-mode adapter with random non-zero weights."""
+def build_base():
+    """A tiny Llama (2 layers, width 32), the same on every call."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from polytropon import PolyConfig, get_peft_model
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    base = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def build_model(granularity: str, n_splits: int):
+    """:func:`build_base` with a training-mode adapter with random non-zero weights."""
+    from polytropon import PolyConfig, get_peft_model
+
+    base = build_base()
     config = PolyConfig(
         task_type="CAUSAL_LM", n_tasks=3, n_skills=3, n_splits=n_splits, r=4, init_weights=False,
         router_granularity=granularity, target_modules=TARGETS,

@@ -1,0 +1,110 @@
+"""FSDP2 (``fully_shard``) on two CPU processes (gloo): a sharded training step equals the single-process step,
+and ``save_pretrained`` of the sharded model writes the complete adapter once, loadable by polytropon and PEFT.
+
+One ``torchrun`` launch runs every case of ``_fsdp_worker.CASES`` (Poly and MHR; per-module, per-block and
+per-model routers); the tests recompute each case in this process and compare.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import _fsdp_worker as worker
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(HERE, "..", "src")
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, HERE, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "_fsdp_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+_REFERENCES: dict = {}
+
+
+def _reference(granularity, n_splits):
+    key = (granularity, n_splits)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = worker.reference_step(granularity, n_splits)
+    return _REFERENCES[key]
+
+
+def _ranks(out, granularity, n_splits):
+    folder = out / worker.case_name(granularity, n_splits)
+    return [torch.load(folder / f"rank{r}.pt") for r in range(worker.WORLD)], folder / "adapter"
+
+
+@pytest.mark.parametrize("granularity,n_splits", worker.CASES)
+def test_sharded_step_equals_single_process_step(sharded_runs, granularity, n_splits):
+    ranks, _ = _ranks(sharded_runs, granularity, n_splits)
+    ref = _reference(granularity, n_splits)
+    # every trainable tensor was really sharded (a DTensor) on both ranks
+    trainable = sorted(ref["grads"])
+    assert [r["sharded"] for r in ranks] == [trainable, trainable]
+    for rank, got in enumerate(ranks):
+        # each rank's loss is the loss of its own batch under its own routing samples
+        assert got["loss"] == pytest.approx(ref["losses"][rank], rel=1e-6, abs=1e-6)
+        torch.testing.assert_close(got["eval_before"], ref["eval_before"], **TOL)
+        torch.testing.assert_close(got["eval_after"], ref["eval_after"], **TOL)
+        for name in trainable:
+            # the gradient is the mean over the ranks' batches; the step moved every tensor
+            torch.testing.assert_close(got["grads"][name], ref["grads"][name], **TOL)
+            torch.testing.assert_close(got["params"][name], ref["params"][name], **TOL)
+    assert all(ref["grads"][n].abs().max() > 1e-6 for n in trainable)  # every tensor gets a real gradient
+    assert not torch.allclose(ref["eval_before"], ref["eval_after"], atol=1e-3)  # the step changed the outputs
+
+
+@pytest.mark.parametrize("granularity,n_splits", worker.CASES)
+def test_sharded_save_writes_the_complete_adapter_once(sharded_runs, granularity, n_splits):
+    from polytropon import PolyModel
+
+    ranks, adapter = _ranks(sharded_runs, granularity, n_splits)
+    assert len(ranks[0]["writes"]) == 1 and ranks[1]["writes"] == []  # rank 0 writes, rank 1 does not
+    # every rank returns from save_pretrained with the files in place
+    assert ranks[1]["present_on_return"] == ["adapter_config.json", "adapter_model.safetensors"]
+
+    ref = _reference(granularity, n_splits)
+    loaded = PolyModel.from_pretrained(worker.build_base(), str(adapter))
+    assert loaded.peft_config["default"].router_granularity == granularity
+    expected = ref["model"].adapter_state_dict()
+    got = loaded.adapter_state_dict()
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**worker.eval_batch()).logits, ref["eval_after"], **TOL)
+
+
+@pytest.mark.parametrize("granularity,n_splits", [("module", 2), ("model", 1)])
+def test_sharded_save_loads_in_peft(sharded_runs, granularity, n_splits):
+    import peft
+
+    _, adapter = _ranks(sharded_runs, granularity, n_splits)
+    ref = _reference(granularity, n_splits)
+    theirs = peft.PeftModel.from_pretrained(worker.build_base(), str(adapter)).eval()
+    batch = worker.eval_batch()
+    with torch.no_grad():
+        got = theirs(input_ids=batch["input_ids"], task_ids=torch.tensor(batch["task_ids"])).logits
+    torch.testing.assert_close(got, ref["eval_after"], **TOL)
+
+
+def test_single_process_keeps_the_batched_sampling():
+    """Without sharding, a training call still draws every router's route at once before the model runs."""
+    model = worker.build_model("module", 2)
+    ids = torch.tensor(worker.RANK_TASKS[0])
+    samples = model._presample(ids)
+    routers = model._active_routers()
+    assert samples is not None and set(samples) == {id(r) for r in routers} and len(routers) == 14
