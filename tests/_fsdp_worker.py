@@ -149,15 +149,28 @@ def sharded_step(granularity: str, n_splits: int, out_dir: str) -> None:
 
 
 def main(out: str) -> None:
+    import time
+
     import torch.distributed as dist
+
+    import _fsdp_trainer_worker
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    seconds = {}
     try:
         for granularity, n_splits in CASES:
+            started = time.perf_counter()
             case_dir = os.path.join(out, case_name(granularity, n_splits))
             os.makedirs(case_dir, exist_ok=True)
             sharded_step(granularity, n_splits, case_dir)
+            seconds[case_name(granularity, n_splits)] = time.perf_counter() - started
+        # the HF Trainer with accelerate's FSDP2 preparation, in the same processes (one launch for all tests)
+        started = time.perf_counter()
+        _fsdp_trainer_worker.run(os.path.join(out, "trainer"))
+        seconds["trainer"] = time.perf_counter() - started
+        if dist.get_rank() == 0:
+            print("seconds:", {k: round(v, 2) for k, v in seconds.items()})
     finally:
         dist.destroy_process_group()
 

@@ -108,3 +108,38 @@ def test_single_process_keeps_the_batched_sampling():
     samples = model._presample(ids)
     routers = model._active_routers()
     assert samples is not None and set(samples) == {id(r) for r in routers} and len(routers) == 14
+
+
+def test_trainer_with_accelerate_fsdp2_equals_the_ddp_run(sharded_runs):
+    """PolyTrainer prepared by accelerate's FSDP2 code trains exactly as under DDP, and checkpoints in full."""
+    from safetensors.torch import load_file
+
+    import _fsdp_trainer_worker as trainer_worker
+    from polytropon import PolyModel
+
+    folder = sharded_runs / "trainer"
+    ranks = [torch.load(folder / f"rank{r}.pt") for r in range(worker.WORLD)]
+    names = sorted(ranks[0]["ddp"])
+    assert len(names) == 29  # 28 skill tensors and the one per-model router
+    for got in ranks:
+        assert got["sharded"] == names  # accelerate sharded every trainable tensor
+        assert len(got["fsdp_losses"]) == trainer_worker.STEPS
+        assert got["fsdp_losses"] == pytest.approx(got["ddp_losses"], rel=1e-6)
+        for name in names:
+            torch.testing.assert_close(got["fsdp"][name], got["ddp"][name], **TOL)
+            torch.testing.assert_close(got["fsdp"][name], ranks[0]["fsdp"][name], rtol=0, atol=0)  # gathered alike
+    start = worker.build_model(trainer_worker.GRANULARITY, trainer_worker.N_SPLITS)
+    initial = dict(start.named_parameters())
+    assert all(not torch.allclose(initial[n].detach(), ranks[0]["fsdp"][n], atol=1e-4) for n in names)  # all trained
+
+    # the Trainer's checkpoint (saved under FSDP on every rank) holds the full adapter and trainable state
+    checkpoint = folder / "fsdp" / f"checkpoint-{trainer_worker.STEPS}"
+    state = load_file(str(checkpoint / "trainable_state.safetensors"))
+    assert sorted(state) == names
+    for name in names:
+        torch.testing.assert_close(state[name], ranks[0]["fsdp"][name], rtol=0, atol=0)
+    for adapter in (checkpoint, folder / "adapter"):
+        loaded = PolyModel.from_pretrained(worker.build_base(), str(adapter), is_trainable=True)
+        params = dict(loaded.named_parameters())
+        for name in names:
+            torch.testing.assert_close(params[name].detach(), ranks[0]["fsdp"][name], rtol=0, atol=0)

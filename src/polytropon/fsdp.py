@@ -19,8 +19,9 @@ every rank (rank 0 writes).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from .router import PolyRouter
@@ -59,3 +60,45 @@ def fully_shard_routers(model: nn.Module, **fully_shard_kwargs: Any) -> list[nn.
         fully_shard(router, **fully_shard_kwargs)
         register_fsdp_forward_method(router, "eval_weights")
     return list(routers.values())
+
+
+def is_local_full(tensor: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether ``tensor`` is a plain local tensor of ``shape``.
+
+    Not so for a parameter that FSDP keeps sharded outside its module's forward: a ``DTensor`` shard
+    (``fully_shard``) or a flat 1-D view (``FullyShardedDataParallel`` with ``use_orig_params``).
+    """
+    return type(tensor) in (torch.Tensor, nn.Parameter) and tensor.shape == shape
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds modules sharded by FSDP2 (``fully_shard``) in an initialised process group.
+
+    Raises:
+        ValueError: ``model`` holds a ``FullyShardedDataParallel`` (FSDP1) module: its flat parameters are not
+            gathered by polytropon.
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    sharded = False
+    for module in model.modules():
+        if isinstance(module, FullyShardedDataParallel):
+            raise ValueError(
+                "a model wrapped in FullyShardedDataParallel (FSDP1) cannot be saved by polytropon: shard it with "
+                "torch.distributed.fsdp.fully_shard (FSDP2; accelerate: fsdp_version 2)"
+            )
+        sharded = sharded or isinstance(module, FSDPModule)
+    return sharded
+
+
+def gathered(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (detached) with every FSDP2 shard (a ``DTensor``) replaced by the full tensor.
+
+    A collective call when any tensor is sharded: every rank must call it, with the same keys in the same order.
+    """
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in tensors.items()}

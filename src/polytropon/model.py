@@ -13,6 +13,7 @@ from torch import nn
 
 from .checkpoint import ADAPTER_KEYS, KEY_PREFIX, WEIGHTS_NAME, adapter_directory, load_tensors, save_tensors
 from .config import PolyConfig
+from .fsdp import gathered, is_local_full, is_sharded
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
 from .router import PolyRouter, presample
@@ -30,48 +31,6 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]
         yield path, child
         if not isinstance(child, (PolyLayer, ModulesToSave)):
             yield from _walk(child, path)
-
-
-def _local_full(tensor: torch.Tensor, shape: tuple[int, ...]) -> bool:
-    """Whether ``tensor`` is a plain local tensor of ``shape`` with its storage present.
-
-    Not so for a parameter that FSDP keeps sharded outside its module's forward: a ``DTensor`` shard
-    (``fully_shard``), or a flat 1-D view / freed storage (``FullyShardedDataParallel``).
-    """
-    return (
-        type(tensor) in (torch.Tensor, nn.Parameter)
-        and tuple(tensor.shape) == shape
-        and tensor.untyped_storage().nbytes() > 0
-    )
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` holds modules sharded by FSDP2 (``fully_shard``); raises for FSDP1.
-
-    Raises:
-        ValueError: a ``FullyShardedDataParallel`` (FSDP1) module, whose flat parameters are not gathered here.
-    """
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return False
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    sharded = False
-    for module in model.modules():
-        if isinstance(module, FullyShardedDataParallel):
-            raise ValueError(
-                "save_pretrained of a model wrapped in FullyShardedDataParallel (FSDP1) is not supported: "
-                "shard it with torch.distributed.fsdp.fully_shard (FSDP2; accelerate: fsdp_version 2)"
-            )
-        sharded = sharded or isinstance(module, FSDPModule)
-    return sharded
-
-
-def _gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` with every FSDP2 shard (a ``DTensor``) replaced by the full tensor (collective: all ranks)."""
-    from torch.distributed.tensor import DTensor
-
-    with torch.no_grad():
-        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
 
 
 @dataclasses.dataclass
@@ -442,7 +401,7 @@ class PolyModel(nn.Module):
         if task_ids is None or state.disabled or state.merged_task is not None or not self.training:
             return None
         routers = [r for r in self._active_routers() if r.batchable and r.routing_state is state]
-        if not routers or not all(_local_full(r.module_logits, (r.n_tasks, r.n_splits * r.n_skills)) for r in routers):
+        if not routers or not all(is_local_full(r.module_logits, (r.n_tasks, r.n_splits * r.n_skills)) for r in routers):
             # sharded (FSDP): a layer's logits exist only inside its own forward, where its router samples
             return None
         return presample(routers, task_ids)
@@ -633,10 +592,10 @@ class PolyModel(nn.Module):
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_adapter(name)
-        sharded = _is_sharded(self)
+        sharded = is_sharded(self)
         writer = not sharded or torch.distributed.get_rank() == 0
         for name in names:
-            tensors = _gathered(self.adapter_state_dict(name)) if sharded else self.adapter_state_dict(name)
+            tensors = gathered(self.adapter_state_dict(name)) if sharded else self.adapter_state_dict(name)
             if writer:
                 directory = adapter_directory(save_directory, name)
                 os.makedirs(directory, exist_ok=True)

@@ -175,8 +175,14 @@ def load_base_model(
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor of ``model`` by parameter name (detached, contiguous, on CPU)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Every trainable tensor of ``model`` by parameter name (detached, contiguous, on CPU).
+
+    Tensors sharded by FSDP2 are gathered in full: then every rank must call it (a collective call).
+    """
+    from .fsdp import gathered
+
+    state = gathered({n: p for n, p in model.named_parameters() if p.requires_grad})
+    return {n: t.cpu().contiguous() for n, t in state.items()}
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -217,13 +223,18 @@ class PolyTrainer(Trainer):
         return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        from .fsdp import is_sharded
+
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        # sharded by FSDP2, the Trainer calls this on every rank: all of them gather the tensors, rank 0 writes
+        if not (self.args.should_save or is_sharded(model)):
+            return
+        model.save_pretrained(output_dir)
+        state = trainable_state(model)
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(output_dir)
-        save_file(trainable_state(model), os.path.join(output_dir, TRAINABLE_STATE_NAME))
+        save_file(state, os.path.join(output_dir, TRAINABLE_STATE_NAME))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
