@@ -121,6 +121,11 @@ def sharded_step(granularity: str, n_splits: int, out_dir: str) -> None:
         fully_shard(layer)
     fully_shard(model)
     sharded = sorted(n for n, p in model.named_parameters() if p.requires_grad and type(p).__name__ == "DTensor")
+    try:  # too late for the shared routers: refused
+        fully_shard_routers(model)
+        late = None
+    except ValueError as err:
+        late = str(err)
 
     before = eval_logits(model)
     torch.manual_seed(RANK_SEEDS[rank])
@@ -143,7 +148,7 @@ def sharded_step(granularity: str, n_splits: int, out_dir: str) -> None:
         poly_model.save_tensors = original
     torch.save(
         {"loss": loss.item(), "grads": grads, "params": params, "eval_before": before, "eval_after": after,
-         "sharded": sharded, "writes": writes, "present_on_return": present_on_return},
+         "sharded": sharded, "late": late, "writes": writes, "present_on_return": present_on_return},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
 

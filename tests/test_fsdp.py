@@ -65,6 +65,8 @@ def test_sharded_step_equals_single_process_step(sharded_runs, granularity, n_sp
             torch.testing.assert_close(got["params"][name], ref["params"][name], **TOL)
     assert all(ref["grads"][n].abs().max() > 1e-6 for n in trainable)  # every tensor gets a real gradient
     assert not torch.allclose(ref["eval_before"], ref["eval_after"], atol=1e-3)  # the step changed the outputs
+    if granularity != "module":  # fully_shard_routers after the blocks were sharded is refused, with the reason
+        assert "must run before fully_shard" in ranks[0]["late"]
 
 
 @pytest.mark.parametrize("granularity,n_splits", worker.CASES)
@@ -143,3 +145,16 @@ def test_trainer_with_accelerate_fsdp2_equals_the_ddp_run(sharded_runs):
         params = dict(loaded.named_parameters())
         for name in names:
             torch.testing.assert_close(params[name].detach(), ranks[0]["fsdp"][name], rtol=0, atol=0)
+
+
+def test_save_refuses_partitioned_tensors_and_writes_nothing(tmp_path):
+    """A parameter held only in part (DeepSpeed ZeRO-3 leaves an empty tensor and ``ds_shape``) is refused."""
+    model = worker.build_model("module", 1)
+    param = model.model.model.layers[1].mlp.down_proj.adapters["default"].poly_lora_B
+    full_shape = tuple(param.shape)
+    param.data = torch.empty(0)
+    param.ds_shape = torch.Size(full_shape)
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj\.poly_lora_B: this process holds only a partition .*"
+                       r"full shape \(3, 4, 4, 32\)"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

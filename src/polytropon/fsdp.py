@@ -102,3 +102,23 @@ def gathered(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     with torch.no_grad():
         return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in tensors.items()}
+
+
+def check_complete(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors of which this process holds only a partition (so a checkpoint is never silently empty).
+
+    DeepSpeed ZeRO-3 replaces a partitioned parameter's data by an empty tensor and records its full shape in
+    ``ds_shape``; such a parameter is complete only inside ``deepspeed.zero.GatheredParameters``.
+
+    Raises:
+        ValueError: naming the first such tensor, its shape here and its full shape.
+    """
+    for key, tensor in tensors.items():
+        full = getattr(tensor, "ds_shape", None)
+        if tensor.numel() == 0 or (full is not None and tuple(full) != tuple(tensor.shape)):
+            raise ValueError(
+                f"cannot save {key}: this process holds only a partition of it (shape {tuple(tensor.shape)}, full "
+                f"shape {tuple(full) if full is not None else 'unknown'}); DeepSpeed ZeRO-3 partitions are not "
+                "gathered by polytropon: call save_pretrained inside deepspeed.zero.GatheredParameters("
+                "list(model.parameters())) on every rank, or train with ZeRO-2 or FSDP2"
+            )

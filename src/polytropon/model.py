@@ -13,7 +13,7 @@ from torch import nn
 
 from .checkpoint import ADAPTER_KEYS, KEY_PREFIX, WEIGHTS_NAME, adapter_directory, load_tensors, save_tensors
 from .config import PolyConfig
-from .fsdp import gathered, is_local_full, is_sharded
+from .fsdp import check_complete, gathered, is_local_full, is_sharded
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
 from .router import PolyRouter, presample
@@ -585,6 +585,10 @@ class PolyModel(nn.Module):
         A model sharded with FSDP2 (``fully_shard``) must be saved by every rank at once: each adapter tensor
         is gathered in full (a collective call), rank 0 writes the complete, unsharded adapter, and every rank
         returns once the files are written.
+
+        Raises:
+            ValueError: ``save_directory`` is a file, an adapter does not exist, or a tensor is only partly held
+                by this process (DeepSpeed ZeRO-3 partitions, which are not gathered here); nothing is written.
         """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
@@ -593,10 +597,11 @@ class PolyModel(nn.Module):
         for name in names:
             self._check_adapter(name)
         sharded = is_sharded(self)
-        writer = not sharded or torch.distributed.get_rank() == 0
-        for name in names:
-            tensors = gathered(self.adapter_state_dict(name)) if sharded else self.adapter_state_dict(name)
-            if writer:
+        adapters = {name: gathered(self.adapter_state_dict(name)) if sharded else self.adapter_state_dict(name) for name in names}
+        for tensors in adapters.values():
+            check_complete(tensors)
+        if not sharded or torch.distributed.get_rank() == 0:
+            for name, tensors in adapters.items():
                 directory = adapter_directory(save_directory, name)
                 os.makedirs(directory, exist_ok=True)
                 config = dataclasses.replace(self.peft_config[name], inference_mode=True)  # as PEFT writes it
