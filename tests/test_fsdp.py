@@ -155,6 +155,6 @@ def test_save_refuses_partitioned_tensors_and_writes_nothing(tmp_path):
     param.data = torch.empty(0)
     param.ds_shape = torch.Size(full_shape)
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj\.poly_lora_B: this process holds only a partition .*"
-                       r"full shape \(3, 4, 4, 32\)"):
+                       r"full shape \(1, 3, 4, 32\)"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
