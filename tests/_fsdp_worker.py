@@ -158,6 +158,7 @@ def main(out: str) -> None:
 
     import torch.distributed as dist
 
+    import _fsdp_cli_worker
     import _fsdp_trainer_worker
 
     torch.set_num_threads(1)
@@ -174,10 +175,16 @@ def main(out: str) -> None:
         started = time.perf_counter()
         _fsdp_trainer_worker.run(os.path.join(out, "trainer"))
         seconds["trainer"] = time.perf_counter() - started
-        if dist.get_rank() == 0:
+        # last: polytropon train (the CLI closes the process group when it returns)
+        rank = dist.get_rank()
+        started = time.perf_counter()
+        _fsdp_cli_worker.run(os.path.join(out, "cli"))
+        seconds["cli"] = time.perf_counter() - started
+        if rank == 0:
             print("seconds:", {k: round(v, 2) for k, v in seconds.items()})
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def sharded_runs(tmp_path_factory):
            os.path.join(HERE, "_fsdp_worker.py"), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (out / "stdout.txt").write_text(proc.stdout)
     return out
 
 
@@ -158,3 +159,28 @@ def test_save_refuses_partitioned_tensors_and_writes_nothing(tmp_path):
                        r"full shape \(1, 3, 4, 32\)"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_train_with_a_sharded_model(sharded_runs):
+    """``polytropon train`` whose Trainer shards the model (accelerate's FSDP2): every rank saves, rank 0 evaluates."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from polytropon import PolyModel
+    from polytropon.training import state_digest, trainable_state
+
+    folder = sharded_runs / "cli"
+    for rank in range(worker.WORLD):
+        seen = json.loads((folder / f"cli_rank{rank}.json").read_text())
+        assert seen["code"] == 0 and seen["is_sharded"][-1] is True  # the trained model was sharded on every rank
+    dumps = [json.loads((folder / "ranks" / f"rank{r}.json").read_text()) for r in range(worker.WORLD)]
+    assert dumps[0]["digest"] == dumps[1]["digest"]  # the gathered adapters agree
+    base = AutoModelForSequenceClassification.from_pretrained(str(folder / "inputs" / "bert"), num_labels=2)
+    saved = PolyModel.from_pretrained(base, str(folder / "run" / "adapter"), is_trainable=True)
+    assert state_digest(trainable_state(saved)) == dumps[0]["digest"]  # rank 0 saved what the ranks trained
+    assert all(p.abs().max() > 0 for n, p in saved.named_parameters() if "poly_lora_B" in n)  # trained from B = 0
+    metrics = json.loads((folder / "run" / "metrics.json").read_text())
+    assert metrics["train"]["world_size"] == 2 and metrics["train"]["global_steps"] == 6
+    assert set(metrics["poly"]["per_task"]) == {"animal", "color"}
+    assert (sharded_runs / "stdout.txt").read_text().count("Per-task accuracy") == 1

@@ -559,14 +559,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_seconds = time.time() - t_train
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
+    from .fsdp import is_sharded
+
+    adapter_dir = os.path.join(output_dir, ADAPTER_SUBDIR)
+    sharded = is_sharded(model)  # FSDP2 (accelerate's FSDP on accelerators): saving gathers, on every rank
+    if sharded:
+        model.save_pretrained(adapter_dir)
     _dump_rank_state(model, losses)
     if not trainer.is_world_process_zero():
         return 0
 
     from .training import evaluate_per_task, head_only_baseline, mean_metric
 
-    adapter_dir = os.path.join(output_dir, ADAPTER_SUBDIR)
-    model.save_pretrained(adapter_dir)
+    if sharded:  # evaluate an unsharded copy of the trained adapter on rank 0 alone
+        from .model import PolyModel
+
+        base = load_base_model(model_ref, head, labels, args.revision)[0]
+        model = PolyModel.from_pretrained(base, adapter_dir).to(training_args.device)
+    else:
+        model.save_pretrained(adapter_dir)
     _write_json(
         os.path.join(adapter_dir, TASKS_FILE),
         {"tasks": data.tasks, "labels": labels, "head": head, "max_length": args.max_length, "model": args.model or model_ref},
