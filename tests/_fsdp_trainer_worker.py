@@ -3,7 +3,8 @@
 Run by ``_fsdp_worker.py`` (:func:`run`) in its ``torchrun`` processes: each rank trains the same tiny Llama with a
 per-model MHR router twice, for :data:`STEPS` steps on the same data: once as the Trainer runs on CPU (DDP),
 once with the model sharded by accelerate's FSDP2 code (``fsdp2_prepare_model``: ``fully_shard`` on every
-decoder layer, the embeddings, the tail and the root) after :func:`polytropon.fsdp.fully_shard_routers`.
+decoder layer, the embeddings, the tail and the root) after :func:`polytropon.fsdp.fully_shard_routers`, and
+once more sharded, resumed from the checkpoint of step 2 of the second run.
 
 accelerate (1.15) never turns FSDP on for CPU processes: its state keeps ``MULTI_CPU`` (DDP) whatever the
 FSDP configuration says. :class:`ForcedFSDPTrainer` sets the FSDP state after the Trainer made its
@@ -19,7 +20,7 @@ import torch
 
 import _fsdp_worker as worker
 
-STEPS, BATCH, SEED = 3, 2, 42
+STEPS, SAVE_STEPS, BATCH, SEED = 3, 2, 2, 42  # checkpoints after steps 2 and 3
 GRANULARITY, N_SPLITS = "model", 2
 
 
@@ -49,7 +50,7 @@ def arguments(out: str, fsdp: bool):
                                              "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT"})
     return TrainingArguments(
         output_dir=out, max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=1e-2, logging_steps=1,
-        save_strategy="steps" if fsdp else "no", save_steps=STEPS, max_grad_norm=0.0, seed=SEED, use_cpu=True,
+        save_strategy="steps" if fsdp else "no", save_steps=SAVE_STEPS, max_grad_norm=0.0, seed=SEED, use_cpu=True,
         ddp_backend="gloo", remove_unused_columns=False, label_names=["labels"], report_to=[], disable_tqdm=True,
         dataloader_num_workers=0, **extra,
     )
@@ -73,17 +74,28 @@ def trainer_class():
     return ForcedFSDPTrainer
 
 
-def train(out: str, fsdp: bool) -> tuple[dict, list, object]:
+def train(out: str, fsdp: bool, resume: str | None = None) -> tuple[dict, list, object]:
     from polytropon.fsdp import fully_shard_routers
     from polytropon.training import trainable_state
 
     model = worker.build_model(GRANULARITY, N_SPLITS)
     if fsdp:
         fully_shard_routers(model)
-    trainer = trainer_class()(model=model, args=arguments(out, fsdp), train_dataset=Rows(), data_collator=collate, router_lr=0.3)
-    trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return trainable_state(model), losses, model
+    from transformers import TrainerCallback
+
+    class CountSteps(TrainerCallback):
+        def __init__(self):
+            self.steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    counter = CountSteps()
+    trainer = trainer_class()(model=model, args=arguments(out, fsdp), train_dataset=Rows(), data_collator=collate,
+                              router_lr=0.3, callbacks=[counter])
+    trainer.train(resume_from_checkpoint=resume)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]  # on resume: with the checkpoint's
+    return trainable_state(model), losses + [counter.steps], model
 
 
 def run(out: str) -> None:
@@ -95,6 +107,8 @@ def run(out: str) -> None:
     fsdp_state, fsdp_losses, model = train(os.path.join(out, "fsdp"), fsdp=True)
     sharded = sorted(n for n, p in model.named_parameters() if p.requires_grad and isinstance(p, DTensor))
     model.save_pretrained(os.path.join(out, "adapter"))  # every rank; rank 0 writes
-    torch.save({"ddp": ddp_state, "fsdp": fsdp_state, "ddp_losses": ddp_losses, "fsdp_losses": fsdp_losses,
-                "sharded": sharded}, os.path.join(out, f"rank{dist.get_rank()}.pt"))
+    # a sharded run resumed from the checkpoint of step 2 ends where the uninterrupted one did
+    resumed, resumed_losses, _ = train(os.path.join(out, "resumed"), fsdp=True, resume=os.path.join(out, "fsdp", f"checkpoint-{SAVE_STEPS}"))
+    torch.save({"ddp": ddp_state, "fsdp": fsdp_state, "resumed": resumed, "resumed_losses": resumed_losses, "ddp_losses": ddp_losses,
+                "fsdp_losses": fsdp_losses, "sharded": sharded}, os.path.join(out, f"rank{dist.get_rank()}.pt"))
     dist.barrier()

@@ -126,11 +126,16 @@ def test_trainer_with_accelerate_fsdp2_equals_the_ddp_run(sharded_runs):
     assert len(names) == 29  # 28 skill tensors and the one per-model router
     for got in ranks:
         assert got["sharded"] == names  # accelerate sharded every trainable tensor
-        assert len(got["fsdp_losses"]) == trainer_worker.STEPS
+        # logged losses, then the number of steps the run made
+        assert len(got["fsdp_losses"]) == trainer_worker.STEPS + 1 and got["fsdp_losses"][-1] == trainer_worker.STEPS
         assert got["fsdp_losses"] == pytest.approx(got["ddp_losses"], rel=1e-6)
+        # resumed: the checkpoint's log and one more step, with the loss of the uninterrupted run's last step
+        assert got["resumed_losses"][-1] == trainer_worker.STEPS - trainer_worker.SAVE_STEPS
+        assert got["resumed_losses"] == pytest.approx(got["fsdp_losses"][:-1] + [1], rel=1e-6)
         for name in names:
             torch.testing.assert_close(got["fsdp"][name], got["ddp"][name], **TOL)
             torch.testing.assert_close(got["fsdp"][name], ranks[0]["fsdp"][name], rtol=0, atol=0)  # gathered alike
+            torch.testing.assert_close(got["resumed"][name], got["fsdp"][name], **TOL)  # resumed under FSDP
     start = worker.build_model(trainer_worker.GRANULARITY, trainer_worker.N_SPLITS)
     initial = dict(start.named_parameters())
     assert all(not torch.allclose(initial[n].detach(), ranks[0]["fsdp"][n], atol=1e-4) for n in names)  # all trained

@@ -122,3 +122,16 @@ def check_complete(tensors: Mapping[str, torch.Tensor]) -> None:
                 "gathered by polytropon: call save_pretrained inside deepspeed.zero.GatheredParameters("
                 "list(model.parameters())) on every rank, or train with ZeRO-2 or FSDP2"
             )
+
+
+def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """``param.copy_(full)`` for a full tensor ``full``; a parameter sharded by FSDP2 takes its own shard of it.
+
+    No communication: every rank is expected to hold the same ``full`` (e.g. read from the same checkpoint).
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.copy_(full)

@@ -247,11 +247,13 @@ class PolyTrainer(Trainer):
         missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
         if missing:
             raise ValueError(f"{resume_from_checkpoint}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                if name not in params or params[name].shape != tensor.shape:
-                    raise ValueError(f"{resume_from_checkpoint}: tensor {name} does not fit the model")
-                params[name].copy_(tensor)
+        for name, tensor in saved.items():
+            if name not in params or params[name].shape != tensor.shape:
+                raise ValueError(f"{resume_from_checkpoint}: tensor {name} does not fit the model")
+        from .fsdp import copy_full_
+
+        for name, tensor in saved.items():
+            copy_full_(params[name], tensor)  # a parameter sharded by FSDP2 takes its own shard
 
 
 # --------------------------------------------------------------------------- evaluation
