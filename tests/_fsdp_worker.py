@@ -153,6 +153,23 @@ def sharded_step(granularity: str, n_splits: int, out_dir: str) -> None:
     )
 
 
+def fsdp1_refusal(out_dir: str) -> None:
+    """``save_pretrained`` of a model holding a ``FullyShardedDataParallel`` (FSDP1) unit: the error message."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = build_model("module", 1)
+    layers = model.model.model.layers
+    layers[0] = FullyShardedDataParallel(layers[0], use_orig_params=True, device_id=torch.device("cpu"))
+    try:
+        model.save_pretrained(os.path.join(out_dir, "fsdp1"))
+        message = None
+    except ValueError as err:
+        message = str(err)
+    with open(os.path.join(out_dir, f"fsdp1_rank{dist.get_rank()}.txt"), "w") as fh:
+        fh.write(repr(message))
+
+
 def main(out: str) -> None:
     import time
 
@@ -171,6 +188,7 @@ def main(out: str) -> None:
             os.makedirs(case_dir, exist_ok=True)
             sharded_step(granularity, n_splits, case_dir)
             seconds[case_name(granularity, n_splits)] = time.perf_counter() - started
+        fsdp1_refusal(out)
         # the HF Trainer with accelerate's FSDP2 preparation, in the same processes (one launch for all tests)
         started = time.perf_counter()
         _fsdp_trainer_worker.run(os.path.join(out, "trainer"))

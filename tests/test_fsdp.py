@@ -104,6 +104,13 @@ def test_sharded_save_loads_in_peft(sharded_runs, granularity, n_splits):
     torch.testing.assert_close(got, ref["eval_after"], **TOL)
 
 
+def test_fsdp1_is_refused_by_name(sharded_runs):
+    for rank in range(worker.WORLD):
+        message = (sharded_runs / f"fsdp1_rank{rank}.txt").read_text()
+        assert "FullyShardedDataParallel (FSDP1) cannot be saved by polytropon" in message
+    assert not (sharded_runs / "fsdp1").exists()
+
+
 def test_single_process_keeps_the_batched_sampling():
     """Without sharding, a training call still draws every router's route at once before the model runs."""
     model = worker.build_model("module", 2)
