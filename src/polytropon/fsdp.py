@@ -120,7 +120,7 @@ def check_complete(tensors: Mapping[str, torch.Tensor]) -> None:
                 f"cannot save {key}: this process holds only a partition of it (shape {tuple(tensor.shape)}, full "
                 f"shape {tuple(full) if full is not None else 'unknown'}); DeepSpeed ZeRO-3 partitions are not "
                 "gathered by polytropon: call save_pretrained inside deepspeed.zero.GatheredParameters("
-                "list(model.parameters())) on every rank, or train with ZeRO-2 or FSDP2"
+                "[p for p in model.parameters() if p.requires_grad]) on every rank, or train with ZeRO-2 or FSDP2"
             )
 
 
