@@ -27,6 +27,15 @@ from torch import nn
 from .router import PolyRouter
 
 
+def _dtensor_type() -> tuple[type, ...]:
+    """``(DTensor,)``, or ``()`` on a torch without the public ``torch.distributed.tensor`` (before 2.5)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return ()
+    return (DTensor,)
+
+
 def fully_shard_routers(model: nn.Module, **fully_shard_kwargs: Any) -> list[nn.Module]:
     """Apply ``fully_shard`` to every learned router shared by several layers; returns those routers.
 
@@ -80,8 +89,12 @@ def is_sharded(model: nn.Module) -> bool:
     """
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return False
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch before 2.6: no fully_shard, nothing sharded by it
+        FSDPModule = ()  # noqa: N806
     sharded = False
     for module in model.modules():
         if isinstance(module, FullyShardedDataParallel):
@@ -98,10 +111,9 @@ def gathered(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     A collective call when any tensor is sharded: every rank must call it, with the same keys in the same order.
     """
-    from torch.distributed.tensor import DTensor
-
+    dtensor = _dtensor_type()
     with torch.no_grad():
-        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in tensors.items()}
+        return {k: (v.full_tensor() if isinstance(v, dtensor) else v).detach() for k, v in tensors.items()}
 
 
 def check_complete(tensors: Mapping[str, torch.Tensor]) -> None:
@@ -129,9 +141,9 @@ def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
 
     No communication: every rank is expected to hold the same ``full`` (e.g. read from the same checkpoint).
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     with torch.no_grad():
-        if isinstance(param, DTensor):
+        if isinstance(param, _dtensor_type()):
+            from torch.distributed.tensor import distribute_tensor
+
             full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None)
         param.copy_(full)
