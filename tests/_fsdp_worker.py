@@ -18,6 +18,8 @@ import torch
 
 #: (router_granularity, n_splits): Poly and MHR with per-module, per-block and per-model routers
 CASES = [("module", 1), ("module", 2), ("block", 1), ("block", 2), ("model", 1), ("model", 2)]
+#: the ("block", 2) case without fully_shard_routers: every block's router is sharded with its block
+BLOCK_ROUTERS_IN_BLOCKS = "block-s2-in-blocks"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB, WORLD = 64, 2
 #: each rank's batch: task ids (repeats and mixed tasks), and the random seed of its routing samples
@@ -107,7 +109,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def sharded_step(granularity: str, n_splits: int, out_dir: str) -> None:
+def sharded_step(granularity: str, n_splits: int, out_dir: str, router_units: bool = True) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -116,7 +118,8 @@ def sharded_step(granularity: str, n_splits: int, out_dir: str) -> None:
 
     rank = dist.get_rank()
     model = build_model(granularity, n_splits)
-    fully_shard_routers(model)
+    if router_units:
+        fully_shard_routers(model)
     for layer in model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -188,6 +191,10 @@ def main(out: str) -> None:
             os.makedirs(case_dir, exist_ok=True)
             sharded_step(granularity, n_splits, case_dir)
             seconds[case_name(granularity, n_splits)] = time.perf_counter() - started
+        # per-block routers left to their blocks' units (the blocks are the sharded units)
+        case_dir = os.path.join(out, BLOCK_ROUTERS_IN_BLOCKS)
+        os.makedirs(case_dir, exist_ok=True)
+        sharded_step("block", 2, case_dir, router_units=False)
         fsdp1_refusal(out)
         # the HF Trainer with accelerate's FSDP2 preparation, in the same processes (one launch for all tests)
         started = time.perf_counter()

@@ -51,7 +51,17 @@ def _ranks(out, granularity, n_splits):
 @pytest.mark.parametrize("granularity,n_splits", worker.CASES)
 def test_sharded_step_equals_single_process_step(sharded_runs, granularity, n_splits):
     ranks, _ = _ranks(sharded_runs, granularity, n_splits)
-    ref = _reference(granularity, n_splits)
+    _check_step(ranks, _reference(granularity, n_splits), granularity)
+
+
+def test_block_routers_sharded_with_their_blocks(sharded_runs):
+    """Without fully_shard_routers, per-block routers belong to their block's unit: the same step."""
+    folder = sharded_runs / worker.BLOCK_ROUTERS_IN_BLOCKS
+    ranks = [torch.load(folder / f"rank{r}.pt") for r in range(worker.WORLD)]
+    _check_step(ranks, _reference("block", 2), "block")
+
+
+def _check_step(ranks, ref, granularity):
     # every trainable tensor was really sharded (a DTensor) on both ranks
     trainable = sorted(ref["grads"])
     assert [r["sharded"] for r in ranks] == [trainable, trainable]
