@@ -4,7 +4,10 @@
 rank builds the same model, shards it (:func:`polytropon.fsdp.fully_shard_routers`, ``fully_shard`` on each
 decoder layer and on the root), runs an eval forward, one SGD step on its own batch with its own seed, an
 eval forward again, and ``save_pretrained`` on every rank. Each rank writes what it saw to
-``OUT/<case>/rank<r>.pt``; the test recomputes all of it in one process (:func:`reference_step`).
+``OUT/<case>/rank<r>.pt``; the test recomputes all of it in one process (:func:`reference_step`). Then, in the
+same processes: the per-block case without ``fully_shard_routers``, the refusal to save an FSDP1 model, the
+Trainer runs of ``_fsdp_trainer_worker`` and the CLI run of ``_fsdp_cli_worker`` (last: the CLI closes the
+process group).
 
 The helpers (model, data, seeds) are shared with the test, so both sides build exactly the same thing.
 """

@@ -1,8 +1,10 @@
 """FSDP2 (``fully_shard``) on two CPU processes (gloo): a sharded training step equals the single-process step,
 and ``save_pretrained`` of the sharded model writes the complete adapter once, loadable by polytropon and PEFT.
 
-One ``torchrun`` launch runs every case of ``_fsdp_worker.CASES`` (Poly and MHR; per-module, per-block and
-per-model routers); the tests recompute each case in this process and compare.
+One ``torchrun`` launch (``_fsdp_worker.py``) runs every case of ``_fsdp_worker.CASES`` (Poly and MHR;
+per-module, per-block and per-model routers), then PolyTrainer and ``polytropon train`` with accelerate's FSDP2
+preparation (``_fsdp_trainer_worker.py``, ``_fsdp_cli_worker.py``); the tests recompute what they can in this
+process and compare.
 """
 
 from __future__ import annotations
