@@ -176,6 +176,17 @@ def fsdp1_refusal(out_dir: str) -> None:
         fh.write(repr(message))
 
 
+def accelerate_has_fsdp2() -> bool:
+    """Whether the installed accelerate can prepare a model with FSDP2 (``fsdp_version=2``)."""
+    import inspect
+
+    try:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+    except ImportError:
+        return False
+    return "fsdp_version" in inspect.signature(FullyShardedDataParallelPlugin).parameters
+
+
 def main(out: str) -> None:
     import time
 
@@ -199,15 +210,16 @@ def main(out: str) -> None:
         os.makedirs(case_dir, exist_ok=True)
         sharded_step("block", 2, case_dir, router_units=False)
         fsdp1_refusal(out)
-        # the HF Trainer with accelerate's FSDP2 preparation, in the same processes (one launch for all tests)
-        started = time.perf_counter()
-        _fsdp_trainer_worker.run(os.path.join(out, "trainer"))
-        seconds["trainer"] = time.perf_counter() - started
-        # last: polytropon train (the CLI closes the process group when it returns)
         rank = dist.get_rank()
-        started = time.perf_counter()
-        _fsdp_cli_worker.run(os.path.join(out, "cli"))
-        seconds["cli"] = time.perf_counter() - started
+        if accelerate_has_fsdp2():
+            # the HF Trainer with accelerate's FSDP2 preparation, in the same processes (one launch for all tests)
+            started = time.perf_counter()
+            _fsdp_trainer_worker.run(os.path.join(out, "trainer"))
+            seconds["trainer"] = time.perf_counter() - started
+            # last: polytropon train (the CLI closes the process group when it returns)
+            started = time.perf_counter()
+            _fsdp_cli_worker.run(os.path.join(out, "cli"))
+            seconds["cli"] = time.perf_counter() - started
         if rank == 0:
             print("seconds:", {k: round(v, 2) for k, v in seconds.items()})
     finally:

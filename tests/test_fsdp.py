@@ -18,6 +18,11 @@ import torch
 
 import _fsdp_worker as worker
 
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(fsdp, "fully_shard"):
+    pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)", allow_module_level=True)
+needs_accelerate_fsdp2 = pytest.mark.skipif(not worker.accelerate_has_fsdp2(), reason="accelerate without FSDP2")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "src")
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -132,6 +137,7 @@ def test_single_process_keeps_the_batched_sampling():
     assert samples is not None and set(samples) == {id(r) for r in routers} and len(routers) == 14
 
 
+@needs_accelerate_fsdp2
 def test_trainer_with_accelerate_fsdp2_equals_the_ddp_run(sharded_runs):
     """PolyTrainer prepared by accelerate's FSDP2 code trains exactly as under DDP, and checkpoints in full."""
     from safetensors.torch import load_file
@@ -185,6 +191,7 @@ def test_save_refuses_partitioned_tensors_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@needs_accelerate_fsdp2
 def test_cli_train_with_a_sharded_model(sharded_runs):
     """``polytropon train`` whose Trainer shards the model (accelerate's FSDP2): every rank saves, rank 0 evaluates."""
     import json
