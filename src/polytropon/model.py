@@ -16,6 +16,7 @@ from .checkpoint import (
 )
 from .config import PolyConfig
 from .export import lora_config_dict, lora_state_dict, write_lora
+from .fsdp import check_complete, gathered, is_local_full, is_sharded
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
 from .router import PolyRouter, presample
@@ -543,7 +544,10 @@ class PolyModel(nn.Module):
         if task_ids is None or state.disabled or state.merged_task is not None or not self.training:
             return None
         routers = [r for r in self._active_routers() if r.batchable and r.routing_state is state]
-        return presample(routers, task_ids) if routers else None
+        if not routers or not all(is_local_full(r.module_logits, (r.n_tasks, r.n_splits * r.n_skills)) for r in routers):
+            # sharded (FSDP): a layer's logits exist only inside its own forward, where its router samples
+            return None
+        return presample(routers, task_ids)
 
     def _active_routers(self) -> list[PolyRouter]:
         """The distinct learned routers of the active adapter, in the order of the layers (cached)."""
@@ -725,9 +729,15 @@ class PolyModel(nn.Module):
         file is written to a temporary file and renamed into place, so an interrupted save never leaves a
         half-written file where a good one was.
 
+        A model sharded with FSDP2 (``fully_shard``) must be saved by every rank at once: each adapter tensor
+        is gathered in full (a collective call), rank 0 writes the complete, unsharded adapter, and every rank
+        returns once the files are written.
+
         Raises:
-            ValueError: ``save_directory`` is a file, an unknown adapter is selected, or an adapter's folder
-            resolves outside ``save_directory`` (a symbolic link to elsewhere); checked before anything is written.
+            ValueError: ``save_directory`` is a file, an unknown adapter is selected, an adapter's folder
+                resolves outside ``save_directory`` (a symbolic link to elsewhere), or a tensor is only partly
+                held by this process (DeepSpeed ZeRO-3 partitions, which are not gathered here); checked before
+                anything is written.
         """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
@@ -736,11 +746,18 @@ class PolyModel(nn.Module):
         for name in names:
             self._check_adapter(name)
         directories = {name: adapter_directory(save_directory, name) for name in names}
-        for name, directory in directories.items():
-            os.makedirs(directory, exist_ok=True)
-            config = dataclasses.replace(self.peft_config[name], inference_mode=True)  # as PEFT writes it
-            save_tensors(os.path.join(directory, WEIGHTS_NAME), self.adapter_state_dict(name))
-            config.save_pretrained(directory)
+        sharded = is_sharded(self)
+        adapters = {name: gathered(self.adapter_state_dict(name)) if sharded else self.adapter_state_dict(name) for name in names}
+        for tensors in adapters.values():
+            check_complete(tensors)
+        if not sharded or torch.distributed.get_rank() == 0:
+            for name, tensors in adapters.items():
+                os.makedirs(directories[name], exist_ok=True)
+                config = dataclasses.replace(self.peft_config[name], inference_mode=True)  # as PEFT writes it
+                save_tensors(os.path.join(directories[name], WEIGHTS_NAME), tensors)
+                config.save_pretrained(directories[name])
+        if sharded:
+            torch.distributed.barrier()  # every rank returns once the files are in place
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 
+from ..fsdp import copy_full_, gathered, is_sharded
 from .data import HeadType, PolyDataCollator, Row
 
 __all__ = [
@@ -175,8 +176,12 @@ def load_base_model(
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor of ``model`` by parameter name (detached, contiguous, on CPU)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Every trainable tensor of ``model`` by parameter name (detached, contiguous, on CPU).
+
+    Tensors sharded by FSDP2 are gathered in full: then every rank must call it (a collective call).
+    """
+    state = gathered({n: p for n, p in model.named_parameters() if p.requires_grad})
+    return {n: t.cpu().contiguous() for n, t in state.items()}
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -218,12 +223,15 @@ class PolyTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        # sharded by FSDP2, the Trainer calls this on every rank: all of them gather the tensors, rank 0 writes
+        if not (self.args.should_save or is_sharded(model)):
+            return
+        model.save_pretrained(output_dir)
+        state = trainable_state(model)
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(output_dir)
-        save_file(trainable_state(model), os.path.join(output_dir, TRAINABLE_STATE_NAME))
+        save_file(state, os.path.join(output_dir, TRAINABLE_STATE_NAME))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -236,11 +244,11 @@ class PolyTrainer(Trainer):
         missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
         if missing:
             raise ValueError(f"{resume_from_checkpoint}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                if name not in params or params[name].shape != tensor.shape:
-                    raise ValueError(f"{resume_from_checkpoint}: tensor {name} does not fit the model")
-                params[name].copy_(tensor)
+        for name, tensor in saved.items():
+            if name not in params or params[name].shape != tensor.shape:
+                raise ValueError(f"{resume_from_checkpoint}: tensor {name} does not fit the model")
+        for name, tensor in saved.items():
+            copy_full_(params[name], tensor)  # a parameter sharded by FSDP2 takes its own shard
 
 
 # --------------------------------------------------------------------------- evaluation

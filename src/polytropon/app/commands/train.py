@@ -20,6 +20,7 @@ import os
 import time
 from typing import Any
 
+from ...fsdp import is_sharded
 from ..arguments import positive_float, positive_int
 from ..console import CliError, is_main_process, quiet_transformers, say, world_size
 from ..defaults import DEFAULT_MODEL_NAME, DEFAULT_RUN, apply_run_defaults, default_model_path
@@ -134,9 +135,14 @@ def run(args: argparse.Namespace) -> int:
 
     trainer = make_trainer(args, output_dir, model, tokenizer, train_set)
     result, losses = train(trainer, args, output_dir, seconds)
+    sharded = is_sharded(model)
+    if sharded:  # FSDP2: every rank gathers the adapter's shards, rank 0 writes
+        model.save_pretrained(os.path.join(output_dir, ADAPTER_SUBDIR))
     dump_rank_state(model, losses)
     if not trainer.is_world_process_zero():
         return 0
+    if sharded:  # evaluate an unsharded copy of the trained adapter on rank 0 alone (it must fit one device)
+        model = unsharded_copy(args, plan, os.path.join(output_dir, ADAPTER_SUBDIR), trainer.args.device)
 
     adapter_dir = save_adapter(model, output_dir, args, data, plan)
     t_eval = time.time()
@@ -435,6 +441,15 @@ def dump_rank_state(model: Any, losses: list[float]) -> None:
 
 
 # --------------------------------------------------------------------------- 5. save, evaluate, plot
+
+
+def unsharded_copy(args: argparse.Namespace, plan: Plan, adapter_dir: str, device: Any) -> Any:
+    """A fresh base model with the adapter saved in ``adapter_dir``, on ``device`` (after sharded training)."""
+    from ...model import PolyModel
+    from ..training import load_base_model
+
+    base = load_base_model(plan.model_ref, plan.head, plan.labels, args.revision)[0]
+    return PolyModel.from_pretrained(base, adapter_dir).to(device)
 
 
 def save_adapter(model: Any, output_dir: str, args: argparse.Namespace, data: TrainData, plan: Plan) -> str:
