@@ -122,6 +122,8 @@ class RoutingState:
         if entry is None:
             return None
         ids, weights = entry
+        if torch.compiler.is_compiling():  # traced: one forward, its samples drawn for the batch's rows
+            return weights
         if ids is task_ids or (ids.shape == task_ids.shape and torch.equal(ids, task_ids.to(ids.device))):
             return weights
         return None
@@ -166,6 +168,10 @@ def _expand(task_ids: torch.Tensor, batch_size: int, device: torch.device, where
     ids = task_ids.to(device)
     if batch_size != n:
         ids = ids.repeat_interleave(batch_size // n)
+    if torch.compiler.is_compiling():
+        # traced by torch.compile: the layers route every row by its own id (PolyAdapter.add_update); the
+        # distinct tasks (a data-dependent shape) and a Python cache key would make guards on task values
+        return BatchRouting(ids, ids, torch.arange(batch_size, device=device), ())
     unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     return BatchRouting(ids, unique, inverse, tuple(unique.tolist()))
 
