@@ -150,6 +150,8 @@ class RoutingState:
                 f"task_ids are required while adapter {self.active_adapter!r} is active: pass task_ids=... "
                 "(one task id per example) to forward/generate"
             )
+        if torch.compiler.is_compiling():  # traced: no per-call cache, whose contents would become guards
+            return _expand(self.task_ids, batch_size, device, where)
         cache_key = (batch_size, device)
         cached = self._per_batch.get(cache_key)
         if cached is None:
