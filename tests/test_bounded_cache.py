@@ -17,11 +17,14 @@ from polytropon import PolyConfig, get_peft_model
 
 
 def live_tensors() -> tuple[int, int]:
-    """``(number, bytes)`` of the tensors alive now (distinct storages counted once for the bytes)."""
+    """``(number, bytes)`` of the plain tensors and parameters alive now (distinct storages counted once).
+
+    Tensor subclasses (e.g. the fake tensors torch.compile leaves behind in the process) hold no memory.
+    """
     gc.collect()
     count, storages = 0, {}
     for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor):  # type(), not isinstance: no __class__ lookups on odd objects
+        if type(obj) in (torch.Tensor, nn.Parameter):  # type(), not isinstance: no __class__ lookups on odd objects
             count += 1
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()

@@ -405,8 +405,6 @@ class PolyAdapter(nn.Module):
                 Function (:class:`_RoutedPoly`), which saves a full-size gradient and a pass over it.
         """
         dtype = self.poly_lora_A.dtype
-        if torch.compiler.is_compiling():
-            return self._traced_update(result, x, routing, base)
         if x.dtype != dtype:
             x = x.to(dtype)
         if self.training:
@@ -435,9 +433,7 @@ class PolyAdapter(nn.Module):
             return _add_low_rank(result, x.reshape(-1, self.in_features), a[0], b[0])
         return _add_low_rank(result, x.reshape(x.shape[0], -1, self.in_features), a, b)
 
-    def _traced_update(
-        self, result: Optional[torch.Tensor], x: torch.Tensor, routing: BatchRouting, base: Optional[BaseLinear]
-    ) -> torch.Tensor:
+    def _traced_update(self, result: torch.Tensor, x: torch.Tensor, routing: BatchRouting) -> torch.Tensor:
         """:meth:`add_update` as ``torch.compile`` traces it: one mixture per row, plain differentiable ops.
 
         ``w = router(task_ids)`` ``(n, q, s)``, ``A_i, B_i = mix(w)``, ``y = result + (x_i A_i) B_i``. No eval
@@ -446,8 +442,6 @@ class PolyAdapter(nn.Module):
         change. The compiler fuses what the eager path fuses by hand.
         """
         dtype = self.poly_lora_A.dtype
-        if result is None:
-            result = _base_linear(x, base)
         ids = routing.task_ids
         weights = self.poly_router(ids) if self.training else self.poly_router.eval_weights(ids)
         a, b = self.mix(weights)
@@ -495,9 +489,10 @@ class PolyLayer(nn.Module):
             adapter = self.adapters._modules.get(state.active_adapter)
         if adapter is None:
             return self.base_layer(x, *args, **kwargs)
+        if torch.compiler.is_compiling():  # traced by torch.compile: see PolyAdapter._traced_update
+            routing = state.for_batch(x.shape[0], x.device, self.name, cache=False)
+            return adapter._traced_update(self.base_layer(x, *args, **kwargs), x, routing)
         routing = state.for_batch(x.shape[0], x.device, self.name)
-        if torch.compiler.is_compiling():  # traced by torch.compile: the module call, see PolyAdapter._traced_update
-            return adapter.add_update(self.base_layer(x, *args, **kwargs), x, routing)
         base = None if args or kwargs else self._plain_base(x, adapter)
         if base is None:
             return adapter.add_update(self.base_layer(x, *args, **kwargs), x, routing)

@@ -128,12 +128,13 @@ class RoutingState:
             return weights
         return None
 
-    def for_batch(self, batch_size: int, device: torch.device, where: str = "") -> BatchRouting:
+    def for_batch(self, batch_size: int, device: torch.device, where: str = "", cache: bool = True) -> BatchRouting:
         """The task ids of the current call expanded to a layer input of ``batch_size`` rows.
 
         Generation runs the model on ``batch * k`` rows (beam search, ``num_return_sequences``), repeating
         every example ``k`` times in a row; the task ids are expanded the same way (``repeat_interleave``).
-        The result is computed once per call and batch size, not once per layer.
+        The result is computed once per call and batch size, not once per layer (``cache=False``: computed
+        afresh, as a layer traced by ``torch.compile`` asks, since the cache's contents would become guards).
 
         Under activation (gradient) checkpointing, layers recomputed during ``backward()`` get the task ids of
         the last routed call made with autograd on; so run each forward's backward before the next forward
@@ -150,7 +151,7 @@ class RoutingState:
                 f"task_ids are required while adapter {self.active_adapter!r} is active: pass task_ids=... "
                 "(one task id per example) to forward/generate"
             )
-        if torch.compiler.is_compiling():  # traced: no per-call cache, whose contents would become guards
+        if not cache:
             return _expand(self.task_ids, batch_size, device, where)
         cache_key = (batch_size, device)
         cached = self._per_batch.get(cache_key)
