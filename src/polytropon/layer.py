@@ -226,6 +226,22 @@ class PolyAdapter(nn.Module):
             return add_low_rank(result, x.reshape(-1, self.in_features), a[0], b[0])
         return add_low_rank(result, x.reshape(x.shape[0], -1, self.in_features), a, b)
 
+    def _traced_update(self, result: torch.Tensor, x: torch.Tensor, routing: BatchRouting) -> torch.Tensor:
+        """:meth:`add_update` as ``torch.compile`` traces it: one mixture per row, plain differentiable ops.
+
+        ``w = router(task_ids)`` ``(n, q, s)``, ``A_i, B_i = mix(w)``, ``y = result + (x_i A_i) B_i``. No eval
+        cache, no distinct-task grouping and no custom autograd functions: nothing whose guards would depend on
+        the task ids' values or number of distinct tasks, so a compiled model is not recompiled when only they
+        change. The compiler fuses what the eager path fuses by hand.
+        """
+        dtype = self.poly_lora_A.dtype
+        ids = routing.task_ids
+        weights = self.poly_router(ids) if self.training else self.poly_router.eval_weights(ids)
+        a, b = self.mix(weights)
+        rows = x.to(dtype).reshape(x.shape[0], -1, self.in_features)
+        update = torch.bmm(torch.bmm(rows, a), b)
+        return result + update.view(result.shape).to(result.dtype)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -256,7 +272,8 @@ class PolyLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.routing = routing
         self.name = name
-        self._merged: Optional[tuple[str, int, torch.Tensor, torch.Tensor]] = None
+        #: (adapter, task, A_t, B_t, the weight before merging if it is kept: see merge)
+        self._merged: Optional[tuple[str, int, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state = self.routing
@@ -265,6 +282,9 @@ class PolyLayer(nn.Module):
             adapter = self.adapters._modules.get(state.active_adapter)
         if adapter is None:
             return self.base_layer(x, *args, **kwargs)
+        if torch.compiler.is_compiling():  # traced by torch.compile: see PolyAdapter._traced_update
+            routing = state.for_batch(x.shape[0], x.device, self.name, cache=False)
+            return adapter._traced_update(self.base_layer(x, *args, **kwargs), x, routing)
         routing = state.for_batch(x.shape[0], x.device, self.name)
         base = None if args or kwargs else self._plain_base(x, adapter)
         if base is None:
@@ -319,6 +339,12 @@ class PolyLayer(nn.Module):
         The task's factors ``A_t, B_t`` are kept (they are small), so :meth:`unmerge` subtracts exactly what
         was added even if the adapter's weights change while merged (e.g. an optimizer step).
 
+        A weight of less than float32 precision (bfloat16, float16) is also kept as it was, and :meth:`unmerge`
+        puts it back bit for bit: subtracting the update again would round twice in the weight's own precision,
+        about one unit in the last place per merge/unmerge, and always in the same direction for the same task
+        (measured on bfloat16: 0.9% of the largest weight after one cycle, 71% after 200). The copy costs the
+        size of the adapted weights while a task is merged.
+
         Raises:
             ValueError: a task is already merged into this layer.
         """
@@ -327,17 +353,25 @@ class PolyLayer(nn.Module):
         a, b = self.adapters[adapter_name].task_factors(task_id)
         a, b = a.detach().clone(), b.detach().clone()
         weight = self.base_layer.weight
+        exact = weight.dtype in (torch.float32, torch.float64)
+        original = None if exact else weight.detach().clone()
         weight.copy_((weight.float() + self._delta_from_factors(a, b).float()).to(weight.dtype))
-        self._merged = (adapter_name, task_id, a, b)
+        self._merged = (adapter_name, task_id, a, b, original)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the merged task's update from the base weight (exact up to float round-off); no-op if none."""
+        """Subtract the merged task's update from the base weight (exact up to float32 round-off); no-op if none.
+
+        A bfloat16/float16 weight is restored exactly from the copy :meth:`merge` kept.
+        """
         if self._merged is None:
             return
-        _, _, a, b = self._merged
+        _, _, a, b, original = self._merged
         weight = self.base_layer.weight
-        weight.copy_((weight.float() - self._delta_from_factors(a, b).float()).to(weight.dtype))
+        if original is not None:
+            weight.copy_(original)
+        else:
+            weight.copy_((weight.float() - self._delta_from_factors(a, b).float()).to(weight.dtype))
         self._merged = None
 
     def __getattr__(self, name: str):

@@ -19,7 +19,7 @@ from .export import lora_config_dict, lora_state_dict, write_lora
 from .fsdp import check_complete, gathered, is_local_full, is_sharded
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
-from .router import PolyRouter, presample
+from .router import PolyRouter, presample, relaxed_bernoulli_rsample
 from .routing import RoutingState, TaskIds, check_task_ids
 from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
 from .tasks import grow_tasks, resolve_task_names, task_index
@@ -528,8 +528,35 @@ class PolyModel(nn.Module):
                 (naming both numbers); raised before the model runs.
             TypeError: ids that are not integers (or names).
         """
+        if torch.compiler.is_compiling():
+            return self._traced_forward(args, kwargs, task_ids)
         ids = self._task_ids_for_call(task_ids, self._batch_size(args, kwargs))
         with self.routing.route(ids, self._presample(ids)):
+            return self.model(*args, **kwargs)
+
+    def _traced_forward(self, args: tuple, kwargs: dict, task_ids: Optional[TaskIds]) -> Any:
+        """:meth:`forward` as ``torch.compile`` traces it (see docs/deploy.md, "torch.compile").
+
+        The task-id checks run eagerly, outside the graph (:func:`_checked_task_ids`): traced, their
+        data-dependent branches would specialise the graph on the ids' values. A single id is expanded to the
+        batch. In training every learned router's sample (shared ones too) is drawn here, once per call, with
+        plain differentiable ops (:func:`_traced_samples`), so the layers trace no custom autograd function.
+        """
+        batch_size = self._batch_size(args, kwargs)
+        ids = _checked_task_ids(self, task_ids, batch_size)
+        if ids is not None and batch_size is not None and ids.shape[0] == 1 and batch_size > 1:
+            ids = ids.expand(batch_size)
+        samples = None
+        state = self.routing
+        if ids is not None and self.training and not state.disabled and state.merged_task is None:
+            # the routers found afresh: filling the model's router cache while tracing would fail a guard next call
+            routers: dict[int, PolyRouter] = {}
+            for _, layer in self.poly_layers():
+                router = getattr(layer.adapters[state.active_adapter], "poly_router", None) if state.active_adapter in layer.adapters else None
+                if isinstance(router, PolyRouter):
+                    routers.setdefault(id(router), router)
+            samples = _traced_samples(list(routers.values()), ids)
+        with state.route(ids, samples):
             return self.model(*args, **kwargs)
 
     def _presample(self, task_ids: Optional[torch.Tensor]) -> Optional[dict[int, torch.Tensor]]:
@@ -824,6 +851,24 @@ class PolyModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+
+@torch.compiler.disable
+def _checked_task_ids(model: PolyModel, task_ids: Optional[TaskIds], batch_size: Optional[int]) -> Optional[torch.Tensor]:
+    """``model._task_ids_for_call`` run eagerly from a compiled forward (a graph break; returns a tensor)."""
+    return model._task_ids_for_call(task_ids, batch_size)
+
+
+def _traced_samples(routers: list[PolyRouter], task_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Training routing weights of ``routers`` for ``task_ids`` ``(n,)``, in plain ops: ``{id(router): (n, q, s)}``.
+
+    ``w = normalise(RelaxedBernoulli(T, logits=Z[t]).rsample())`` per router (hard routing: the binary
+    allocation with the soft weights' gradient), as :class:`~polytropon.router.PolyRouter` defines it.
+    """
+    return {
+        id(router): router._normalise(relaxed_bernoulli_rsample(router._logits(task_ids), router.temperature))
+        for router in routers
+    }
 
 
 def get_peft_model(model: nn.Module, peft_config: PolyConfig, adapter_name: str = "default", **kwargs: Any) -> PolyModel:

@@ -233,8 +233,10 @@ class PolyRouter(nn.Module):
                 "activation (gradient) checkpointing is not supported with a router shared by several layers "
                 "(router_granularity='block' or 'model'): use router_granularity='module', or disable checkpointing"
             )
-        store = None if not self.shared or state is None else state.call_store()
+        store = None if not self.shared or state is None or torch.compiler.is_compiling() else state.call_store()
         if store is None:
+            # (traced by torch.compile: eval weights are recomputed per layer, the same values; training
+            # samples of shared routers are drawn once per call by PolyModel.forward, found by presampled())
             return self._compute(compute, task_ids)
         key = (id(self), kind, id(task_ids), torch.is_grad_enabled())
         entry = store.get(key)

@@ -126,26 +126,35 @@ class RoutingState:
         # the last call routed with autograd on: layers re-run by activation checkpointing inside backward()
         # (after the call has ended) route with it
         self._for_backward: Optional[CallRouting] = None
+        # what a layer traced by torch.compile reads instead of the contextvars, which dynamo cannot trace: the
+        # most recent call and disable_adapter() of any thread (compiled calls are one thread's at a time)
+        self._traced_call: Optional[CallRouting] = None
+        self._traced_disabled = False
         if disabled:
             self.disabled = True
 
     # ------------------------------------------------------------------ per-context values
     def current_call(self) -> Optional[CallRouting]:
         """The routing of this context's call in progress, or ``None``."""
+        if torch.compiler.is_compiling():
+            return self._traced_call
         return _CALLS.get().get(id(self))
 
     @property
     def task_ids(self) -> Optional[torch.Tensor]:
-        call = _CALLS.get().get(id(self))
+        call = self.current_call()
         return None if call is None else call.task_ids
 
     @property
     def disabled(self) -> bool:
+        if torch.compiler.is_compiling():
+            return self._traced_disabled
         return _DISABLED.get().get(id(self), False)
 
     @disabled.setter
     def disabled(self, value: bool) -> None:
         _DISABLED.set(_with(_DISABLED.get(), id(self), bool(value)))
+        self._traced_disabled = bool(value)
 
     @property
     def context_task_ids(self) -> Optional[torch.Tensor]:
@@ -172,16 +181,21 @@ class RoutingState:
         if task_ids is not None:
             call = CallRouting(task_ids, {key: (task_ids, w) for key, w in (samples or {}).items()})
         token = _CALLS.set(_with(_CALLS.get(), id(self), call))
+        traced, self._traced_call = self._traced_call, call
         try:
             yield
         finally:
             _CALLS.reset(token)
+            self._traced_call = traced
             if call is not None and torch.is_grad_enabled():
                 self._for_backward = CallRouting(call.task_ids, call.samples)
 
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles of a model carry its configuration, not the tensors of a call (graph nodes)
-        return {"active_adapter": self.active_adapter, "merged_task": self.merged_task, "_for_backward": None}
+        return {
+            "active_adapter": self.active_adapter, "merged_task": self.merged_task, "_for_backward": None,
+            "_traced_call": None, "_traced_disabled": False,
+        }
 
     def _recomputing(self) -> Optional[CallRouting]:
         """The last call routed with autograd on, while a checkpointed layer is re-run inside ``backward()``."""
@@ -200,6 +214,8 @@ class RoutingState:
         if entry is None:
             return None
         ids, weights = entry
+        if torch.compiler.is_compiling():  # traced: one forward, its samples drawn for the batch's rows
+            return weights
         if ids is task_ids or (ids.shape == task_ids.shape and torch.equal(ids, task_ids.to(ids.device))):
             return weights
         return None
@@ -209,14 +225,15 @@ class RoutingState:
         call = self.current_call()
         return None if call is None else call.store
 
-    def for_batch(self, batch_size: int, device: torch.device, where: str = "") -> BatchRouting:
+    def for_batch(self, batch_size: int, device: torch.device, where: str = "", cache: bool = True) -> BatchRouting:
         """The task ids of the current call expanded to a layer input of ``batch_size`` rows.
 
         Generation runs the model on ``batch * k`` rows (beam search, ``num_return_sequences``), repeating
         every example ``k`` times in a row; the task ids are expanded the same way (``repeat_interleave``), and
         so is a single id to any number of rows. The result is computed once per call and batch size, not once
-        per layer. Outside a routed call (e.g. the base model called directly) the ids of the innermost
-        :meth:`task_context` are used.
+        per layer (``cache=False``: computed afresh, as a layer traced by ``torch.compile`` asks, since the
+        cache's contents would become guards). Outside a routed call (e.g. the base model called directly) the
+        ids of the innermost :meth:`task_context` are used.
 
         Under activation (gradient) checkpointing, layers recomputed during ``backward()`` get the task ids of
         the last routed call made with autograd on; so run each forward's backward before the next forward
@@ -238,6 +255,8 @@ class RoutingState:
                     "model.task_context(...)"
                 )
             return _expand(context, batch_size, device, where)
+        if not cache:
+            return _expand(call.task_ids, batch_size, device, where)
         cache_key = (batch_size, device)
         cached = call.per_batch.get(cache_key)
         if cached is None:
@@ -256,6 +275,10 @@ def _expand(task_ids: torch.Tensor, batch_size: int, device: torch.device, where
     ids = task_ids.to(device)
     if batch_size != n:
         ids = ids.repeat_interleave(batch_size // n)
+    if torch.compiler.is_compiling():
+        # traced by torch.compile: the layers route every row by its own id (PolyAdapter.add_update); the
+        # distinct tasks (a data-dependent shape) and a Python cache key would make guards on task values
+        return BatchRouting(ids, ids, torch.arange(batch_size, device=device), ())
     unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     return BatchRouting(ids, unique, inverse, tuple(unique.tolist()))
 
