@@ -542,20 +542,12 @@ class PolyModel(nn.Module):
         batch. In training every learned router's sample (shared ones too) is drawn here, once per call, with
         plain differentiable ops (:func:`_traced_samples`), so the layers trace no custom autograd function.
         """
-        batch_size = self._batch_size(args, kwargs)
-        ids = _checked_task_ids(self, task_ids, batch_size)
-        if ids is not None and batch_size is not None and ids.shape[0] == 1 and batch_size > 1:
-            ids = ids.expand(batch_size)
+        ids = _checked_task_ids(self, task_ids, self._batch_size(args, kwargs))
         samples = None
         state = self.routing
         if ids is not None and self.training and not state.disabled and state.merged_task is None:
             # the routers found afresh: filling the model's router cache while tracing would fail a guard next call
-            routers: dict[int, PolyRouter] = {}
-            for _, layer in self.poly_layers():
-                router = getattr(layer.adapters[state.active_adapter], "poly_router", None) if state.active_adapter in layer.adapters else None
-                if isinstance(router, PolyRouter):
-                    routers.setdefault(id(router), router)
-            samples = _traced_samples(list(routers.values()), ids)
+            samples = _traced_samples(self._find_active_routers(), ids)
         with state.route(ids, samples):
             return self.model(*args, **kwargs)
 
@@ -580,13 +572,17 @@ class PolyModel(nn.Module):
         """The distinct learned routers of the active adapter, in the order of the layers (cached)."""
         active = self.routing.active_adapter
         if self._router_cache is None or self._router_cache[0] != active:
-            routers: dict[int, PolyRouter] = {}
-            for _, layer in self.poly_layers():
-                router = getattr(layer.adapters[active], "poly_router", None) if active in layer.adapters else None
-                if isinstance(router, PolyRouter):
-                    routers.setdefault(id(router), router)
-            self._router_cache = (active, list(routers.values()))
+            self._router_cache = (active, self._find_active_routers())
         return self._router_cache[1]
+
+    def _find_active_routers(self) -> list[PolyRouter]:
+        active = self.routing.active_adapter
+        routers: dict[int, PolyRouter] = {}
+        for _, layer in self.poly_layers():
+            router = getattr(layer.adapters[active], "poly_router", None) if active in layer.adapters else None
+            if isinstance(router, PolyRouter):
+                routers.setdefault(id(router), router)
+        return list(routers.values())
 
     def generate(self, *args: Any, task_ids: Optional[TaskIds] = None, **kwargs: Any) -> Any:
         """``model.generate`` with every example routed to its task, for any decoding strategy.
