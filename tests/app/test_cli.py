@@ -121,7 +121,7 @@ def test_resume_continues_from_last_checkpoint(trained_run, tmp_path, capsys):
 
     code, _, err = run_cli(capsys, "train", "--output-dir", run)
     assert_one_line_error(code, err, "holds a polytropon run", "--resume")
-    code, out, err = run_cli(capsys, "train", "--output-dir", run, "--resume", "--quiet")
+    code, out, err = run_cli(capsys, "train", "--output-dir", run, "--resume")  # not --quiet: it says where it resumes
     assert code == 0, err
     assert "resuming from" in out and "checkpoint-6" in out
     metrics = json.load(open(os.path.join(run, "metrics.json")))

@@ -7,7 +7,18 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["positive_int", "positive_float", "add_adapter_argument", "add_one_task_arguments"]
+__all__ = [
+    "positive_int",
+    "positive_float",
+    "add_adapter_argument",
+    "add_one_task_arguments",
+    "DATA_HELP",
+    "add_column_arguments",
+    "read_data",
+]
+
+#: What ``--data`` / ``--eval-data`` accept.
+DATA_HELP = "a local CSV, JSON, JSONL or Parquet file of task, input and target columns"
 
 
 def positive_int(text: str) -> int:
@@ -44,3 +55,22 @@ def add_one_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, help="the task: its name or its id")
     parser.add_argument("--output", required=True, help="a new or empty directory")
     parser.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+
+
+def add_column_arguments(parser: Any) -> None:
+    """``--task-column``, ``--input-column``, ``--target-column``: the data files' column names."""
+    parser.add_argument("--task-column", default="task", metavar="NAME", help="column of the task name (default: task)")
+    parser.add_argument("--input-column", default="input", metavar="NAME", help="column of the input text (default: input)")
+    parser.add_argument("--target-column", default="target", metavar="NAME", help="column of the target (default: target)")
+
+
+def read_data(path: str, args: argparse.Namespace) -> list:
+    """The rows of a data file (:func:`polytropon.app.data.load_rows`) with the column flags of ``args``."""
+    from .data import Columns, load_rows
+
+    columns = Columns(
+        task=getattr(args, "task_column", "task"),
+        input=getattr(args, "input_column", "input"),
+        target=getattr(args, "target_column", "target"),
+    )
+    return load_rows(path, columns)

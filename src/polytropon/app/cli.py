@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help or a usage error (already printed as one line)
         return int(stop.code or EXIT_OK)
+    from .console import set_quiet
+
+    set_quiet(getattr(args, "quiet", False))
     try:
         return int(args.func(args))
     except (CliError, DataError, ModelLoadError) as err:
@@ -76,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("polytropon: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        set_quiet(False)
         close_process_group()
 
 
