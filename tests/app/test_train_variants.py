@@ -15,22 +15,9 @@ from polytropon.app.commands.train import Plan, TrainData, plot_run_routing
 from polytropon.app.comparison import lora_baseline_args, routing_allocations, routing_recovery
 from polytropon.app.defaults import DEFAULT_MODEL_ID, apply_run_defaults, default_model_path, model_path, portable_model_ref
 
-from conftest import make_rows
+from conftest import assert_one_line_error, make_rows, run_cli
 
 FAST = ["--batch-size", "8", "--r", "4", "--quiet", "--no-baseline", "--max-steps", "2"]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("polytropon"), (code, err)
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def write_json(path, value) -> str:
@@ -270,7 +257,8 @@ def test_quiet_prints_only_the_table_and_logs_to_the_run(tiny_bert, tiny_data, t
     code, out, err = train(capsys, tiny_bert, tiny_data, tmp_path / "run", "--logging-steps", "1")
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["task", "n", "poly"] and lines[-1].startswith("mean accuracy: poly")
+    assert lines[0].startswith("Per-task accuracy") and lines[1].split() == ["task", "n", "poly"]
+    assert lines[-1].startswith("mean accuracy: poly") and len(lines) == 8  # caption, 2 + 2 tasks + 2, means
     assert not any("loss" in line or line.startswith("polytropon:") or line.startswith("{") for line in lines)
     assert err.strip() == ""
     log = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]

@@ -15,6 +15,7 @@ __all__ = [
     "DATA_HELP",
     "add_column_arguments",
     "read_data",
+    "read_train_and_eval",
 ]
 
 #: What ``--data`` / ``--eval-data`` accept.
@@ -74,3 +75,23 @@ def read_data(path: str, args: argparse.Namespace) -> list:
         target=getattr(args, "target_column", "target"),
     )
     return load_rows(path, columns)
+
+
+def read_train_and_eval(args: argparse.Namespace) -> tuple[list, list, list[str]]:
+    """``(train rows, eval rows, task names)`` from ``--data`` with ``--eval-data`` or ``--eval-fraction`` of it.
+
+    Every eval row's task must be a task of the training rows.
+    """
+    from .console import CliError
+    from .data import check_tasks, split_rows, task_names_of
+
+    train = read_data(args.data, args)
+    if args.eval_data is not None:
+        evaluation = read_data(args.eval_data, args)
+    else:
+        if not 0 < args.eval_fraction < 1:
+            raise CliError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+        train, evaluation = split_rows(train, args.eval_fraction, args.seed)
+    tasks = task_names_of(train)
+    check_tasks(evaluation, tasks)
+    return train, evaluation, tasks

@@ -66,7 +66,8 @@ def print_run_summary(
     quiet: bool = False,
 ) -> None:
     """The end of ``polytropon train``: the per-task table, the means (Poly's difference to each baseline),
-    ``notes`` (e.g. the routing recovery), where the outputs are, the time; with ``quiet`` the table and means only.
+    ``notes`` (e.g. the routing recovery), where the outputs are, the time; with ``quiet`` the table (with its
+    caption) and the means only.
 
     ``paths`` has ``adapter``, ``metrics`` and ``routing``; ``seconds`` has ``total`` and ``train``
     (and ``lora_train`` when a LoRA baseline trained).
@@ -75,7 +76,7 @@ def print_run_summary(
 
     if not quiet:
         print()
-        print(f"Per-task {metric} on held-out examples of the training tasks ({n_eval} examples):")
+    print(f"Per-task {metric} on held-out examples of the training tasks ({n_eval} examples):")
     print(table)
     if not quiet:
         print()

@@ -14,23 +14,10 @@ from polytropon.app.cli import main
 from polytropon.app.commands.adapt import take_shots
 from polytropon.app.data import rows_from_dicts
 
-from conftest import make_rows, write_jsonl
+from conftest import assert_one_line_error, make_rows, run_cli, write_jsonl
 
-TRAIN = ["--batch-size", "16", "--n-skills", "2", "--r", "4", "--quiet", "--no-baseline", "--max-steps", "4"]
+TRAIN = ["--batch-size", "16", "--r", "4", "--quiet", "--no-baseline", "--max-steps", "4"]
 NEW_NAMES = {"animal": "cat_check", "color": "red_check"}
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("polytropon"), (code, err)
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def tree_digest(path) -> str:
@@ -46,12 +33,18 @@ def tree_digest(path) -> str:
     return h.hexdigest()
 
 
+def train_source(tiny_bert, tiny_data, out, *flags: str) -> str:
+    """A short training run on the tiny data (animal, color) in ``out``."""
+    train, evaluation = tiny_data
+    code = main(["train", "--model", tiny_bert, "--data", train, "--eval-data", evaluation, "--output-dir", str(out),
+                 *TRAIN, *flags])
+    assert code == 0
+    return str(out)
+
+
 @pytest.fixture(scope="module")
 def source_run(tiny_bert, tiny_data, tmp_path_factory):
-    train, evaluation = tiny_data
-    out = str(tmp_path_factory.mktemp("adapt") / "source")
-    assert main(["train", "--model", tiny_bert, "--data", train, "--eval-data", evaluation, "--output-dir", out, *TRAIN]) == 0
-    return out
+    return train_source(tiny_bert, tiny_data, tmp_path_factory.mktemp("adapt") / "source", "--n-skills", "2")
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +188,8 @@ def test_bad_input_is_one_line_and_writes_nothing(source_run, new_tasks, tiny_da
 
 
 def test_mhr_z_needs_learned_routing(tiny_bert, tiny_data, new_tasks, tmp_path, capsys):
-    train, evaluation = tiny_data
-    shared = tmp_path / "shared"
-    code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train, "--eval-data", evaluation,
-                           "--output-dir", str(shared), "--poly-type", "shared", "--r", "2", "--max-steps", "1",
-                           "--no-baseline", "--quiet")
-    assert code == 0, err
-    code, _, err = adapt(capsys, str(shared), new_tasks, tmp_path / "z", "mhr-z")
+    shared = train_source(tiny_bert, tiny_data, tmp_path / "shared", "--poly-type", "shared")
+    capsys.readouterr()
+    code, _, err = adapt(capsys, shared, new_tasks, tmp_path / "z", "mhr-z")
     assert_one_line_error(code, err, "--mode mhr-z", "poly_type shared")
-    assert adapt(capsys, str(shared), new_tasks, tmp_path / "full", "full")[0] == 0  # full works on any variant
+    assert adapt(capsys, shared, new_tasks, tmp_path / "full", "full")[0] == 0  # full works on any variant

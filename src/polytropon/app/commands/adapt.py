@@ -26,7 +26,7 @@ import os
 import time
 from typing import Any
 
-from ..arguments import DATA_HELP, add_column_arguments, positive_int, read_data
+from ..arguments import DATA_HELP, add_column_arguments, positive_int, read_train_and_eval
 from ..console import CliError, quiet_transformers, say
 from ..defaults import ADAPT_RUN, DEFAULT_RUN
 from ..report import format_table, means
@@ -164,21 +164,11 @@ def choose_output_dir(args: argparse.Namespace, source: Source) -> str:
 
 def adapt_data(args: argparse.Namespace, source: Source) -> AdaptData:
     """``--data`` (with ``--eval-data`` or ``--eval-fraction``), or the suite's held-out tasks; ``--shots`` per task."""
-    from ..data import check_tasks, split_rows, task_names_of
-
     if args.data is None:
         if args.eval_data is not None:
             raise CliError("--eval-data needs --data")
         return suite_heldout(args, source)
-    train = read_data(args.data, args)
-    if args.eval_data is not None:
-        evaluation = read_data(args.eval_data, args)
-    else:
-        if not 0 < args.eval_fraction < 1:
-            raise CliError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-        train, evaluation = split_rows(train, args.eval_fraction, args.seed)
-    tasks = task_names_of(train)
-    check_tasks(evaluation, tasks)
+    train, evaluation, tasks = read_train_and_eval(args)
     if args.shots is not None:
         train = take_shots(train, args.shots)
     return AdaptData(train, evaluation, tasks, args.data, args.shots)

@@ -22,7 +22,7 @@ import os
 import time
 from typing import Any
 
-from ..arguments import DATA_HELP, add_column_arguments, positive_float, positive_int, read_data
+from ..arguments import DATA_HELP, add_column_arguments, positive_float, positive_int, read_train_and_eval
 from ..comparison import LORA_NAME, aligned_skill_names, lora_baseline_args, recovery_line, routing_recovery
 from ..console import CliError, is_main_process, quiet_transformers, say, world_size
 from ..defaults import (
@@ -256,21 +256,11 @@ class TrainData:
 
 def load_data(args: argparse.Namespace) -> TrainData:
     """The built-in suite (no ``--data``), or ``--data`` with ``--eval-data`` or a held-out fraction of it."""
-    from ..data import check_tasks, split_rows, task_names_of
-
     if args.data is None:
         if args.eval_data is not None:
             raise CliError("--eval-data needs --data")
         return suite_data(args.suite_seed)
-    train = read_data(args.data, args)
-    if args.eval_data is not None:
-        evaluation = read_data(args.eval_data, args)
-    else:
-        if not 0 < args.eval_fraction < 1:
-            raise CliError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-        train, evaluation = split_rows(train, args.eval_fraction, args.seed)
-    tasks = task_names_of(train)
-    check_tasks(evaluation, tasks)
+    train, evaluation, tasks = read_train_and_eval(args)
     return TrainData(train=train, eval=evaluation, tasks=tasks, source=args.data)
 
 
