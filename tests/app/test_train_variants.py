@@ -182,10 +182,29 @@ def test_lora_baseline_has_polys_trainable_budget_and_is_saved(tiny_bert, tiny_d
     layers = 2 * 2  # tiny BERT: 2 blocks x (query, value)
     assert poly["trainable_parameters"] - lora["trainable_parameters"] == layers * 2 * 1 * 3
     assert set(lora["per_task"]) == {"animal", "color"}
-    assert os.path.isfile(out / "lora" / "adapter_config.json")
-    assert "lora" in stdout and "vs lora" in stdout and "LoRA baseline" in stdout
+    assert os.path.isfile(out / "lora" / "adapter" / "adapter_config.json")  # the baseline's own run
+    assert json.load(open(out / "lora" / "run.json"))["status"] == "complete"
+    code, output, err = run_cli(capsys, "eval", str(out / "lora"), "--data", eval_file, "--json", str(tmp_path / "l.json"))
+    assert code == 0, err
+    assert json.load(open(tmp_path / "l.json"))["per_task"] == lora["per_task"]  # the same rows, the same numbers
+    assert "vs lora" in stdout and "LoRA baseline" in stdout
     header = next(line for line in stdout.splitlines() if line.startswith("task"))
     assert header.split() == ["task", "n", "head-only", "lora", "poly"]
+
+
+def test_a_failed_lora_baseline_is_a_one_line_error_naming_its_log(tmp_path):
+    from polytropon.app.comparison import LoraJob, finish_lora_baseline
+    from polytropon.app.console import CliError
+
+    class Failed:
+        exitcode = 1
+
+        def join(self):
+            pass
+
+    job = LoraJob(Failed(), str(tmp_path / "lora"), str(tmp_path / "lora.log"), 0.0)
+    with pytest.raises(CliError, match=r"LoRA baseline failed \(exit code 1\); its output is in .*lora\.log"):
+        finish_lora_baseline(job)
 
 
 def test_lora_baseline_args_keep_the_run_but_the_routing():

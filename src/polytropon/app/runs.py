@@ -6,7 +6,7 @@ A run directory (``--output-dir``) holds::
     adapter/          the saved adapter (PEFT's files) plus polytropon_tasks.json
     checkpoints/      adapter-only Trainer checkpoints, for --resume
     train_log.jsonl   the Trainer's log dicts (loss, learning rate, ...), one JSON object a line
-    lora/             the shared-LoRA baseline's adapter (with --lora-baseline)
+    lora/, lora.log   the shared-LoRA baseline's own run directory and its output (with --lora-baseline)
     metrics.json      written when the run completes
     routing.png, plots/
 

@@ -23,7 +23,16 @@ import time
 from typing import Any
 
 from ..arguments import DATA_HELP, add_column_arguments, positive_float, positive_int, read_train_and_eval
-from ..comparison import LORA_NAME, aligned_skill_names, lora_baseline_args, recovery_line, routing_recovery
+from ..comparison import (
+    LORA_NAME,
+    LoraBaseline,
+    aligned_skill_names,
+    finish_lora_baseline,
+    lora_baseline_args,
+    recovery_line,
+    routing_recovery,
+    start_lora_baseline,
+)
 from ..console import CliError, is_main_process, quiet_transformers, say, world_size
 from ..defaults import (
     DEFAULT_MODEL_NAME,
@@ -149,11 +158,14 @@ def run(args: argparse.Namespace) -> int:
         open_run_dir(output_dir, record, args, data, plan)
 
     trainer = make_run_trainer(args, output_dir, model, tokenizer, train_set, len(data.train))
+    lora_job = maybe_start_lora_baseline(args, output_dir)  # trains beside Poly, in a child process
     result, losses = train(trainer, args, output_dir, seconds)
     dump_rank_state(model, losses)
-    lora = train_lora_baseline(args, data, plan, tokenizer, train_set, output_dir, seconds)
     if not trainer.is_world_process_zero():
         return 0
+    lora = finish_lora_baseline(lora_job) if lora_job is not None else None
+    if lora is not None:
+        seconds["lora_train"] = lora.seconds
 
     adapter_dir = save_adapter(model, os.path.join(output_dir, ADAPTER_SUBDIR), args, data, plan)
     t_eval = time.time()
@@ -207,7 +219,7 @@ def run_metrics(
         "baseline": None if first is None else {"name": first[0], "per_task": first[1], "mean": means(first[1])},
         "lora": None if lora is None else {
             "per_task": named[LORA_NAME], "mean": means(named[LORA_NAME]), "adapter": lora.adapter_dir,
-            "config": lora.config.to_dict(), "trainable_parameters": lora.trainable,
+            "config": lora.config, "trainable_parameters": lora.trainable,
         },
         "routing": {"matrix": routing.tolist(), "recovery": recovery},
     }
@@ -381,6 +393,16 @@ def open_run_dir(
         raise CliError(f"{output_dir}: the data's tasks differ from the run's; cannot resume")
 
 
+def maybe_start_lora_baseline(args: argparse.Namespace, output_dir: str) -> Any:
+    """With ``--lora-baseline`` (and no ``--no-baseline``), on the main process: start the shared-LoRA baseline
+    (:func:`~polytropon.app.comparison.start_lora_baseline`) in ``<output_dir>/lora``; else ``None``."""
+    if args.no_baseline or not args.lora_baseline or not is_main_process():
+        return None
+    say(f"polytropon: baseline: a shared LoRA of rank {lora_baseline_args(args).r}, trained beside Poly in "
+        f"{os.path.join(output_dir, LORA_SUBDIR)}")
+    return start_lora_baseline(args, output_dir, LORA_SUBDIR)
+
+
 def make_run_trainer(
     args: argparse.Namespace, output_dir: str, model: Any, tokenizer: Any, train_set: Any, n_train: int
 ) -> Any:
@@ -438,42 +460,6 @@ def dump_rank_state(model: Any, losses: list[float]) -> None:
     )
 
 
-@dataclasses.dataclass
-class LoraBaseline:
-    """The trained shared-LoRA baseline: its model, config, trainable parameter count and saved adapter."""
-
-    model: Any
-    config: Any
-    trainable: int
-    adapter_dir: str | None = None
-
-
-def train_lora_baseline(
-    args: argparse.Namespace, data: TrainData, plan: Plan, tokenizer: Any, train_set: Any, output_dir: str,
-    seconds: dict[str, float],
-) -> LoraBaseline | None:
-    """With ``--lora-baseline`` (and no ``--no-baseline``): train a shared LoRA of Poly's trainable budget on the
-    same data, steps and seed (timed as ``lora_train``), on every process like Poly, and save it in
-    ``<output_dir>/lora``. ``None`` otherwise."""
-    if args.no_baseline or not args.lora_baseline:
-        return None
-    from ..training import make_trainer
-
-    lora_args = lora_baseline_args(args)
-    lora_plan = dataclasses.replace(plan, variant=variant_fields(lora_args, data.tasks, plan.n_tasks))
-    started = time.time()
-    model, _, config = build_model(lora_args, data, lora_plan, {})
-    say(f"polytropon: baseline: a shared LoRA of rank {lora_args.r}, trainable {model.get_nb_trainable_parameters()[0]:,d}")
-    trainer = make_trainer(lora_args, os.path.join(output_dir, LORA_SUBDIR, CHECKPOINT_SUBDIR), model, tokenizer,
-                           train_set, save_checkpoints=False)
-    trainer.train()
-    seconds["lora_train"] = time.time() - started
-    baseline = LoraBaseline(model, config, model.get_nb_trainable_parameters()[0])
-    if is_main_process():
-        baseline.adapter_dir = save_adapter(model, os.path.join(output_dir, LORA_SUBDIR), args, data, plan)
-    return baseline
-
-
 # --------------------------------------------------------------------------- 5. save, evaluate, plot
 
 
@@ -497,7 +483,8 @@ def evaluate(
     """``(poly per-task metrics, [(baseline name, its per-task metrics), ...])``; no baseline with --no-baseline.
 
     The first baseline of a classifier is a head trained on the frozen base model; that of a language model
-    is the base model itself (the adapter disabled). The LoRA baseline, if trained, follows.
+    is the base model itself (the adapter disabled). The LoRA baseline, if trained, follows (evaluated on the same
+    rows by its own run).
     """
     from ..training import evaluate_per_task
 
@@ -514,7 +501,7 @@ def evaluate(
     else:
         baselines = [("head-only", head_only_metrics(args, tokenizer, data, plan))]
     if lora is not None:
-        baselines.append((LORA_NAME, per_task(lora.model)))
+        baselines.append((LORA_NAME, lora.per_task))
     return poly, baselines
 
 
