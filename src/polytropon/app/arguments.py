@@ -10,6 +10,7 @@ from typing import Any
 __all__ = [
     "positive_int",
     "positive_float",
+    "non_negative_float",
     "add_adapter_argument",
     "add_one_task_arguments",
     "DATA_HELP",
@@ -35,6 +36,14 @@ def positive_float(text: str) -> float:
     value = _convert(text, float, "a number")
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (a learning rate of 0 freezes a parameter group)."""
+    value = _convert(text, float, "a number")
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
     return value
 
 

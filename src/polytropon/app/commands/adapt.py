@@ -26,7 +26,7 @@ import os
 import time
 from typing import Any
 
-from ..arguments import DATA_HELP, add_column_arguments, positive_int, read_train_and_eval
+from ..arguments import DATA_HELP, add_column_arguments, non_negative_float, positive_int, read_train_and_eval
 from ..console import CliError, quiet_transformers, say
 from ..defaults import ADAPT_RUN, DEFAULT_RUN
 from ..report import format_table, means
@@ -63,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="the new run directory (default: runs/<timestamp>-<mode>); never the source")
     parser.add_argument("--model", help="base model (default: the one recorded in the run)")
     parser.add_argument("--max-steps", type=positive_int, default=ADAPT_RUN["max_steps"])
-    parser.add_argument("--lr", type=float, default=ADAPT_RUN["lr"], help="learning rate of skills and head")
-    parser.add_argument("--router-lr", type=float, default=ADAPT_RUN["router_lr"], help="learning rate of the routing")
+    parser.add_argument("--lr", type=non_negative_float, default=ADAPT_RUN["lr"], help="learning rate of skills and head")
+    parser.add_argument("--router-lr", type=non_negative_float, default=ADAPT_RUN["router_lr"],
+                        help="learning rate of the routing")
     parser.add_argument("--batch-size", type=positive_int, default=ADAPT_RUN["batch_size"])
     parser.add_argument("--eval-batch-size", type=positive_int, default=64)
     parser.add_argument("--max-length", type=positive_int, help="default: the run's")
