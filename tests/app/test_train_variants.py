@@ -134,6 +134,14 @@ def test_private_shared_and_learned_variants_record_their_config(tiny_bert, tiny
     assert config["router_granularity"] == "block" and config["n_splits"] == 2 and config["unknown_task"] == "average"
     record = json.load(open(tmp_path / "poly" / "run.json"))
     assert record["args"]["ibp_alpha"] == 2.0 and record["args"]["ibp_weight"] == 0.1
+    # --unknown-task average: eval accepts a task the adapter does not know and routes it to the skills' average
+    new_rows = [dict(row, task="zebra") for row in make_rows(3, seed=9)]
+    new_file = tmp_path / "new.jsonl"
+    new_file.write_text("".join(json.dumps(row) + "\n" for row in new_rows))
+    code, out, err = run_cli(capsys, "eval", str(tmp_path / "poly"), "--data", str(new_file))
+    assert code == 0 and "zebra" in out, err
+    code, _, err = run_cli(capsys, "eval", str(tmp_path / "shared"), "--data", str(new_file))
+    assert_one_line_error(code, err, "unknown task 'zebra'")
 
 
 def test_trainer_loss_adds_the_weighted_ibp_prior(tiny_bert):

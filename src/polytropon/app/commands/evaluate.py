@@ -31,14 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the adapter, the rows and ``--json`` before loading the model; evaluate; print; write the JSON."""
-    from ..data import check_tasks
+    from ..data import check_tasks, task_names_of
 
     adapter_dir = resolve_adapter_dir(args.adapter)
     info = read_tasks_file(adapter_dir)
     config = read_adapter_config(adapter_dir)
     rows = read_data(args.data, args)
     tasks: list[str] = info["tasks"]
-    check_tasks(rows, tasks)
+    unknown = [t for t in task_names_of(rows) if t not in tasks] if config.unknown_task == "average" else []
+    check_tasks(rows, tasks + unknown)  # with unknown_task="average", new tasks route to the average of the skills
     head = info.get("head", "classification")
     label_to_id = check_labels(rows, head, info.get("labels"))
     if args.json_out and os.path.exists(args.json_out):
@@ -47,10 +48,12 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_adapted(adapter_dir, info, config, args.model)
     max_length = args.max_length or int(info.get("max_length", 128))
-    task_to_id = {t: i for i, t in enumerate(tasks)}
+    from ...routing import UNKNOWN_TASK
+
+    task_to_id = {t: i for i, t in enumerate(tasks)} | {t: UNKNOWN_TASK for t in unknown}
     metrics = evaluate_per_task(model, tokenizer, rows, head, task_to_id, label_to_id, max_length, args.batch_size)
 
-    present = [t for t in tasks if t in metrics]
+    present = [t for t in tasks + unknown if t in metrics]
     shown = ["accuracy"] if head == "classification" else ["exact_match", "loss"]
     for metric in shown:
         print(format_table(present, [(metric, metrics)], metric))
