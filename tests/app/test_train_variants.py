@@ -223,6 +223,8 @@ def test_lora_baseline_args_keep_the_run_but_the_routing():
     assert (lora.r, lora.n_skills, lora.n_splits, lora.poly_type) == (64, 1, 1, "shared")
     assert not lora.hard_routing and lora.ibp_alpha is None and (lora.lr, lora.max_steps) == (1e-3, 7)
     assert args.r == 8 and args.hard_routing  # the run's flags untouched
+    args.lora_lr = 5e-3
+    assert lora_baseline_args(args).lr == 5e-3 and args.lr == 1e-3
 
 
 def test_demo_defaults_turn_the_lora_baseline_on():

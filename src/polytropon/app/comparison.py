@@ -46,12 +46,13 @@ LORA_NAME = "lora"
 def lora_baseline_args(args: argparse.Namespace) -> argparse.Namespace:
     """A copy of the run's flags for a shared LoRA with Poly's trainable budget (rank ``r * n_skills``, one skill).
 
-    Everything else (targets, learning rate, steps, batch size, seed, head) is the run's; the routing flags
-    (``--hard-routing``, ``--router-temperature``, ``--router-granularity``, the IBP prior) do not apply to
-    one shared skill and are reset.
+    Everything else (targets, steps, batch size, seed, head) is the run's, and the learning rate too unless
+    ``--lora-lr`` gives the baseline its own; the routing flags (``--hard-routing``, ``--router-temperature``,
+    ``--router-granularity``, the IBP prior) do not apply to one shared skill and are reset.
     """
     values = dict(vars(args))
     values.update(
+        lr=getattr(args, "lora_lr", None) or args.lr,
         poly_type="shared", n_skills=1, n_splits=1, r=args.r * args.n_skills, allocation=None, hard_routing=False,
         router_temperature=None, router_granularity=None, ibp_alpha=None, ibp_weight=None, unknown_task=None,
     )

@@ -43,8 +43,10 @@ DEFAULT_RUN: dict[str, Any] = {
     # Small matrices: one thread is about as fast as two on an idle 2-core machine and does not
     # collapse when other processes compete for the cores (measured: 16-18 s vs 13-204 s per 60 steps).
     "threads": 1,
-    # the default run also trains a shared LoRA with Poly's trainable budget (rank r * n_skills, one skill)
+    # the default run also trains a shared LoRA with Poly's trainable budget (rank r * n_skills, one skill),
+    # with the same steps and batches; its learning rate is lora_lr (None: Poly's lr)
     "lora_baseline": True,
+    "lora_lr": None,
 }
 #: Defaults for a user's own model and data.
 GENERIC_RUN: dict[str, Any] = {

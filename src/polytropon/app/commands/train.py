@@ -125,6 +125,7 @@ def _add_training_arguments(opt: Any) -> None:
     opt.add_argument("--lora-baseline", action=argparse.BooleanOptionalAction,
                      help="also train a shared LoRA with Poly's trainable budget (rank r x n-skills, one skill) on "
                           "the same data and steps (default: on for the built-in demo, off otherwise)")
+    opt.add_argument("--lora-lr", type=positive_float, help="learning rate of the LoRA baseline (default: --lr)")
     opt.add_argument("--baseline-epochs", type=positive_int, default=60, help="epochs of head-only baseline training")
     opt.add_argument("--baseline-max-train", type=positive_int,
                      help="train the head-only baseline on at most this many examples (default 2000; 1280 for the demo)")
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     seconds["eval_and_baseline"] = time.time() - t_eval
     routing, recovery, plot_path = plot_run_routing(model, output_dir, data)
     seconds["total"] = time.time() - started
+    seconds["cpu_this_process"] = time.process_time()  # on one thread: what an idle core would take
 
     metric = "accuracy" if plan.head == "classification" else "exact_match"
     metrics = run_metrics(args, data, plan, metric, poly_metrics, baselines, lora, routing, recovery)
