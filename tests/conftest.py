@@ -209,3 +209,27 @@ def make_tiny_t5(folder: str) -> str:
 @pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory) -> str:
     return make_tiny_t5(str(tmp_path_factory.mktemp("tiny_t5")))
+
+
+# --------------------------------------------------------------------------- CLI call helpers
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run ``polytropon ARGV`` in this process; ``(exit code, stdout, stderr)``."""
+    from polytropon.app.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """Exit code 2 and one ``polytropon...: error: ...`` line on stderr holding every fragment (no traceback)."""
+    assert code == 2, (code, err)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("polytropon"), err
+    assert ": error: " in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])

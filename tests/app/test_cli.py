@@ -12,26 +12,9 @@ import pytest
 
 from polytropon.app.cli import main
 
-from conftest import make_rows, write_jsonl
+from conftest import assert_one_line_error, make_rows, run_cli, write_jsonl
 
 FAST = ["--batch-size", "16", "--lr", "1e-2", "--router-lr", "5e-2", "--n-skills", "2", "--r", "4", "--quiet", "--baseline-epochs", "5"]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("polytropon"), err
-    assert ": error: " in lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +104,7 @@ def test_resume_continues_from_last_checkpoint(trained_run, tmp_path, capsys):
 
     code, _, err = run_cli(capsys, "train", "--output-dir", run)
     assert_one_line_error(code, err, "holds a polytropon run", "--resume")
-    code, out, err = run_cli(capsys, "train", "--output-dir", run, "--resume", "--quiet")
+    code, out, err = run_cli(capsys, "train", "--output-dir", run, "--resume")  # not --quiet: it says where it resumes
     assert code == 0, err
     assert "resuming from" in out and "checkpoint-6" in out
     metrics = json.load(open(os.path.join(run, "metrics.json")))

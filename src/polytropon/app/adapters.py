@@ -70,11 +70,18 @@ def read_adapter_config(adapter_dir: str) -> Any:
 
 
 def load_adapted(adapter_dir: str, info: dict[str, Any], config: Any, model_arg: str | None) -> tuple[Any, Any]:
-    """``(PolyModel, tokenizer)`` of a saved adapter on its base model (``--model`` or the recorded one)."""
+    """``(PolyModel, tokenizer)`` of a saved adapter on its base model (``--model`` or the recorded one).
+
+    The default model's public id (:data:`~polytropon.app.defaults.DEFAULT_MODEL_ID`) loads from the installed
+    package, offline.
+    """
+    from .defaults import model_path
+
     quiet_transformers()
     model_ref = model_arg or info.get("model") or config.base_model_name_or_path
     if not model_ref:
         raise CliError(f"{adapter_dir}: no base model recorded; pass --model")
+    model_ref = model_path(model_ref)
     from ..model import PolyModel
     from .training import load_base_model
 

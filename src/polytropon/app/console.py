@@ -2,7 +2,8 @@
 
 * :class:`CliError` -- bad input; :func:`polytropon.app.cli.main` prints it as one line
   (``polytropon: error: ...``) and exits with code 2.
-* :func:`say` prints on the main process only, so a run under ``torchrun`` speaks once.
+* :func:`say` prints on the main process only, so a run under ``torchrun`` speaks once, and not at all after
+  :func:`set_quiet` (``--quiet``: only errors and the final table).
 * :func:`quiet_transformers` silences the libraries' own warnings and progress bars.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["CliError", "is_main_process", "world_size", "say", "quiet_transformers"]
+__all__ = ["CliError", "is_main_process", "world_size", "say", "set_quiet", "quiet_transformers"]
+
+_quiet = False
 
 
 class CliError(Exception):
@@ -28,9 +31,15 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def set_quiet(quiet: bool) -> None:
+    """Silence (or restore) :func:`say` for the rest of this command."""
+    global _quiet
+    _quiet = bool(quiet)
+
+
 def say(*parts: Any) -> None:
-    """``print`` on the main process only, flushed at once."""
-    if is_main_process():
+    """``print`` on the main process only, flushed at once; nothing after ``set_quiet(True)``."""
+    if is_main_process() and not _quiet:
         print(*parts, flush=True)
 
 

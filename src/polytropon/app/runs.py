@@ -5,6 +5,8 @@ A run directory (``--output-dir``) holds::
     run.json          the run record: arguments, tasks, labels, head, model, status
     adapter/          the saved adapter (PEFT's files) plus polytropon_tasks.json
     checkpoints/      adapter-only Trainer checkpoints, for --resume
+    train_log.jsonl   the Trainer's log dicts (loss, learning rate, ...), one JSON object a line
+    lora/, lora.log   the shared-LoRA baseline's own run directory and its output (with --lora-baseline)
     metrics.json      written when the run completes
     routing.png, plots/
 
@@ -30,6 +32,8 @@ __all__ = [
     "ADAPTER_SUBDIR",
     "CHECKPOINT_SUBDIR",
     "METRICS_FILE",
+    "LOG_FILE",
+    "LORA_SUBDIR",
     "check_output_dir",
     "read_run",
     "new_run_record",
@@ -48,6 +52,8 @@ TASKS_FILE = "polytropon_tasks.json"
 ADAPTER_SUBDIR = "adapter"
 CHECKPOINT_SUBDIR = "checkpoints"
 METRICS_FILE = "metrics.json"
+LOG_FILE = "train_log.jsonl"
+LORA_SUBDIR = "lora"
 
 
 def check_output_dir(path: str, resume: bool) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections import defaultdict
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..fsdp import copy_full_, gathered, is_sharded
 from .data import HeadType, PolyDataCollator, Row
@@ -30,6 +31,8 @@ __all__ = [
     "infer_head",
     "load_base_model",
     "PolyTrainer",
+    "JsonlLogCallback",
+    "make_trainer",
     "TRAINABLE_STATE_NAME",
     "trainable_state",
     "state_digest",
@@ -201,13 +204,35 @@ class PolyTrainer(Trainer):
       The scheduler scales both.
     * Checkpoints hold the adapter (``save_pretrained``) and all trainable tensors
       (:data:`TRAINABLE_STATE_NAME`), not the frozen base model; resuming loads the latter.
+    * With ``ibp_alpha`` the loss adds the Indian Buffet Process prior of the learned allocations,
+      ``loss = task_loss + ibp_weight * ibp_loss(model, ibp_alpha)`` (:func:`polytropon.toolkit.priors.ibp_loss`,
+      the negative log-prior averaged over routers and splits).
     """
 
-    def __init__(self, *args: Any, router_lr: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, router_lr: float, ibp_alpha: float | None = None, ibp_weight: float = 0.0, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.router_lr = router_lr
+        self.ibp_alpha = ibp_alpha
+        self.ibp_weight = ibp_weight
         # PolyModel.forward takes **kwargs; do not let Trainer pass num_items_in_batch into the base model.
         self.model_accepts_loss_kwargs = False
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """The task loss, plus ``ibp_weight * ibp_loss(model, ibp_alpha)`` when the prior is on."""
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.ibp_alpha is None:
+            return result
+        from ..toolkit.priors import ibp_loss
+
+        prior = self.ibp_weight * ibp_loss(self.accelerator.unwrap_model(model), alpha=self.ibp_alpha)
+        if return_outputs:
+            loss, outputs = result
+            return loss + prior, outputs
+        return result + prior
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -249,6 +274,86 @@ class PolyTrainer(Trainer):
                 raise ValueError(f"{resume_from_checkpoint}: tensor {name} does not fit the model")
         for name, tensor in saved.items():
             copy_full_(params[name], tensor)  # a parameter sharded by FSDP2 takes its own shard
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every log dict of the main process (loss, learning rate, step, ...) as one JSON line to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+
+def make_trainer(
+    args: Any,
+    checkpoint_dir: str,
+    model: nn.Module,
+    tokenizer: Any,
+    train_set: Any,
+    log_path: str | None = None,
+    save_checkpoints: bool = True,
+    ibp_weight: float = 0.0,
+) -> PolyTrainer:
+    """A :class:`PolyTrainer` for the CLI's flags (``args``: epochs, max_steps, lr, router_lr, batch_size, ...).
+
+    Checkpoints go to ``checkpoint_dir`` every ``args.save_steps`` (with ``save_checkpoints``); the log dicts
+    to ``log_path`` as JSON lines (:class:`JsonlLogCallback`); with ``args.quiet`` nothing is printed.
+    ``args.ibp_alpha`` (if set) turns the IBP prior on with weight ``ibp_weight``.
+    """
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from .console import CliError, is_main_process, world_size
+
+    use_cpu = not torch.cuda.is_available()
+    try:
+        training_args = TrainingArguments(
+            output_dir=checkpoint_dir,
+            num_train_epochs=args.epochs,
+            max_steps=args.max_steps or -1,
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum,
+            lr_scheduler_type="linear",
+            logging_steps=args.logging_steps,
+            save_strategy="steps" if save_checkpoints else "no",
+            save_steps=args.save_steps,
+            save_total_limit=2,
+            seed=args.seed,
+            bf16=args.bf16,
+            use_cpu=use_cpu,
+            ddp_backend="gloo" if use_cpu and world_size() > 1 else None,
+            ddp_find_unused_parameters=False,
+            remove_unused_columns=False,
+            label_names=["labels"],
+            report_to=[],
+            disable_tqdm=args.quiet or not is_main_process(),
+            dataloader_num_workers=0,
+        )
+    except (ValueError, ImportError) as err:
+        raise CliError(f"training arguments: {err}") from None
+    trainer = PolyTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        data_collator=PolyDataCollator(tokenizer),
+        router_lr=args.router_lr,
+        ibp_alpha=getattr(args, "ibp_alpha", None),
+        ibp_weight=ibp_weight,
+    )
+    if args.quiet:
+        trainer.remove_callback(PrinterCallback)
+    if log_path is not None:
+        trainer.add_callback(JsonlLogCallback(log_path))
+    return trainer
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -8,6 +8,7 @@ from polytropon.app.cli import COMMANDS, build_parser
 
 MINIMAL_ARGV = {
     "train": [],
+    "adapt": ["RUN"],
     "eval": ["ADAPTER", "--data", "D"],
     "inspect": ["ADAPTER"],
     "export-lora": ["ADAPTER", "--task", "T", "--output", "O"],
@@ -20,7 +21,7 @@ def test_parser_lists_exactly_the_registered_verbs_in_order():
     parser = build_parser()
     (sub,) = [a for a in parser._actions if a.dest == "command"]
     assert list(sub.choices) == [c.VERB for c in COMMANDS] == list(MINIMAL_ARGV)
-    assert sub.metavar == "{train,eval,inspect,export-lora,merge,suite}"
+    assert sub.metavar == "{train,adapt,eval,inspect,export-lora,merge,suite}"
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.VERB)

@@ -6,9 +6,11 @@ suite with the demo settings of :data:`~polytropon.app.defaults.DEFAULT_RUN`. Th
 1. check the flags and the output directory (or take the stored arguments of a run to resume);
 2. load the data and decide the head, labels and task ids, checking every row before any model work;
 3. build the model: the base model with a Poly adapter;
-4. record the run (``run.json``) and train with :class:`~polytropon.app.training.PolyTrainer`; the
-   remaining steps run on the main process only;
-5. save the adapter, evaluate it and the baseline per task, plot the routing;
+4. record the run (``run.json``) and train with :class:`~polytropon.app.training.PolyTrainer` (the log
+   dicts go to ``train_log.jsonl``); then, with ``--lora-baseline``, a shared LoRA of the same trainable
+   budget (:mod:`polytropon.app.comparison`); the remaining steps run on the main process only;
+5. save the adapter, evaluate it and the baselines per task; plot the routing (on the built-in suite aligned
+   to the true skills, with the routing recovery score);
 6. write ``metrics.json``, mark the run complete and print the summary.
 """
 
@@ -21,13 +23,32 @@ import time
 from typing import Any
 
 from ...fsdp import is_sharded
-from ..arguments import positive_float, positive_int
+from ..arguments import DATA_HELP, add_column_arguments, positive_float, positive_int, read_train_and_eval
+from ..comparison import (
+    LORA_NAME,
+    LoraBaseline,
+    aligned_skill_names,
+    finish_lora_baseline,
+    lora_baseline_args,
+    recovery_line,
+    routing_recovery,
+    start_lora_baseline,
+)
 from ..console import CliError, is_main_process, quiet_transformers, say, world_size
-from ..defaults import DEFAULT_MODEL_NAME, DEFAULT_RUN, apply_run_defaults, default_model_path
+from ..defaults import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_RUN,
+    apply_run_defaults,
+    default_model_path,
+    model_path,
+    portable_model_ref,
+)
 from ..report import format_table, means, print_run_summary
 from ..runs import (
     ADAPTER_SUBDIR,
     CHECKPOINT_SUBDIR,
+    LOG_FILE,
+    LORA_SUBDIR,
     METRICS_FILE,
     RUN_FILE,
     TASKS_FILE,
@@ -38,6 +59,7 @@ from ..runs import (
     read_run,
     write_json,
 )
+from ..variant_flags import add_variant_arguments, check_variant_flags, variant_fields
 
 __all__ = ["VERB", "HELP", "DESCRIPTION", "add_arguments", "run", "TrainData", "Plan", "RANK_DUMP_ENV"]
 
@@ -61,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_model_and_data_arguments(io: Any) -> None:
     io.add_argument("--model", help="local model folder or hub id (default: the packaged all-MiniLM-L6-v2)")
     io.add_argument("--revision", help="model revision (hub models)")
-    io.add_argument("--data", help='training JSONL with {"task", "input", "target"} rows (default: built-in suite)')
-    io.add_argument("--eval-data", help="evaluation JSONL (default: the suite's eval split, or --eval-fraction of --data)")
+    io.add_argument("--data", help=f"training data: {DATA_HELP} (default: the built-in suite)")
+    io.add_argument("--eval-data", help="evaluation data, same formats (default: the suite's eval split, or --eval-fraction of --data)")
     io.add_argument("--eval-fraction", type=float, default=0.1, help="held out per task when --data has no --eval-data")
     io.add_argument("--head", choices=["auto", "classification", "causal-lm", "seq2seq"], default="auto",
                     help="what to train on top of the model (default: inferred from the model config)")
@@ -70,6 +92,7 @@ def _add_model_and_data_arguments(io: Any) -> None:
     io.add_argument("--output-dir", help="run directory (default: runs/<timestamp>); never overwritten")
     io.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir from its last checkpoint")
     io.add_argument("--suite-seed", type=int, default=0, help="seed of the built-in suite")
+    add_column_arguments(io)
 
 
 def _add_adapter_arguments(poly: Any) -> None:
@@ -77,7 +100,7 @@ def _add_adapter_arguments(poly: Any) -> None:
     poly.add_argument("--n-skills", type=positive_int, help="skills per layer (default 4; 8 for the demo)")
     poly.add_argument("--n-splits", type=positive_int, default=1, help="splits per skill; >1 is MHR (default 1)")
     poly.add_argument("--n-tasks", type=positive_int, help="router rows (default: number of tasks in --data)")
-    poly.add_argument("--poly-type", default="poly", choices=["poly"], help="routing variant")
+    add_variant_arguments(poly)
     poly.add_argument("--target-modules", nargs="+", metavar="NAME", help="module names to adapt (default: per architecture)")
     poly.add_argument("--target-regex", metavar="REGEX", help="regular expression over full module names, instead of --target-modules")
     poly.add_argument("--exclude-modules", nargs="+", metavar="NAME", help="module names never adapted")
@@ -99,21 +122,29 @@ def _add_training_arguments(opt: Any) -> None:
     opt.add_argument("--bf16", action="store_true", help="bf16 mixed precision where the device supports it")
     opt.add_argument("--logging-steps", type=positive_int, default=10)
     opt.add_argument("--save-steps", type=positive_int, default=50, help="checkpoint every N steps (for --resume)")
-    opt.add_argument("--no-baseline", action="store_true", help="skip the baseline (head-only / base model)")
+    opt.add_argument("--no-baseline", action="store_true", help="skip the baselines (head-only / base model, and the LoRA)")
+    opt.add_argument("--lora-baseline", action=argparse.BooleanOptionalAction,
+                     help="also train a shared LoRA with Poly's trainable budget (rank r x n-skills, one skill) on "
+                          "the same data and steps (default: on for the built-in demo, off otherwise)")
+    opt.add_argument("--lora-lr", type=positive_float, help="learning rate of the LoRA baseline (default: --lr)")
     opt.add_argument("--baseline-epochs", type=positive_int, default=60, help="epochs of head-only baseline training")
     opt.add_argument("--baseline-max-train", type=positive_int,
                      help="train the head-only baseline on at most this many examples (default 2000; 1280 for the demo)")
     opt.add_argument("--threads", type=positive_int,
                      help="CPU threads per process (default: PyTorch's choice; 1 for the demo)")
-    opt.add_argument("--quiet", action="store_true", help="no progress bars")
+    opt.add_argument("--quiet", action="store_true",
+                     help="print only errors and the final table (the training log is in train_log.jsonl)")
 
 
 # --------------------------------------------------------------------------- the verb
 
 
 def run(args: argparse.Namespace) -> int:
-    """``polytropon train``: validate everything, train with :class:`PolyTrainer`, then (main process only)
-    save the adapter, evaluate it against the baseline, and write ``metrics.json`` and ``routing.png``."""
+    """``polytropon train``: validate everything, train with :class:`PolyTrainer` (and the LoRA baseline), then
+    (main process only) save the adapter, evaluate it against the baselines, and write ``metrics.json`` and
+    ``routing.png``."""
+    if not args.resume:
+        check_variant_flags(args)
     args, output_dir, record = start_or_resume(args)
     started = time.time()
     apply_run_defaults(args, demo=args.data is None and args.model is None)
@@ -123,17 +154,13 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(args, data)
     seconds: dict[str, float] = {}
     model, tokenizer, poly_config = build_model(args, data, plan, seconds)
-    trainable, total = model.get_nb_trainable_parameters()
-    say(
-        f"polytropon: {len(data.tasks)} tasks, {len(data.train)} train / {len(data.eval)} eval examples from {data.source}\n"
-        f"polytropon: model {args.model or DEFAULT_MODEL_NAME} ({plan.head}); trainable {trainable:,d} of {total:,d} "
-        f"parameters ({100 * trainable / total:.2f}%)"
-    )
+    announce(args, data, plan, model)
     train_set = encode_training_set(args, data, plan, tokenizer)
     if is_main_process():  # the run directory is created only now that data, model and adapter are good
         open_run_dir(output_dir, record, args, data, plan)
 
-    trainer = make_trainer(args, output_dir, model, tokenizer, train_set)
+    trainer = make_run_trainer(args, output_dir, model, tokenizer, train_set, len(data.train))
+    lora_job = maybe_start_lora_baseline(args, output_dir)  # trains beside Poly, in a child process
     result, losses = train(trainer, args, output_dir, seconds)
     sharded = is_sharded(model)
     if sharded:  # FSDP2: every rank gathers the adapter's shards, rank 0 writes
@@ -143,34 +170,67 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if sharded:  # evaluate an unsharded copy of the trained adapter on rank 0 alone (it must fit one device)
         model = unsharded_copy(args, plan, os.path.join(output_dir, ADAPTER_SUBDIR), trainer.args.device)
+    lora = finish_lora_baseline(lora_job) if lora_job is not None else None
+    if lora is not None:
+        seconds["lora_train"] = lora.seconds
 
-    adapter_dir = save_adapter(model, output_dir, args, data, plan)
+    adapter_dir = save_adapter(model, os.path.join(output_dir, ADAPTER_SUBDIR), args, data, plan)
     t_eval = time.time()
-    poly_metrics, baseline = evaluate(args, model, tokenizer, data, plan)
+    poly_metrics, baselines = evaluate(args, model, tokenizer, data, plan, lora)
     seconds["eval_and_baseline"] = time.time() - t_eval
-    metric = "accuracy" if plan.head == "classification" else "exact_match"
-    table = format_table(data.tasks, ([baseline] if baseline is not None else []) + [("poly", poly_metrics)], metric)
-    routing, plot_path = plot_run_routing(model, output_dir, data)
+    routing, recovery, plot_path = plot_run_routing(model, output_dir, data)
     seconds["total"] = time.time() - started
+    seconds["cpu_this_process"] = time.process_time()  # on one thread: what an idle core would take
 
-    metrics = {
+    metric = "accuracy" if plan.head == "classification" else "exact_match"
+    metrics = run_metrics(args, data, plan, metric, poly_metrics, baselines, lora, routing, recovery)
+    metrics.update(
+        train=training_summary(trainer, result, losses),
+        adapter={"config": poly_config.to_dict(), "trainable_parameters": model.get_nb_trainable_parameters()[0],
+                 "total_parameters": model.get_nb_trainable_parameters()[1]},
+        seconds={key: round(value, 2) for key, value in seconds.items()},
+    )
+    write_json(os.path.join(output_dir, METRICS_FILE), json_ready(metrics))
+    mark_run_complete(output_dir)
+    table = format_table(data.tasks, baselines + [("poly", poly_metrics)], metric)
+    paths = {"adapter": adapter_dir, "metrics": os.path.join(output_dir, METRICS_FILE), "routing": plot_path}
+    notes = [recovery_line(recovery)] if recovery is not None else []
+    print_run_summary(table, metric, len(data.eval), poly_metrics, baselines, paths, seconds, notes, args.quiet)
+    return 0
+
+
+def announce(args: argparse.Namespace, data: TrainData, plan: Plan, model: Any) -> None:
+    """What is about to train: the data, the model and the trainable share (not with ``--quiet``)."""
+    trainable, total = model.get_nb_trainable_parameters()
+    say(
+        f"polytropon: {len(data.tasks)} tasks, {len(data.train)} train / {len(data.eval)} eval examples from {data.source}\n"
+        f"polytropon: model {args.model or DEFAULT_MODEL_NAME} ({plan.head}); {args.poly_type} adapter, "
+        f"trainable {trainable:,d} of {total:,d} parameters ({100 * trainable / total:.2f}%)"
+    )
+
+
+def run_metrics(
+    args: argparse.Namespace, data: TrainData, plan: Plan, metric: str, poly_metrics: dict, baselines: list,
+    lora: Any, routing: Any, recovery: dict | None,
+) -> dict[str, Any]:
+    """The body of ``metrics.json``: what ran, Poly's and the baselines' per-task metrics, the routing."""
+    named = dict(baselines)
+    first = next(((name, per_task) for name, per_task in baselines if name != LORA_NAME), None)
+    return {
         "model": args.model or DEFAULT_MODEL_NAME,
+        "base_model": portable_model_ref(plan.model_ref),
         "head": plan.head,
         "data": data.source,
         "tasks": data.tasks,
         "metric": metric,
         "poly": {"per_task": poly_metrics, "mean": means(poly_metrics)},
-        "baseline": None if baseline is None else {"name": baseline[0], "per_task": baseline[1], "mean": means(baseline[1])},
-        "train": training_summary(trainer, result, losses),
-        "adapter": {"config": poly_config.to_dict(), "trainable_parameters": trainable, "total_parameters": total},
-        "routing": {"matrix": routing.tolist()},
-        "seconds": {key: round(seconds[key], 2) for key in ("model_load", "train", "eval_and_baseline", "total")},
+        "baseline": None if first is None else {"name": first[0], "per_task": first[1], "mean": means(first[1])},
+        "lora": None if lora is None else {
+            "per_task": named[LORA_NAME], "mean": means(named[LORA_NAME]), "adapter": lora.adapter_dir,
+            "config": lora.config, "trainable_parameters": lora.trainable,
+        },
+        "routing": {"matrix": routing.tolist(), "recovery": recovery},
     }
-    write_json(os.path.join(output_dir, METRICS_FILE), json_ready(metrics))
-    mark_run_complete(output_dir)
-    paths = {"adapter": adapter_dir, "metrics": os.path.join(output_dir, METRICS_FILE), "routing": plot_path}
-    print_run_summary(table, metric, len(data.eval), poly_metrics, baseline, paths, seconds)
-    return 0
 
 
 # --------------------------------------------------------------------------- 1. flags and output directory
@@ -192,8 +252,8 @@ def start_or_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, str, 
         record = check_output_dir(output_dir, args.resume)
     elif args.resume:
         record = read_run(output_dir)
-    if record is not None:
-        stored = argparse.Namespace(**record["args"])
+    if record is not None:  # the stored flags over this call's (which supply flags newer than the record)
+        stored = argparse.Namespace(**{**vars(args), **record["args"]})
         stored.resume, stored.output_dir, stored.quiet = True, output_dir, args.quiet
         args = stored
     return args, output_dir, record
@@ -216,21 +276,11 @@ class TrainData:
 
 def load_data(args: argparse.Namespace) -> TrainData:
     """The built-in suite (no ``--data``), or ``--data`` with ``--eval-data`` or a held-out fraction of it."""
-    from ..data import check_tasks, load_jsonl, split_rows, task_names_of
-
     if args.data is None:
         if args.eval_data is not None:
             raise CliError("--eval-data needs --data")
         return suite_data(args.suite_seed)
-    train = load_jsonl(args.data)
-    if args.eval_data is not None:
-        evaluation = load_jsonl(args.eval_data)
-    else:
-        if not 0 < args.eval_fraction < 1:
-            raise CliError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-        train, evaluation = split_rows(train, args.eval_fraction, args.seed)
-    tasks = task_names_of(train)
-    check_tasks(evaluation, tasks)
+    train, evaluation, tasks = read_train_and_eval(args)
     return TrainData(train=train, eval=evaluation, tasks=tasks, source=args.data)
 
 
@@ -264,13 +314,15 @@ class Plan:
     task_to_id: dict[str, int]
     label_to_id: dict[str, int] | None
     n_tasks: int
+    variant: dict[str, Any] = dataclasses.field(default_factory=dict)  # PolyConfig fields of the variant flags
 
 
 def make_plan(args: argparse.Namespace, data: TrainData) -> Plan:
-    """Read the model's config to pick the head; check ``--n-tasks`` and every eval label, before any model loads."""
+    """Read the model's config to pick the head; check ``--n-tasks``, every eval label and the variant flags
+    (``--allocation``), before any model loads."""
     from ..training import infer_head, load_model_config
 
-    model_ref = args.model or default_model_path()
+    model_ref = model_path(args.model) if args.model else default_model_path()
     config = load_model_config(model_ref, args.revision)
     head = infer_head(config) if args.head == "auto" else args.head
     labels = sorted({r.target for r in data.train}) if head == "classification" else None
@@ -283,7 +335,7 @@ def make_plan(args: argparse.Namespace, data: TrainData) -> Plan:
             if row.target not in label_to_id:
                 raise CliError(f"{row.where}: target {row.target!r} never occurs in the training data")
     task_to_id = {t: i for i, t in enumerate(data.tasks)}
-    return Plan(model_ref, head, labels, task_to_id, label_to_id, n_tasks)
+    return Plan(model_ref, head, labels, task_to_id, label_to_id, n_tasks, variant_fields(args, data.tasks, n_tasks))
 
 
 # --------------------------------------------------------------------------- 3. model
@@ -311,14 +363,13 @@ def build_model(args: argparse.Namespace, data: TrainData, plan: Plan, seconds: 
             exclude_modules=args.exclude_modules,
             modules_to_save=args.modules_to_save,
             init_weights=not args.no_init_weights,
-            poly_type=args.poly_type,
             n_tasks=plan.n_tasks,
-            n_skills=args.n_skills,
             n_splits=args.n_splits,
             task_type=TASK_TYPE_OF_HEAD[plan.head],
             task_names=list(data.tasks) if plan.n_tasks == len(data.tasks) else None,
-            base_model_name_or_path=args.model or plan.model_ref,
+            base_model_name_or_path=portable_model_ref(args.model or plan.model_ref),
             revision=args.revision,
+            **plan.variant,
         )
         model = get_peft_model(base, poly_config)
     except (ValueError, TypeError) as err:
@@ -344,56 +395,33 @@ def open_run_dir(
     if record is None:
         write_json(
             os.path.join(output_dir, RUN_FILE),
-            new_run_record(args, data.tasks, plan.labels, plan.head, plan.model_ref),
+            new_run_record(args, data.tasks, plan.labels, plan.head, portable_model_ref(plan.model_ref)),
         )
     elif record.get("tasks") != data.tasks:
         raise CliError(f"{output_dir}: the data's tasks differ from the run's; cannot resume")
 
 
-def make_trainer(args: argparse.Namespace, output_dir: str, model: Any, tokenizer: Any, train_set: Any) -> Any:
-    """A :class:`~polytropon.app.training.PolyTrainer` checkpointing into ``<output_dir>/checkpoints``."""
-    import torch
-    from transformers import TrainingArguments
+def maybe_start_lora_baseline(args: argparse.Namespace, output_dir: str) -> Any:
+    """With ``--lora-baseline`` (and no ``--no-baseline``), on the main process: start the shared-LoRA baseline
+    (:func:`~polytropon.app.comparison.start_lora_baseline`) in ``<output_dir>/lora``; else ``None``."""
+    if args.no_baseline or not args.lora_baseline or not is_main_process():
+        return None
+    say(f"polytropon: baseline: a shared LoRA of rank {lora_baseline_args(args).r}, trained beside Poly in "
+        f"{os.path.join(output_dir, LORA_SUBDIR)}")
+    return start_lora_baseline(args, output_dir, LORA_SUBDIR)
 
-    from ..data import PolyDataCollator
-    from ..training import PolyTrainer
 
-    use_cpu = not torch.cuda.is_available()
-    try:
-        training_args = TrainingArguments(
-            output_dir=os.path.join(output_dir, CHECKPOINT_SUBDIR),
-            num_train_epochs=args.epochs,
-            max_steps=args.max_steps or -1,
-            learning_rate=args.lr,
-            weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-            per_device_train_batch_size=args.batch_size,
-            gradient_accumulation_steps=args.grad_accum,
-            lr_scheduler_type="linear",
-            logging_steps=args.logging_steps,
-            save_strategy="steps",
-            save_steps=args.save_steps,
-            save_total_limit=2,
-            seed=args.seed,
-            bf16=args.bf16,
-            use_cpu=use_cpu,
-            ddp_backend="gloo" if use_cpu and world_size() > 1 else None,
-            ddp_find_unused_parameters=False,
-            remove_unused_columns=False,
-            label_names=["labels"],
-            report_to=[],
-            disable_tqdm=args.quiet or not is_main_process(),
-            dataloader_num_workers=0,
-        )
-    except (ValueError, ImportError) as err:
-        raise CliError(f"training arguments: {err}") from None
-    return PolyTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_set,
-        data_collator=PolyDataCollator(tokenizer),
-        router_lr=args.router_lr,
-    )
+def make_run_trainer(
+    args: argparse.Namespace, output_dir: str, model: Any, tokenizer: Any, train_set: Any, n_train: int
+) -> Any:
+    """A :class:`~polytropon.app.training.PolyTrainer` checkpointing into ``<output_dir>/checkpoints`` and logging
+    to ``<output_dir>/train_log.jsonl``; the IBP prior's weight defaults to ``1 / n_train``."""
+    from ..training import make_trainer
+
+    log_path = os.path.join(output_dir, LOG_FILE) if is_main_process() else None
+    ibp_weight = args.ibp_weight if args.ibp_weight is not None else 1.0 / n_train
+    return make_trainer(args, os.path.join(output_dir, CHECKPOINT_SUBDIR), model, tokenizer, train_set, log_path,
+                        ibp_weight=ibp_weight)
 
 
 def train(trainer: Any, args: argparse.Namespace, output_dir: str, seconds: dict[str, float]) -> tuple[Any, list[float]]:
@@ -452,42 +480,46 @@ def unsharded_copy(args: argparse.Namespace, plan: Plan, adapter_dir: str, devic
     return PolyModel.from_pretrained(base, adapter_dir).to(device)
 
 
-def save_adapter(model: Any, output_dir: str, args: argparse.Namespace, data: TrainData, plan: Plan) -> str:
-    """Save the adapter with its ``polytropon_tasks.json`` under ``<output_dir>/adapter``; returns that path."""
-    adapter_dir = os.path.join(output_dir, ADAPTER_SUBDIR)
+def save_adapter(model: Any, adapter_dir: str, args: argparse.Namespace, data: TrainData, plan: Plan) -> str:
+    """Save the adapter with its ``polytropon_tasks.json`` in ``adapter_dir``; returns that path.
+
+    The base model is recorded portably (:func:`~polytropon.app.defaults.portable_model_ref`).
+    """
     model.save_pretrained(adapter_dir)
     write_json(
         os.path.join(adapter_dir, TASKS_FILE),
-        {"tasks": data.tasks, "labels": plan.labels, "head": plan.head, "max_length": args.max_length, "model": args.model or plan.model_ref},
+        {"tasks": data.tasks, "labels": plan.labels, "head": plan.head, "max_length": args.max_length,
+         "model": portable_model_ref(args.model or plan.model_ref)},
     )
     return adapter_dir
 
 
 def evaluate(
-    args: argparse.Namespace, model: Any, tokenizer: Any, data: TrainData, plan: Plan
-) -> tuple[dict[str, dict[str, float]], tuple[str, dict[str, dict[str, float]]] | None]:
-    """``(poly per-task metrics, (baseline name, its per-task metrics) or None with --no-baseline)``.
+    args: argparse.Namespace, model: Any, tokenizer: Any, data: TrainData, plan: Plan, lora: LoraBaseline | None
+) -> tuple[dict[str, dict[str, float]], list[tuple[str, dict[str, dict[str, float]]]]]:
+    """``(poly per-task metrics, [(baseline name, its per-task metrics), ...])``; no baseline with --no-baseline.
 
-    The baseline of a classifier is a head trained on the frozen base model; that of a language model
-    is the base model itself (the adapter disabled).
+    The first baseline of a classifier is a head trained on the frozen base model; that of a language model
+    is the base model itself (the adapter disabled). The LoRA baseline, if trained, follows (evaluated on the same
+    rows by its own run).
     """
     from ..training import evaluate_per_task
 
-    progress = not args.quiet
-    poly = evaluate_per_task(
-        model, tokenizer, data.eval, plan.head, plan.task_to_id, plan.label_to_id, args.max_length,
-        args.eval_batch_size, progress=progress,
-    )
+    def per_task(net: Any, **kwargs: Any) -> dict[str, dict[str, float]]:
+        return evaluate_per_task(net, tokenizer, data.eval, plan.head, plan.task_to_id, plan.label_to_id,
+                                 args.max_length, args.eval_batch_size, progress=not args.quiet, **kwargs)
+
+    poly = per_task(model)
     if args.no_baseline:
-        return poly, None
+        return poly, []
     if plan.head != "classification":
         with model.disable_adapter():
-            base = evaluate_per_task(
-                model, tokenizer, data.eval, plan.head, plan.task_to_id, plan.label_to_id, args.max_length,
-                args.eval_batch_size, use_task_ids=False, progress=progress,
-            )
-        return poly, ("base", base)
-    return poly, ("head-only", head_only_metrics(args, tokenizer, data, plan))
+            baselines = [("base", per_task(model, use_task_ids=False))]
+    else:
+        baselines = [("head-only", head_only_metrics(args, tokenizer, data, plan))]
+    if lora is not None:
+        baselines.append((LORA_NAME, lora.per_task))
+    return poly, baselines
 
 
 def head_only_metrics(args: argparse.Namespace, tokenizer: Any, data: TrainData, plan: Plan) -> dict[str, dict[str, float]]:
@@ -515,10 +547,12 @@ def subset(rows: list, limit: int, seed: int) -> list:
     return [rows[i] for i in keep]
 
 
-def plot_run_routing(model: Any, output_dir: str, data: TrainData) -> tuple[Any, str]:
-    """Write ``routing.png`` (beside the suite's known matrix, if any) and the toolkit's ``plots/``.
+def plot_run_routing(model: Any, output_dir: str, data: TrainData) -> tuple[Any, dict[str, float] | None, str]:
+    """Write ``routing.png`` and the toolkit's ``plots/``; ``(allocation, recovery scores or None, png path)``.
 
-    Returns the ``(n_tasks, n_skills)`` allocation matrix and the path of ``routing.png``.
+    With a known structure (the built-in suite) and learned routing, ``routing.png`` shows the learned
+    allocation aligned to the true skills (:func:`~polytropon.app.comparison.routing_recovery`) beside the true
+    matrix; otherwise the ``(n_tasks, n_skills)`` allocation as learned (beside the known matrix, if any).
     """
     from ...toolkit import plots
     from ...toolkit.analysis import allocation_matrix
@@ -526,14 +560,15 @@ def plot_run_routing(model: Any, output_dir: str, data: TrainData) -> tuple[Any,
 
     plot_path = os.path.join(output_dir, "routing.png")
     routing = allocation_matrix(model).numpy()[: len(data.tasks)]
-    plot_routing(
-        routing,
-        data.tasks,
-        plot_path,
-        skill_names=[f"skill {i}" for i in range(routing.shape[1])],
-        reference=data.reference,
-        reference_names=data.reference_names,
-    )
+    recovery = None
+    if data.reference is not None and model.peft_config[model.resolve_adapter()].poly_type == "poly":
+        recovery, aligned = routing_recovery(model, data.reference)
+        plot_routing(aligned, data.tasks, plot_path, title="learned routing, skills aligned to the true ones",
+                     skill_names=aligned_skill_names(data.reference_names), reference=data.reference,
+                     reference_names=data.reference_names)
+    else:
+        plot_routing(routing, data.tasks, plot_path, skill_names=[f"skill {i}" for i in range(routing.shape[1])],
+                     reference=data.reference, reference_names=data.reference_names)
     # the toolkit's figures too: allocation.png and task_hierarchy.png
     plots.plot_routing(model, os.path.join(output_dir, "plots"))
-    return routing, plot_path
+    return routing, recovery, plot_path
