@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .console import CliError
@@ -136,11 +136,14 @@ class LoraBaseline:
     seconds: float
 
 
-def start_lora_baseline(args: argparse.Namespace, output_dir: str, subdir: str) -> LoraJob:
+def start_lora_baseline(
+    args: argparse.Namespace, output_dir: str, subdir: str, train: Callable[[argparse.Namespace], int]
+) -> LoraJob:
     """Start training the LoRA baseline of ``args`` as its own run in ``<output_dir>/<subdir>``, in a child process.
 
-    The child runs ``polytropon train`` with :func:`lora_baseline_args`, no baselines of its own and quietly; its
-    output goes to ``<output_dir>/<subdir>.log``. An unfinished baseline of an interrupted run is started afresh.
+    The child runs ``train`` (the ``polytropon train`` verb, a module-level function the child imports by name)
+    with :func:`lora_baseline_args`, no baselines of its own and quietly; its output goes to
+    ``<output_dir>/<subdir>.log``. An unfinished baseline of an interrupted run is started afresh.
     """
     import multiprocessing
 
@@ -151,25 +154,24 @@ def start_lora_baseline(args: argparse.Namespace, output_dir: str, subdir: str) 
     values.update(output_dir=run_dir, no_baseline=True, lora_baseline=False, quiet=True, resume=False)
     values.pop("func", None)
     log_path = run_dir + ".log"
-    process = multiprocessing.get_context("spawn").Process(target=_train_in_child, args=(values, log_path), daemon=True)
+    process = multiprocessing.get_context("spawn").Process(target=_train_in_child, args=(train, values, log_path), daemon=True)
     process.start()
     return LoraJob(process, run_dir, log_path, time.time())
 
 
-def _train_in_child(values: dict[str, Any], log_path: str) -> None:
+def _train_in_child(train: Callable[[argparse.Namespace], int], values: dict[str, Any], log_path: str) -> None:
     """The child process: a single-process ``polytropon train`` run of ``values``, its output in ``log_path``."""
     for name in DISTRIBUTED_ENV:
         os.environ.pop(name, None)
     with open(log_path, "w", encoding="utf-8") as log:
         sys.stdout = sys.stderr = log
-        from .commands import train
         from .console import set_quiet
         from .data import DataError
         from .training import ModelLoadError
 
         set_quiet(True)
         try:
-            code = train.run(argparse.Namespace(**values))
+            code = train(argparse.Namespace(**values))
         except (CliError, DataError, ModelLoadError) as err:
             print(f"polytropon: error: {err}")
             code = 2

@@ -408,7 +408,7 @@ def maybe_start_lora_baseline(args: argparse.Namespace, output_dir: str) -> Any:
         return None
     say(f"polytropon: baseline: a shared LoRA of rank {lora_baseline_args(args).r}, trained beside Poly in "
         f"{os.path.join(output_dir, LORA_SUBDIR)}")
-    return start_lora_baseline(args, output_dir, LORA_SUBDIR)
+    return start_lora_baseline(args, output_dir, LORA_SUBDIR, run)
 
 
 def make_run_trainer(
