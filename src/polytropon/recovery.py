@@ -104,12 +104,16 @@ def spearman(x, y) -> float:
 
 
 def similarity_correlation(learned_similarity, true_sim) -> float:
-    """Spearman correlation between two ``(n_tasks, n_tasks)`` similarity matrices over the pairs ``i < j``."""
+    """Spearman correlation between two ``(n_tasks, n_tasks)`` similarity matrices over the pairs ``i < j``.
+
+    Values are rounded to 10 decimals first, so that similarities equal up to round-off count as ties.
+    """
     a, b = _matrix(learned_similarity, "learned_similarity"), _matrix(true_sim, "true_similarity")
     if a.shape != b.shape or a.shape[0] != a.shape[1]:
         raise ValueError(f"similarity matrices must be square and equally shaped, got {a.shape} and {b.shape}")
     iu = np.triu_indices(a.shape[0], k=1)
-    return spearman(a[iu], b[iu])
+    # similarities equal up to float round-off are ties (cosines of equal patterns computed from scaled rows)
+    return spearman(np.round(a[iu], 10), np.round(b[iu], 10))
 
 
 @dataclass
