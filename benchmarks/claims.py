@@ -398,10 +398,14 @@ def few_shot(
     trace = train_loop(model, feats, data.tokenizer, steps, recipe.batch_size, lr, router_lr, seed,
                        recipe.warmup_ratio, recipe.weight_decay)
     per_task = evaluate(model, data.tokenizer, data.heldout_eval_rows, task_to_id_rows, recipe.max_length)
+    trainable = trainable_count(model)
+    if method.endswith("-z"):  # only the new tasks' rows of the router logits receive gradients
+        n_total = model.peft_config[model.active_adapter].n_tasks
+        trainable = trainable * len(names) // n_total
     return {
         "accuracy": family_means(per_task, data.suite, heldout=True),
         "per_task": per_task,
-        "trainable_parameters": trainable_count(model),
+        "trainable_parameters": trainable,
         "train_seconds": trace["seconds"],
         "final_loss": trace["losses"][-1] if trace["losses"] else None,
     }
@@ -498,6 +502,42 @@ def format_tables(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(results: dict[str, Any]) -> str:
+    """The tables of ``results`` as Markdown (what docs/RESULTS.md shows)."""
+
+    def pm(stat: dict[str, float] | None) -> str:
+        return "–" if stat is None else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+    out = []
+    mt = results.get("multitask", {})
+    if mt:
+        out += ["| method | mean | single | and | xor | trainable params | train s / run |",
+                "| --- | --- | --- | --- | --- | ---: | ---: |"]
+        for method, res in mt.items():
+            s = res["summary"]
+            a = s["accuracy"]
+            out.append(f"| {method} | {pm(a.get('mean'))} | {pm(a.get('single'))} | {pm(a.get('and'))} | "
+                       f"{pm(a.get('xor'))} | {s['trainable_parameters']:,d} | {s['train_seconds']['mean']:.0f} |")
+        rec = [(m, r["summary"]["recovery"]) for m, r in mt.items() if "recovery" in r["summary"]]
+        if rec:
+            out += ["", "| method | similarity Spearman | shuffled | aligned agreement | shuffled |",
+                    "| --- | --- | --- | --- | --- |"]
+            for method, r in rec:
+                out.append(f"| {method} | {pm(r['spearman'])} | {pm(r['shuffled_spearman'])} | {pm(r['agreement'])} | "
+                           f"{pm(r['shuffled_agreement'])} |")
+    fs = results.get("few_shot", {})
+    if fs:
+        shots = list(fs)
+        methods = list(next(iter(fs.values())))
+        out += ["", "| method | " + " | ".join(f"{k} shots" for k in shots) + " | trainable params |",
+                "| --- | " + " | ".join("---" for _ in shots) + " | ---: |"]
+        for method in methods:
+            cells = [pm(fs[k][method]["summary"]["accuracy"]["mean"]) if method in fs[k] else "–" for k in shots]
+            params = fs[shots[0]][method]["summary"]["trainable_parameters"] if method in fs[shots[0]] else 0
+            out.append(f"| {method} | " + " | ".join(cells) + f" | {params:,d} |")
+    return "\n".join(out)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny budget end to end (a CI check, not a measurement)")
@@ -590,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(_json_safe(results), fh, indent=1, allow_nan=False)
         os.replace(tmp, os.path.join(args.out, "results.json"))
+        with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as fh:
+            fh.write(format_markdown(_json_safe(results)) + "\n")
 
     for seed in seeds:
         models: dict[str, Any] = {}

@@ -39,16 +39,14 @@ STAGES: dict[str, list[tuple[str, str, dict]]] = {
         ("P0 old default", "poly", {}),
         ("P1 +one router for the model", "poly", {"router_granularity": "model"}),
         ("P2 +all linear layers", "poly", {"router_granularity": "model", "target_modules": ALL}),
-        ("P3 +trained pooler", "poly", {"router_granularity": "model", "target_modules": ALL, "train_pooler": True}),
-        ("P4 P3 lr 3e-3", "poly", {"router_granularity": "model", "target_modules": ALL, "train_pooler": True, "lr": 3e-3}),
-        ("P5 P3 temperature 0.5", "poly", {"router_granularity": "model", "target_modules": ALL, "train_pooler": True,
-                                           "router_temperature": 0.5}),
+        # P2 diverged at lr 1e-2 (val below chance); P3.. go back to one router per module and lower the lr
+        ("P3 all linear, lr 3e-3", "poly", {"target_modules": ALL, "lr": 3e-3}),
+        ("P4 P3 +trained pooler", "poly", {"target_modules": ALL, "lr": 3e-3, "train_pooler": True}),
         ("L0 old default", "lora-params", {}),
-        ("L1 +all linear layers", "lora-params", {"target_modules": ALL}),
-        ("L2 +trained pooler", "lora-params", {"target_modules": ALL, "train_pooler": True}),
-        ("L3 L2 lr 3e-3", "lora-params", {"target_modules": ALL, "train_pooler": True, "lr": 3e-3}),
-        ("L4 L2 lr 3e-2", "lora-params", {"target_modules": ALL, "train_pooler": True, "lr": 3e-2}),
-        ("L5 qv +trained pooler", "lora-params", {"train_pooler": True}),
+        ("L1 all linear, lr 3e-3", "lora-params", {"target_modules": ALL, "lr": 3e-3}),
+        ("L2 L1 +trained pooler", "lora-params", {"target_modules": ALL, "lr": 3e-3, "train_pooler": True}),
+        ("L3 all linear, lr 1e-2", "lora-params", {"target_modules": ALL}),
+        ("L4 qv, lr 3e-2", "lora-params", {"lr": 3e-2}),
     ],
 }
 STAGE_STEPS = {"1": 200}
