@@ -116,6 +116,9 @@ class Recipe:
 
 #: The recipe chosen by the search on the validation split (benchmarks/recipe_search.jsonl); see docs/RESULTS.md.
 DEFAULT_RECIPE = Recipe()
+#: Overrides of the recipe for the fixed-allocation LoRA methods (lora-rank, lora-params, private, and the few-shot
+#: lora / shared-ft), chosen by the same search budget on the validation split.
+LORA_OVERRIDES: dict[str, Any] = {}
 #: IBP settings for the poly-ibp method when the recipe itself has none.
 IBP_DEFAULT = {"ibp_weight": 0.05, "ibp_alpha": 1.0}
 
@@ -341,8 +344,18 @@ def recovery_of(model, skill_matrix: np.ndarray, n_tasks: int, seed: int) -> dic
     }
 
 
+FIXED_ALLOCATION = ("lora-rank", "lora-params", "private", "lora", "shared-ft")
+
+
+def recipe_for(method: str, recipe: Recipe, lora_overrides: dict[str, Any] | None = None) -> Recipe:
+    """``recipe`` with the LoRA overrides applied for the fixed-allocation methods."""
+    if method in FIXED_ALLOCATION and lora_overrides:
+        return dataclasses.replace(recipe, **lora_overrides)
+    return recipe
+
+
 def train_multitask(method: str, recipe: Recipe, data: Data, base: Base, seed: int) -> tuple[Any, dict]:
-    """Train one multi-task method; returns the model and its result record."""
+    """Train one multi-task method with ``recipe`` as given; returns the model and its result record."""
     task_to_id = {t: i for i, t in enumerate(data.tasks)}
     config, extras = method_config(method, recipe, len(data.tasks), data.tasks)
     model = get_peft_model(base.fresh(seed), config)
@@ -546,6 +559,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="claims-out", help="directory for results.json and the figures")
     p.add_argument("--only", help="comma-separated subset of the methods (multi-task and few-shot names)")
     p.add_argument("--recipe", help="JSON object overriding fields of the default recipe")
+    p.add_argument("--lora-recipe", help="JSON object overriding fields for the LoRA methods (default: LORA_OVERRIDES)")
     p.add_argument("--shots", default="16,64", help="comma-separated few-shot sizes (examples per held-out task)")
     p.add_argument("--few-shot-steps", type=int, default=None, help="optimizer steps of every few-shot run (default 100)")
     p.add_argument("--threads", type=int, default=1)
@@ -571,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = dataclasses.replace(DEFAULT_RECIPE)
     if args.recipe:
         recipe = Recipe.from_dict({**dataclasses.asdict(recipe), **json.loads(args.recipe)})
+    lora_overrides = dict(LORA_OVERRIDES)
+    if args.lora_recipe:
+        lora_overrides.update(json.loads(args.lora_recipe))
+    Recipe.from_dict({**dataclasses.asdict(recipe), **lora_overrides})  # validates the field names
     few_steps = args.few_shot_steps or 100
     sizes = dict(n_train=400, n_eval=40, n_heldout_eval=50)
     if args.quick:
@@ -602,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             "suite_seed": args.suite_seed,
             "seeds": seeds,
             "recipe": dataclasses.asdict(recipe),
+            "lora_overrides": lora_overrides,
             "ibp_default": IBP_DEFAULT,
             "few_shot_steps": few_steps,
             "shots": shots_list,
@@ -636,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         models: dict[str, Any] = {}
         for method in multi_methods:
-            model, record = train_multitask(method, recipe, data, base, seed)
+            model, record = train_multitask(method, recipe_for(method, recipe, lora_overrides), data, base, seed)
             per_method[method][seed] = record
             rec = record.get("recovery")
             print(f"seed {seed} {method:<12} acc {record['accuracy']['mean']:.3f} "
@@ -657,8 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         for shots in shots_list:
             for method in few_methods:
                 source = FEW_SHOT_SOURCE[method]
-                record = few_shot(method, models.get(source) if source else None, recipe, data, base, seed, shots,
-                                  few_steps)
+                record = few_shot(method, models.get(source) if source else None,
+                                  recipe_for(method, recipe, lora_overrides), data, base, seed, shots, few_steps)
                 few[shots][method][seed] = record
                 print(f"seed {seed} {shots:>2}-shot {method:<10} acc {record['accuracy']['mean']:.3f} "
                       f"params {record['trainable_parameters']:,d} train {record['train_seconds']:.0f}s", flush=True)

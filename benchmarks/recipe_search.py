@@ -45,8 +45,9 @@ STAGES: dict[str, list[tuple[str, str, dict]]] = {
         ("L0 old default", "lora-params", {}),
         ("L1 all linear, lr 3e-3", "lora-params", {"target_modules": ALL, "lr": 3e-3}),
         ("L2 L1 +trained pooler", "lora-params", {"target_modules": ALL, "lr": 3e-3, "train_pooler": True}),
-        ("L3 all linear, lr 1e-2", "lora-params", {"target_modules": ALL}),
+        # (all linear layers at lr 1e-2 was not run for LoRA: it diverged for Poly (P2), and time was short)
         ("L4 qv, lr 3e-2", "lora-params", {"lr": 3e-2}),
+        ("L5 qv, lr 3e-3", "lora-params", {"lr": 3e-3}),
     ],
 }
 STAGE_STEPS = {"1": 200}
