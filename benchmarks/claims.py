@@ -8,7 +8,7 @@ measures each claim on the built-in suite (:mod:`polytropon.suite`: 20 training 
 skills, 4 held-out tasks), on the real all-MiniLM-L6-v2, with several seeds and the same training budget
 for every method.
 
-    python benchmarks/claims.py                       # the full measurement (about 1.5 hours on 2 shared CPU cores)
+    python benchmarks/claims.py                       # the full measurement (about an hour on 2 shared CPU cores)
     python benchmarks/claims.py --quick --out /tmp/q  # a tiny end-to-end check (seconds)
     python benchmarks/claims.py --only poly,lora-params --seeds 0,1
 
