@@ -4,7 +4,7 @@ Ponti et al. 2022 (arXiv 2202.13914) and Caccia et al. 2022 (arXiv 2211.03831) c
 skill routing beats a shared LoRA and private LoRAs in multi-task training and few-shot adaptation, that the
 learned allocation recovers the structure of the tasks, and that multi-head routing (MHR) beats Poly at an
 equal budget, with MHR-z (routing only) and MHR-mu (averaged skills) as cheap few-shot regimes. This script
-measures each claim on the built-in suite (:mod:`polytropon.suite`: 20 training tasks over 8 known latent
+measures each claim on the built-in suite (:mod:`polytropon.app.suite`: 20 training tasks over 8 known latent
 skills, 4 held-out tasks), on the real all-MiniLM-L6-v2, with several seeds and the same training budget
 for every method.
 
@@ -30,7 +30,7 @@ multi-task ``lora-params`` model, fine-tuned), ``poly-full`` / ``mhr-full`` (new
 trained), ``poly-z`` / ``mhr-z`` (new router rows, skills and head frozen), ``poly-mu`` / ``mhr-mu`` (the
 skills averaged into one LoRA, which is fine-tuned with the head).
 
-Routing recovery (:mod:`polytropon.recovery`) is reported for every learned-routing method, with the same
+Routing recovery (:mod:`polytropon.toolkit.recovery`) is reported for every learned-routing method, with the same
 scores for shuffled allocations as the chance level.
 """
 
@@ -63,11 +63,11 @@ from polytropon import (  # noqa: E402
     ibp_loss,
     param_groups,
 )
-from polytropon.analysis import snapshot  # noqa: E402
-from polytropon.data import PolyDataCollator, encode_rows, rows_from_dicts  # noqa: E402
-from polytropon.recovery import recovery_scores, shuffled_baseline  # noqa: E402
-from polytropon.suite import build_suite  # noqa: E402
-from polytropon.training import evaluate_per_task, load_base_model  # noqa: E402
+from polytropon.toolkit.analysis import snapshot  # noqa: E402
+from polytropon.app.data import PolyDataCollator, encode_rows, rows_from_dicts  # noqa: E402
+from polytropon.toolkit.recovery import recovery_scores, shuffled_baseline  # noqa: E402
+from polytropon.app.suite import build_suite  # noqa: E402
+from polytropon.app.training import evaluate_per_task, load_base_model  # noqa: E402
 
 ALL_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 LABELS = ["no", "yes"]
