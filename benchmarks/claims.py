@@ -43,7 +43,6 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import time
 from typing import Any
