@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (
-    ADAPTER_KEYS, KEY_PREFIX, WEIGHTS_NAME, adapter_directory, check_adapter_name, load_tensors, save_tensors,
+    KEY_PREFIX, WEIGHTS_NAME, adapter_directory, check_adapter_name, load_tensors, save_tensors,
 )
 from .config import PolyConfig
 from .export import lora_config_dict, lora_state_dict, write_lora
