@@ -24,6 +24,7 @@ __all__ = [
     "load_adapted",
     "task_id_of",
     "load_for_one_task",
+    "check_labels",
 ]
 
 
@@ -119,3 +120,13 @@ def load_for_one_task(args: argparse.Namespace) -> tuple[Any, Any, int]:
     require_empty_dir(args.output, "refusing to overwrite")
     model, tokenizer = load_adapted(adapter_dir, info, config, args.model)
     return model, tokenizer, task_id
+
+
+def check_labels(rows: list, head: str, labels: list[str] | None) -> dict[str, int] | None:
+    """``{label: class id}`` of the adapter (``None`` without labels); for a classifier, every target must be one."""
+    label_to_id = {label: i for i, label in enumerate(labels)} if labels else None
+    if head == "classification":
+        for row in rows:
+            if row.target not in label_to_id:
+                raise CliError(f"{row.where}: target {row.target!r} is not a label of this adapter ({', '.join(labels)})")
+    return label_to_id

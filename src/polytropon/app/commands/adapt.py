@@ -26,6 +26,7 @@ import os
 import time
 from typing import Any
 
+from ..adapters import check_labels
 from ..arguments import DATA_HELP, add_column_arguments, non_negative_float, positive_int, read_train_and_eval
 from ..console import CliError, quiet_transformers, say
 from ..defaults import ADAPT_RUN, DEFAULT_RUN
@@ -212,8 +213,6 @@ def take_shots(rows: list, shots: int) -> list:
 
 def check_targets(data: AdaptData, head: str, labels: list[str] | None) -> dict[str, int] | None:
     """For a classifier every target must be one of the run's labels; ``{label: class id}`` (``None`` for LMs)."""
-    from .evaluate import check_labels
-
     check_labels(data.train, head, labels)
     return check_labels(data.eval, head, labels)
 

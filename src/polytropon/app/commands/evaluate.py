@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..adapters import load_adapted, read_adapter_config, read_tasks_file, resolve_adapter_dir
+from ..adapters import check_labels, load_adapted, read_adapter_config, read_tasks_file, resolve_adapter_dir
 from ..arguments import DATA_HELP, add_adapter_argument, add_column_arguments, positive_int, read_data
 from ..console import CliError
 from ..report import format_table, means
@@ -62,12 +62,3 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json_out, finite(summary))
     return 0
 
-
-def check_labels(rows: list, head: str, labels: list[str] | None) -> dict[str, int] | None:
-    """``{label: class id}`` of the adapter (``None`` without labels); for a classifier, every target must be one."""
-    label_to_id = {label: i for i, label in enumerate(labels)} if labels else None
-    if head == "classification":
-        for row in rows:
-            if row.target not in label_to_id:
-                raise CliError(f"{row.where}: target {row.target!r} is not a label of this adapter ({', '.join(labels)})")
-    return label_to_id
