@@ -139,7 +139,7 @@ def load_jsonl(path: str | os.PathLike[str], columns: Columns = Columns()) -> li
 
 
 def rows_from_dicts(items: Iterable[dict[str, Any]], source: str = "<memory>") -> list[Row]:
-    """Validate in-memory ``{"task", "input", "target"}`` dicts (e.g. from :mod:`polytropon.suite`)."""
+    """Validate in-memory ``{"task", "input", "target"}`` dicts (e.g. from :mod:`polytropon.app.suite`)."""
     return [_row_from_obj(obj, source, 0) for obj in items]
 
 

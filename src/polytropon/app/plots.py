@@ -1,6 +1,6 @@
 """The CLI's routing figure: learned task x skill allocation, optionally beside a known structure.
 
-The allocation matrix itself comes from :func:`polytropon.analysis.allocation_matrix`; this module
+The allocation matrix itself comes from :func:`polytropon.toolkit.analysis.allocation_matrix`; this module
 only draws it (with the built-in suite's true task x attribute matrix as a second panel).
 """
 

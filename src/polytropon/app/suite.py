@@ -10,7 +10,7 @@ were seen during training, for few-shot adaptation experiments.
 
 Example::
 
-    >>> from polytropon.suite import build_suite
+    >>> from polytropon.app.suite import build_suite
     >>> suite = build_suite(seed=0)
     >>> suite.skill_matrix().shape
     (20, 8)

@@ -199,7 +199,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 class PolyTrainer(Trainer):
     """A :class:`~transformers.Trainer` for ``PolyModel``.
 
-    * The optimizer is AdamW over :func:`polytropon.optim.param_groups`: router logits use
+    * The optimizer is AdamW over :func:`polytropon.toolkit.optim.param_groups`: router logits use
       ``router_lr`` and no weight decay; skills and saved modules use ``args.learning_rate``.
       The scheduler scales both.
     * Checkpoints hold the adapter (``save_pretrained``) and all trainable tensors

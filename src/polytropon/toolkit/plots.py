@@ -5,8 +5,8 @@ arXiv 2211.03831) is that tasks that share skills are related; these plots show 
 hierarchical clustering of tasks by it. matplotlib (Agg backend, no display needed) and scipy are imported
 only when a plot is drawn (``pip install polytropon[plot]``).
 
-Every function takes a :class:`~polytropon.model.PolyModel` or a :class:`~polytropon.analysis.RoutingSnapshot`
-(:func:`~polytropon.analysis.load_snapshot` reads one from a saved adapter, without the base model), and
+Every function takes a :class:`~polytropon.model.PolyModel` or a :class:`~polytropon.toolkit.analysis.RoutingSnapshot`
+(:func:`~polytropon.toolkit.analysis.load_snapshot` reads one from a saved adapter, without the base model), and
 returns the numbers it drew, so what is on the figure can be checked against the model.
 """
 
@@ -101,10 +101,10 @@ def plot_allocation(
     layer: Optional[str] = None,
     title: Optional[str] = None,
 ) -> RoutingFigure:
-    """Write a heatmap of the task x skill allocation matrix (:func:`~polytropon.analysis.allocation_matrix`).
+    """Write a heatmap of the task x skill allocation matrix (:func:`~polytropon.toolkit.analysis.allocation_matrix`).
 
     Args:
-        model: a :class:`~polytropon.model.PolyModel` or a :class:`~polytropon.analysis.RoutingSnapshot`.
+        model: a :class:`~polytropon.model.PolyModel` or a :class:`~polytropon.toolkit.analysis.RoutingSnapshot`.
         path: the ``.png`` file to write.
         adapter_name: the model's adapter to plot (default: active).
         layer: one adapted layer's allocation instead of the average over routers.
@@ -133,7 +133,7 @@ def plot_task_hierarchy(
     """Write the task hierarchy next to the allocation heatmap (rows in dendrogram order).
 
     Tasks are clustered hierarchically (scipy ``linkage`` with ``method``) on the distance
-    ``1 - task_similarity`` (:func:`~polytropon.analysis.task_similarity`: cosine similarity of the tasks'
+    ``1 - task_similarity`` (:func:`~polytropon.toolkit.analysis.task_similarity`: cosine similarity of the tasks'
     routing over all routers and splits).
 
     Raises:
@@ -167,7 +167,7 @@ def plot_routing(
 ) -> dict[str, RoutingFigure]:
     """Write ``allocation.png`` and (with at least 2 tasks) ``task_hierarchy.png`` into ``directory``.
 
-    ``model`` may also be a saved adapter's directory (read with :func:`~polytropon.analysis.load_snapshot`).
+    ``model`` may also be a saved adapter's directory (read with :func:`~polytropon.toolkit.analysis.load_snapshot`).
     """
     from .analysis import load_snapshot
 
