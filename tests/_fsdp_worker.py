@@ -116,7 +116,7 @@ def sharded_step(granularity: str, n_splits: int, out_dir: str, router_units: bo
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    import polytropon.model as poly_model
+    import polytropon.persistence as poly_model
     from polytropon.fsdp import fully_shard_routers
 
     rank = dist.get_rank()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import Mapping
+from typing import Container, Mapping
 
 import torch
 from torch import nn
@@ -59,6 +59,14 @@ def check_adapter_name(name: object, what: str = "adapter_name") -> str:
             f"{what} {name!r} is reserved (an attribute of torch.nn.ModuleDict, which holds the adapters): "
             "choose another name"
         )
+    return name
+
+
+def check_new_adapter_name(name: object, existing: Container[str]) -> str:
+    """:func:`check_adapter_name`, and ValueError if an adapter of that name already exists."""
+    check_adapter_name(name)
+    if name in existing:
+        raise ValueError(f"an adapter named {name!r} already exists")
     return name
 
 

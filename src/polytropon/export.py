@@ -111,3 +111,12 @@ def write_lora(save_directory: str, tensors: dict[str, torch.Tensor], config: di
     save_tensors(os.path.join(save_directory, WEIGHTS_NAME), tensors)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), text.encode("utf-8"))
+
+
+def export_task(
+    save_directory: str, config: PolyConfig, layers: Layers, saved: SavedModules, task_id: int, adapter_name: str
+) -> None:
+    """Write task ``task_id`` (a checked id) of ``adapter_name`` as a PEFT LoRA adapter in ``save_directory``."""
+    layers, saved = list(layers), list(saved)
+    tensors = lora_state_dict(layers, saved, task_id, adapter_name)
+    write_lora(save_directory, tensors, lora_config_dict(config, layers, saved, adapter_name))

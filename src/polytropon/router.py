@@ -211,6 +211,15 @@ class PolyRouter(nn.Module):
         probs = relaxed_bernoulli_rsample(self._logits(task_ids), self.temperature)
         return self._normalise(probs)
 
+    def traced_sample(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """Training weights for ``task_ids`` ``(n,)`` in plain differentiable ops -> ``(n, n_splits, n_skills)``.
+
+        ``w = normalise(RelaxedBernoulli(T, logits=z).rsample())`` (with ``hard``, the binary allocation carrying
+        the soft weights' gradient), the values :meth:`forward` samples, without its custom autograd node and
+        per-call cache: what a model traced by ``torch.compile`` draws once per call for each router.
+        """
+        return self._normalise(relaxed_bernoulli_rsample(self._logits(task_ids), self.temperature))
+
     def _eval(self, task_ids: torch.Tensor) -> torch.Tensor:
         return self._normalise(torch.sigmoid(self._logits(task_ids)))
 

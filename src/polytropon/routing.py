@@ -161,6 +161,16 @@ class RoutingState:
         return _TASK_CONTEXTS.get().get(id(self))
 
     @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Inside the block (in this context) the layers run their base module only; restored on exit."""
+        previous = self.disabled
+        self.disabled = True
+        try:
+            yield
+        finally:
+            self.disabled = previous
+
+    @contextmanager
     def task_context(self, task_ids: torch.Tensor) -> Iterator[None]:
         """Route calls without explicit task ids to ``task_ids`` (already validated) inside the block."""
         token = _TASK_CONTEXTS.set(_with(_TASK_CONTEXTS.get(), id(self), task_ids))

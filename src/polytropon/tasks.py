@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any, Sequence, Union
 
 import torch
@@ -43,6 +44,31 @@ def task_index(name: str, config: PolyConfig) -> int:
         return config.task_names.index(name)
     except ValueError:
         raise ValueError(f"unknown task name {name!r}; known tasks: {config.task_names}") from None
+
+
+def resolve_task(task: Any, config: PolyConfig, adapter_name: str) -> int:
+    """One task given by id or by name (``config.task_names``) as a checked Python int.
+
+    Accepts an int, a NumPy integer or a 0-d integer tensor (anything with ``__index__``, except bool), or a name.
+
+    Raises:
+        TypeError: neither an integer nor (with task names) a string. ValueError: unknown name, or an id outside
+        ``[0, n_tasks)`` (naming ``adapter_name``).
+    """
+    if isinstance(task, str):
+        task = task_index(task, config)
+    n_tasks = config.n_tasks
+    if isinstance(task, bool) or not hasattr(type(task), "__index__"):
+        raise TypeError(f"task_id must be an int, got {task!r} ({type(task).__name__})")
+    try:
+        value = operator.index(task)
+    except TypeError:  # e.g. a tensor with more than one element, or a float tensor
+        raise TypeError(f"task_id must be an int, got {task!r} ({type(task).__name__})") from None
+    if not 0 <= value < n_tasks:
+        raise ValueError(
+            f"task_id {value} is out of range: adapter {adapter_name!r} has n_tasks={n_tasks} (ids 0..{n_tasks - 1})"
+        )
+    return value
 
 
 def resolve_task_names(task_ids: Any, config: PolyConfig, allow_unknown: bool = False) -> Any:

@@ -210,3 +210,24 @@ def unique_routers(routers: Sequence[nn.Module]) -> list[nn.Module]:
             seen.add(id(router))
             out.append(router)
     return out
+
+
+@torch.no_grad()
+def eval_routing_weights(
+    adapters: Sequence[tuple[str, nn.Module]], n_tasks: int, task: Optional[int] = None
+) -> dict[str, torch.Tensor]:
+    """Eval routing weights of every ``(layer path, PolyAdapter)``: layer path -> float32 CPU tensor.
+
+    ``(n_tasks, n_splits, n_skills)``, or ``(n_splits, n_skills)`` for one ``task`` (an id already checked); each
+    split's weights sum to 1. A router shared by several layers is computed once; they return the same tensor.
+    """
+    ids = torch.arange(n_tasks)
+    computed: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for path, adapter in adapters:
+        router = adapter.poly_router
+        if id(router) not in computed:
+            device = next(iter([*router.parameters(), *router.buffers()]), ids).device
+            computed[id(router)] = router.eval_weights(ids.to(device)).float().cpu()
+        out[path] = computed[id(router)] if task is None else computed[id(router)][task]
+    return out
