@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -55,6 +55,24 @@ def _kaiming_per_block_(param: torch.Tensor) -> None:
             param[split, skill] = block.T
 
 
+class EvalFactors(NamedTuple):
+    """A :class:`PolyAdapter`'s eval cache: one immutable entry, replaced whole (never mutated).
+
+    Attributes:
+        key: the batch's distinct tasks, the inference-mode flag and every parameter's storage and version.
+        a, b: the mixed factors of the distinct tasks, ``(k, in, r)`` and ``(k, r, out)``.
+        inverse: the row -> task layout (``BatchRouting.inverse``) that ``rows_a``/``rows_b`` were gathered for.
+        rows_a, rows_b: the factors of every row, ``(n, in, r)``, ``(n, r, out)`` (``a``, ``b`` when ``k = 1``).
+    """
+
+    key: tuple
+    a: torch.Tensor
+    b: torch.Tensor
+    inverse: torch.Tensor
+    rows_a: torch.Tensor
+    rows_b: torch.Tensor
+
+
 class PolyAdapter(nn.Module):
     """The skill inventory and router of one adapter in one layer.
 
@@ -99,7 +117,7 @@ class PolyAdapter(nn.Module):
         self.poly_lora_A = nn.Parameter(torch.empty(n_splits, n_skills, in_features // n_splits, r))
         self.poly_lora_B = nn.Parameter(torch.empty(n_splits, n_skills, r, out_features // n_splits))
         self.poly_router = router if router is not None else PolyRouter(n_tasks, n_skills, n_splits, reset=False)
-        self._cache: Optional[tuple] = None  # see _eval_factors
+        self._cache: Optional[EvalFactors] = None  # see _eval_factors
         self.reset_parameters(init_weights, reset_router=router is None)
 
     def reset_parameters(self, init_weights: bool = True, reset_router: bool = True) -> None:
@@ -139,108 +157,163 @@ class PolyAdapter(nn.Module):
         a, b = self.mix(self.poly_router.eval_weights(ids), scaled=scaled)
         return a[0], b[0]
 
-    def _eval_factors(self, routing: BatchRouting) -> tuple[torch.Tensor, torch.Tensor]:
+    # ------------------------------------------------------------------ the routed update, path by path
+    def add_update(
+        self, result: Optional[torch.Tensor], x: torch.Tensor, batch: BatchRouting, base: Optional[BaseLinear] = None
+    ) -> torch.Tensor:
+        """Return ``result + x @ A_t @ B_t`` with each row's task ``t`` (``B_t`` carries the ``1/r``).
+
+        A flat dispatch over four named paths::
+
+            training                    one relaxed-Bernoulli route per example; mixing, low rank (and base) in
+                                        one autograd node                          -> _training_update
+            one task in the batch       shared factors, two plain GEMMs over all rows -> _one_task_update
+            mixed tasks, many rows      per-row factors (bmm); the base GEMM accumulates into the update
+                                                                                   -> _mixed_tasks_update
+            mixed tasks, decoding       per-row factors, the layouts fastest for a few rows per example
+                                                                                   -> _decoding_update
+
+        In eval the skills are mixed once per distinct task of the batch; with autograd off the mixtures are
+        cached across calls (:meth:`_eval_factors`). The update is accumulated into ``result`` in place
+        (``baddbmm_``/``addmm_``) whenever autograd allows it; never in place on a view that autograd tracks,
+        which would make its backward copy the whole output. A model traced by ``torch.compile`` runs
+        :meth:`traced_update` instead, one path for all of these.
+
+        Args:
+            result: base layer output ``(batch, ..., out_features)``, or ``None`` with ``base`` given.
+            x: layer input ``(batch, ..., in_features)``.
+            batch: the batch's task ids, one per row of ``x`` (:class:`~polytropon.routing.BatchRouting`).
+            base: ``(weight, bias, fan_in_fan_out)`` of a frozen base layer whose output is to be computed here
+                (``result=None``): in training the base product and the update then run in one autograd
+                Function (:class:`RoutedPoly`), which saves a full-size gradient and a pass over it.
+        """
+        if x.dtype != self.poly_lora_A.dtype:
+            x = x.to(self.poly_lora_A.dtype)
+        if self.training:
+            return self._training_update(result, x, batch, base)
+        a, b = self._eval_factors(batch) if not torch.is_grad_enabled() else self._row_factors(batch)
+        if a.shape[0] == 1:
+            return self._one_task_update(result, x, a[0], b[0], base)
+        if x.dim() == 3 and x.shape[1] > FEW_ROWS:
+            return self._mixed_tasks_update(result, x, a, b, base)
+        return self._decoding_update(result, x, a, b, base)
+
+    def _training_update(
+        self, result: Optional[torch.Tensor], x: torch.Tensor, batch: BatchRouting, base: Optional[BaseLinear]
+    ) -> torch.Tensor:
+        """Training: ``w = router(task_ids)`` ``(n, q, s)`` (presampled for the call), then :class:`RoutedPoly`.
+
+        One example, autograd off or a result in another dtype: the mixtures ``A_i, B_i = mix(w)`` go through
+        the one-task or per-row path instead.
+        """
+        dtype = self.poly_lora_A.dtype
+        weights = self.poly_router(batch.task_ids).to(dtype)
+        if torch.is_grad_enabled() and weights.shape[0] > 1 and (result is None or result.dtype == dtype):
+            rows = x.reshape(x.shape[0], -1, self.in_features)
+            if result is None:
+                out = RoutedPoly.apply(None, rows, weights, self.poly_lora_A, self.poly_lora_B, base)
+                return out.view(x.shape[:-1] + (self.out_features,))
+            shape = rows.shape[:-1] + (self.out_features,)
+            source = result if result.shape == shape else result.reshape(shape)
+            out = RoutedPoly.apply(source, rows, weights, self.poly_lora_A, self.poly_lora_B)
+            return out if out.shape == result.shape else out.view(result.shape)
+        a, b = self.mix(weights)
+        if a.shape[0] == 1:
+            return self._one_task_update(result, x, a[0], b[0], base)
+        return self._decoding_update(result, x, a, b, base)
+
+    def _one_task_update(
+        self, result: Optional[torch.Tensor], x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Optional[BaseLinear]
+    ) -> torch.Tensor:
+        """Every row has the same task: ``result + x @ a @ b`` with ``a (in, r)``, ``b (r, out)`` over all rows."""
+        if result is None:
+            result = base_linear(x, base)
+        return add_low_rank(result, x.reshape(-1, self.in_features), a, b)
+
+    def _mixed_tasks_update(
+        self, result: Optional[torch.Tensor], x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Optional[BaseLinear]
+    ) -> torch.Tensor:
+        """Mixed tasks, many rows per example: ``x (n, t, in)``, per-row ``a (n, in, r)``, ``b (n, r, out)``.
+
+        In inference with the base layer given, :func:`routed_linear_eval` writes the update and lets the base
+        GEMM accumulate into it (one pass over the output); otherwise as :meth:`_decoding_update`.
+        """
+        if result is None and not torch.is_grad_enabled():
+            return routed_linear_eval(x, a, b, base)
+        return self._decoding_update(result, x, a, b, base)
+
+    def _decoding_update(
+        self, result: Optional[torch.Tensor], x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Optional[BaseLinear]
+    ) -> torch.Tensor:
+        """Mixed tasks, per-row factors ``a (n, in, r)``, ``b (n, r, out)``: e.g. one token per example while decoding.
+
+        :func:`add_low_rank` picks the layouts (plain ``x @ a`` up to ``FEW_ROWS`` rows per example).
+        """
+        if result is None:
+            result = base_linear(x, base)
+        return add_low_rank(result, x.reshape(x.shape[0], -1, self.in_features), a, b)
+
+    def traced_update(self, result: torch.Tensor, x: torch.Tensor, batch: BatchRouting) -> torch.Tensor:
+        """:meth:`add_update` as ``torch.compile`` traces it, every path in one: a mixture per row, plain ops.
+
+        ``w = router(task_ids)`` ``(n, q, s)``, ``A_i, B_i = mix(w)``, ``y = result + (x_i A_i) B_i``. No eval
+        cache, no distinct-task grouping and no custom autograd functions: nothing whose guards would depend on
+        the task ids' values or number of distinct tasks, so a compiled model is not recompiled when only they
+        change. The compiler fuses what the eager paths fuse by hand. In training the router returns the route
+        drawn for the whole call (:func:`polytropon.calls.traced_call`).
+        """
+        dtype = self.poly_lora_A.dtype
+        ids = batch.task_ids
+        weights = self.poly_router(ids) if self.training else self.poly_router.eval_weights(ids)
+        a, b = self.mix(weights)
+        rows = x.to(dtype).reshape(x.shape[0], -1, self.in_features)
+        update = torch.bmm(torch.bmm(rows, a), b)
+        return result + update.view(result.shape).to(result.dtype)
+
+    # ------------------------------------------------------------------ eval mixtures
+    def _row_factors(self, batch: BatchRouting) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval factors mixed afresh (autograd on): ``(1, in, r), (1, r, out)`` for one task, else one per row."""
+        a, b = self.mix(self.poly_router.eval_weights(batch.unique))
+        if a.shape[0] > 1:
+            a, b = a[batch.inverse], b[batch.inverse]
+        return a, b
+
+    def _eval_factors(self, batch: BatchRouting) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-routing factors for every row of the batch, cached while weights and tasks are unchanged.
 
         Returns ``A (1, in, r), B (1, r, out)`` when the batch holds one task (shared by all rows), else
         ``A (n, in, r), B (n, r, out)``, row ``i`` holding the factors of its task. The skills are mixed once
         per distinct task (``k`` of them), then gathered to rows.
 
-        Generation calls every layer once per token with the same task ids; the cache turns the mixing (and,
-        while the rows keep their tasks, the gather to rows) into a lookup. Its key holds every parameter's storage
-        and in-place version counter, so any optimizer step, ``load_state_dict`` or device move invalidates
-        it; the mode is part of the key too. Only used when autograd is off.
+        Generation calls every layer once per token with the same task ids; the cache (one :class:`EvalFactors`,
+        replaced whole) turns the mixing (and, while the rows keep their tasks, the gather to rows) into a
+        lookup. Its key holds every parameter's storage and in-place version counter, so any optimizer step,
+        ``load_state_dict`` or device move invalidates it; the mode is part of the key too. Only used when
+        autograd is off.
         """
         # the module dictionaries directly (routers keep their tensors themselves, no submodules): this runs in
         # every layer at every generated token, where ``parameters()`` alone cost more than the update
         router = self.poly_router
         params = (*self._parameters.values(), *router._parameters.values(), *router._buffers.values())
-        key = (routing.key, torch.is_inference_mode_enabled(), *[(p.data_ptr(), p._version) for p in params if p is not None])
+        key = (batch.key, torch.is_inference_mode_enabled(), *[(p.data_ptr(), p._version) for p in params if p is not None])
         cache = self._cache
-        if cache is not None and cache[0] == key:
+        if cache is not None and cache.key == key:
             # same tasks: the same rows if this is the same call, or a call with the same row -> task layout
-            if cache[3] is routing.inverse:
-                return cache[4], cache[5]
-            if torch.equal(cache[3], routing.inverse):  # a new call with the same layout: hold its tensor from now on
-                self._cache = cache[:3] + (routing.inverse,) + cache[4:]
-                return cache[4], cache[5]
-            a, b = cache[1], cache[2]
+            if cache.inverse is batch.inverse:
+                return cache.rows_a, cache.rows_b
+            if torch.equal(cache.inverse, batch.inverse):  # a new call with the same layout: hold its tensor from now on
+                self._cache = EvalFactors(key, cache.a, cache.b, batch.inverse, cache.rows_a, cache.rows_b)
+                return cache.rows_a, cache.rows_b
+            a, b = cache.a, cache.b
         else:
-            a, b = self.mix(self.poly_router.eval_weights(routing.unique))
-        rows_a, rows_b = (a, b) if a.shape[0] == 1 else (a[routing.inverse], b[routing.inverse])
-        self._cache = (key, a, b, routing.inverse, rows_a, rows_b)
+            a, b = self.mix(self.poly_router.eval_weights(batch.unique))
+        rows_a, rows_b = (a, b) if a.shape[0] == 1 else (a[batch.inverse], b[batch.inverse])
+        self._cache = EvalFactors(key, a, b, batch.inverse, rows_a, rows_b)
         return rows_a, rows_b
 
     def clear_cache(self) -> None:
         """Forget the cached eval mixtures (needed only after changing tensors without an in-place op)."""
         self._cache = None
-
-    def add_update(
-        self, result: Optional[torch.Tensor], x: torch.Tensor, routing: BatchRouting, base: Optional[BaseLinear] = None
-    ) -> torch.Tensor:
-        """Return ``result + x @ A_t @ B_t`` with each row's task ``t`` (``B_t`` carries the ``1/r``).
-
-        * training: one relaxed-Bernoulli route per example, as in the papers and PEFT (``n`` mixtures);
-        * eval: the skills are mixed once per distinct task of the batch; with autograd off the mixtures are
-          cached across calls (:meth:`_eval_factors`);
-        * a batch of one task uses the shared factors as plain matrices (two GEMMs over all rows).
-
-        The update is accumulated into ``result`` in place (``baddbmm_``/``addmm_``) whenever autograd allows
-        it, i.e. without an extra pass over the output; never in place on a view that autograd tracks, which
-        would make its backward copy the whole output.
-
-        Args:
-            result: base layer output ``(batch, ..., out_features)``, or ``None`` with ``base`` given.
-            x: layer input ``(batch, ..., in_features)``.
-            routing: the batch's task ids, one per row of ``x``.
-            base: ``(weight, bias, fan_in_fan_out)`` of a frozen base layer whose output is to be computed here
-                (``result=None``): in training the base product and the update then run in one autograd
-                Function (:class:`RoutedPoly`), which saves a full-size gradient and a pass over it.
-        """
-        dtype = self.poly_lora_A.dtype
-        if x.dtype != dtype:
-            x = x.to(dtype)
-        if self.training:
-            weights = self.poly_router(routing.task_ids).to(dtype)
-            if torch.is_grad_enabled() and weights.shape[0] > 1 and (result is None or result.dtype == dtype):
-                rows = x.reshape(x.shape[0], -1, self.in_features)
-                shape = rows.shape[:-1] + (self.out_features,)
-                if result is None:
-                    out = RoutedPoly.apply(None, rows, weights, self.poly_lora_A, self.poly_lora_B, base)
-                    return out.view(x.shape[:-1] + (self.out_features,))
-                source = result if result.shape == shape else result.reshape(shape)
-                out = RoutedPoly.apply(source, rows, weights, self.poly_lora_A, self.poly_lora_B)
-                return out if out.shape == result.shape else out.view(result.shape)
-            a, b = self.mix(weights)
-        elif torch.is_grad_enabled():
-            a, b = self.mix(self.poly_router.eval_weights(routing.unique))
-            if a.shape[0] > 1:
-                a, b = a[routing.inverse], b[routing.inverse]
-        else:
-            a, b = self._eval_factors(routing)
-            if result is None and a.shape[0] > 1 and x.dim() == 3 and x.shape[1] > FEW_ROWS:
-                return routed_linear_eval(x, a, b, base)
-        if result is None:
-            result = base_linear(x, base)
-        if a.shape[0] == 1:  # every row has the same task
-            return add_low_rank(result, x.reshape(-1, self.in_features), a[0], b[0])
-        return add_low_rank(result, x.reshape(x.shape[0], -1, self.in_features), a, b)
-
-    def _traced_update(self, result: torch.Tensor, x: torch.Tensor, routing: BatchRouting) -> torch.Tensor:
-        """:meth:`add_update` as ``torch.compile`` traces it: one mixture per row, plain differentiable ops.
-
-        ``w = router(task_ids)`` ``(n, q, s)``, ``A_i, B_i = mix(w)``, ``y = result + (x_i A_i) B_i``. No eval
-        cache, no distinct-task grouping and no custom autograd functions: nothing whose guards would depend on
-        the task ids' values or number of distinct tasks, so a compiled model is not recompiled when only they
-        change. The compiler fuses what the eager path fuses by hand.
-        """
-        dtype = self.poly_lora_A.dtype
-        ids = routing.task_ids
-        weights = self.poly_router(ids) if self.training else self.poly_router.eval_weights(ids)
-        a, b = self.mix(weights)
-        rows = x.to(dtype).reshape(x.shape[0], -1, self.in_features)
-        update = torch.bmm(torch.bmm(rows, a), b)
-        return result + update.view(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -282,14 +355,14 @@ class PolyLayer(nn.Module):
             adapter = self.adapters._modules.get(state.active_adapter)
         if adapter is None:
             return self.base_layer(x, *args, **kwargs)
-        if torch.compiler.is_compiling():  # traced by torch.compile: see PolyAdapter._traced_update
-            routing = state.for_batch(x.shape[0], x.device, self.name, cache=False)
-            return adapter._traced_update(self.base_layer(x, *args, **kwargs), x, routing)
-        routing = state.for_batch(x.shape[0], x.device, self.name)
+        if torch.compiler.is_compiling():  # traced by torch.compile: see PolyAdapter.traced_update
+            batch = state.for_batch(x.shape[0], x.device, self.name, cache=False)
+            return adapter.traced_update(self.base_layer(x, *args, **kwargs), x, batch)
+        batch = state.for_batch(x.shape[0], x.device, self.name)
         base = None if args or kwargs else self._plain_base(x, adapter)
         if base is None:
-            return adapter.add_update(self.base_layer(x, *args, **kwargs), x, routing)
-        return adapter.add_update(None, x, routing, base)
+            return adapter.add_update(self.base_layer(x, *args, **kwargs), x, batch)
+        return adapter.add_update(None, x, batch, base)
 
     def _plain_base(self, x: torch.Tensor, adapter: PolyAdapter) -> Optional[BaseLinear]:
         """The base layer as ``(weight, bias, fan_in_fan_out)`` when the adapter may compute its product itself.

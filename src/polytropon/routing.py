@@ -286,7 +286,7 @@ def _expand(task_ids: torch.Tensor, batch_size: int, device: torch.device, where
     if batch_size != n:
         ids = ids.repeat_interleave(batch_size // n)
     if torch.compiler.is_compiling():
-        # traced by torch.compile: the layers route every row by its own id (PolyAdapter.add_update); the
+        # traced by torch.compile: the layers route every row by its own id (PolyAdapter.traced_update); the
         # distinct tasks (a data-dependent shape) and a Python cache key would make guards on task values
         return BatchRouting(ids, ids, torch.arange(batch_size, device=device), ())
     unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
