@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -89,20 +89,25 @@ class CallRouting:
     store: dict[Any, Any] = field(default_factory=dict)
 
 
-_EMPTY: Mapping[int, Any] = MappingProxyType({})
-#: ``id(RoutingState)`` -> the :class:`CallRouting` of that model's call in progress in this context (or ``None``
-#: inside a call that routes nothing, e.g. with adapters disabled). Replaced, never mutated.
-_CALLS: ContextVar[Mapping[int, Optional[CallRouting]]] = ContextVar("polytropon_calls", default=_EMPTY)
-#: ``id(RoutingState)`` -> task ids set by :meth:`RoutingState.task_context` in this context.
-_TASK_CONTEXTS: ContextVar[Mapping[int, torch.Tensor]] = ContextVar("polytropon_task_contexts", default=_EMPTY)
-#: ``id(RoutingState)`` -> ``True`` inside :meth:`PolyModel.disable_adapter` in this context.
-_DISABLED: ContextVar[Mapping[int, bool]] = ContextVar("polytropon_disabled", default=_EMPTY)
+class ContextRouting(NamedTuple):
+    """What one context (a thread or an asyncio task) has set on one model: immutable, replaced whole.
+
+    Attributes:
+        call: the :class:`CallRouting` of the call in progress (``None`` outside a call, or in a call that
+            routes nothing, e.g. with adapters disabled).
+        task_ids: the ids of the innermost :meth:`RoutingState.task_context`, or ``None``.
+        disabled: ``True`` inside :meth:`PolyModel.disable_adapter <polytropon.model.PolyModel.disable_adapter>`.
+    """
+
+    call: Optional[CallRouting] = None
+    task_ids: Optional[torch.Tensor] = None
+    disabled: bool = False
 
 
-def _with(mapping: Mapping[int, Any], key: int, value: Any) -> Mapping[int, Any]:
-    updated = dict(mapping)
-    updated[key] = value
-    return MappingProxyType(updated)
+_NOTHING = ContextRouting()
+_EMPTY: Mapping[int, ContextRouting] = MappingProxyType({})
+#: ``id(RoutingState)`` -> this context's :class:`ContextRouting` for that model. Replaced, never mutated.
+_CONTEXTS: ContextVar[Mapping[int, ContextRouting]] = ContextVar("polytropon_routing", default=_EMPTY)
 
 
 class RoutingState:
@@ -113,32 +118,41 @@ class RoutingState:
     * ``active_adapter``: name of the adapter the layers apply (``None``: none);
     * ``merged_task``: ``(adapter, task_id)`` while a task is merged into the base weights, else ``None``.
 
-    Per context (each thread / asyncio task sees its own):
+    Per context (each thread / asyncio task sees its own), one :class:`ContextRouting` in a contextvar:
 
     * ``task_ids``: the task ids of this context's call in progress, ``None`` outside a call;
     * ``disabled``: ``True`` inside :meth:`PolyModel.disable_adapter`: layers run their base module only;
     * ``context_task_ids``: the ids of the innermost :meth:`task_context`, or ``None``.
+
+    Read where the contextvar is out of reach: the last call routed with autograd on (layers re-run by
+    activation checkpointing inside ``backward()``, after the call has ended, route with it), and the last
+    :class:`ContextRouting` any context set (what a layer traced by ``torch.compile`` reads: dynamo cannot
+    trace contextvars, and compiled calls are one thread's at a time).
     """
 
     def __init__(self, active_adapter: Optional[str] = None, disabled: bool = False, merged_task: Optional[tuple[str, int]] = None) -> None:
         self.active_adapter = active_adapter
         self.merged_task = merged_task
-        # the last call routed with autograd on: layers re-run by activation checkpointing inside backward()
-        # (after the call has ended) route with it
-        self._for_backward: Optional[CallRouting] = None
-        # what a layer traced by torch.compile reads instead of the contextvars, which dynamo cannot trace: the
-        # most recent call and disable_adapter() of any thread (compiled calls are one thread's at a time)
-        self._traced_call: Optional[CallRouting] = None
-        self._traced_disabled = False
+        self._for_backward: Optional[CallRouting] = None  # the last call routed with autograd on
+        self._traced: ContextRouting = _NOTHING  # the last ContextRouting any context set (read while tracing)
         if disabled:
             self.disabled = True
 
     # ------------------------------------------------------------------ per-context values
+    def _context(self) -> ContextRouting:
+        if torch.compiler.is_compiling():
+            return self._traced
+        return _CONTEXTS.get().get(id(self), _NOTHING)
+
+    def _set_context(self, context: ContextRouting) -> None:
+        contexts = dict(_CONTEXTS.get())
+        contexts[id(self)] = context
+        _CONTEXTS.set(MappingProxyType(contexts))
+        self._traced = context
+
     def current_call(self) -> Optional[CallRouting]:
         """The routing of this context's call in progress, or ``None``."""
-        if torch.compiler.is_compiling():
-            return self._traced_call
-        return _CALLS.get().get(id(self))
+        return self._context().call
 
     @property
     def task_ids(self) -> Optional[torch.Tensor]:
@@ -147,18 +161,15 @@ class RoutingState:
 
     @property
     def disabled(self) -> bool:
-        if torch.compiler.is_compiling():
-            return self._traced_disabled
-        return _DISABLED.get().get(id(self), False)
+        return self._context().disabled
 
     @disabled.setter
     def disabled(self, value: bool) -> None:
-        _DISABLED.set(_with(_DISABLED.get(), id(self), bool(value)))
-        self._traced_disabled = bool(value)
+        self._set_context(self._context()._replace(disabled=bool(value)))
 
     @property
     def context_task_ids(self) -> Optional[torch.Tensor]:
-        return _TASK_CONTEXTS.get().get(id(self))
+        return self._context().task_ids
 
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
@@ -173,11 +184,12 @@ class RoutingState:
     @contextmanager
     def task_context(self, task_ids: torch.Tensor) -> Iterator[None]:
         """Route calls without explicit task ids to ``task_ids`` (already validated) inside the block."""
-        token = _TASK_CONTEXTS.set(_with(_TASK_CONTEXTS.get(), id(self), task_ids))
+        previous = self._context().task_ids
+        self._set_context(self._context()._replace(task_ids=task_ids))
         try:
             yield
         finally:
-            _TASK_CONTEXTS.reset(token)
+            self._set_context(self._context()._replace(task_ids=previous))
 
     @contextmanager
     def route(self, task_ids: Optional[torch.Tensor], samples: Optional[dict[int, torch.Tensor]] = None) -> Iterator[None]:
@@ -190,13 +202,12 @@ class RoutingState:
         call = None
         if task_ids is not None:
             call = CallRouting(task_ids, {key: (task_ids, w) for key, w in (samples or {}).items()})
-        token = _CALLS.set(_with(_CALLS.get(), id(self), call))
-        traced, self._traced_call = self._traced_call, call
+        previous = self._context().call
+        self._set_context(self._context()._replace(call=call))
         try:
             yield
         finally:
-            _CALLS.reset(token)
-            self._traced_call = traced
+            self._set_context(self._context()._replace(call=previous))
             if call is not None and torch.is_grad_enabled():
                 self._for_backward = CallRouting(call.task_ids, call.samples)
 
@@ -204,7 +215,7 @@ class RoutingState:
         # copies and pickles of a model carry its configuration, not the tensors of a call (graph nodes)
         return {
             "active_adapter": self.active_adapter, "merged_task": self.merged_task, "_for_backward": None,
-            "_traced_call": None, "_traced_disabled": False,
+            "_traced": _NOTHING,
         }
 
     def _recomputing(self) -> Optional[CallRouting]:
