@@ -3,12 +3,27 @@
 A drop-in for PEFT's Poly tuner: ``from polytropon import PolyConfig, get_peft_model``. Three layers, each
 importing only the ones below it (see ``docs/architecture.md``):
 
-* the tuner, in this folder: config, router, routing, layer and kernels, model, checkpoints, export;
+* the tuner, in this folder: config, routers, per-call routing, layers and kernels, the model and the modules
+  it hands off to (injection, calls, persistence), checkpoint format, export;
 * :mod:`polytropon.toolkit`: the research toolkit (task names, few-shot helpers, priors, read-outs, plots);
 * :mod:`polytropon.app`: the ``polytropon`` command line, its training loop, data loading and built-in suite.
 
-The toolkit's functions are exported here too; the plots live in :mod:`polytropon.toolkit.plots`, imported
-on demand because matplotlib and scipy are optional.
+``__all__`` is chosen in groups, in this order:
+
+1. PEFT's names (``peft.tuners.poly`` and ``peft.get_peft_model``), so code written for PEFT's Poly tuner
+   changes only its import: ``PolyConfig``, ``PolyModel``, ``PolyLayer``, ``get_peft_model``. PEFT's
+   ``Linear`` has no counterpart: one :class:`PolyLayer` wraps both ``nn.Linear`` and GPT-2's ``Conv1D``.
+2. The building blocks a researcher inspects or subclasses: ``PolyAdapter`` (one layer's skills),
+   ``PolyRouter`` and ``FixedRouter`` (task -> skill weights), ``RoutingState`` (what the layers read).
+3. The research toolkit, as functions of a model: the task axis (``add_tasks``, ``set_task_names``), few-shot
+   adaptation (``freeze_skills``, ``unfreeze_skills``, ``collapse_to_average``), training aids
+   (``param_groups``, ``ibp_loss``) and read-outs (``routing_weights``, ``allocation_matrix``,
+   ``task_similarity``).
+
+A further public group (e.g. training utilities: a trainer, a collator) gets its own heading after the
+building blocks. Not exported: the plots (:mod:`polytropon.toolkit.plots`, imported on demand because
+matplotlib and scipy are optional), the application (:mod:`polytropon.app`), and helpers for one setting
+(:mod:`polytropon.fsdp`, :mod:`polytropon.export`), imported from their modules.
 """
 
 from .config import PolyConfig
@@ -24,10 +39,14 @@ from .toolkit.tasks import add_tasks, set_task_names
 from .variants import FixedRouter
 
 __all__ = [
-    # the PEFT-compatible core
-    "PolyConfig", "PolyModel", "get_peft_model", "PolyLayer", "PolyAdapter", "PolyRouter", "RoutingState",
-    # the research toolkit
-    "FixedRouter", "add_tasks", "set_task_names", "param_groups", "ibp_loss", "freeze_skills", "unfreeze_skills",
-    "collapse_to_average", "routing_weights", "allocation_matrix", "task_similarity",
+    # 1. PEFT's names
+    "PolyConfig", "PolyModel", "PolyLayer", "get_peft_model",
+    # 2. building blocks
+    "PolyAdapter", "PolyRouter", "FixedRouter", "RoutingState",
+    # 3. the research toolkit: the task axis, few-shot adaptation, training aids, read-outs
+    "add_tasks", "set_task_names",
+    "freeze_skills", "unfreeze_skills", "collapse_to_average",
+    "param_groups", "ibp_loss",
+    "routing_weights", "allocation_matrix", "task_similarity",
 ]
 __version__ = "0.1.0"
