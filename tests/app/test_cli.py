@@ -252,15 +252,15 @@ def test_causal_lm_head_is_inferred_and_evaluated(tiny_gpt2_dir, tiny_data, tmp_
 def test_routing_plot_with_reference_panel(tmp_path):
     import numpy as np
 
-    from polytropon.app.plots import plot_routing
+    from polytropon.app.plots import plot_routing_matrix
 
     m = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
-    path = plot_routing(m, ["x", "y", "z"], tmp_path / "p.png", reference=np.eye(3)[:, :2], reference_names=["u", "v"])
+    path = plot_routing_matrix(m, ["x", "y", "z"], tmp_path / "p.png", reference=np.eye(3)[:, :2], reference_names=["u", "v"])
     assert os.path.getsize(path) > 1000
     with pytest.raises(ValueError):
-        plot_routing(m, ["x", "y"], tmp_path / "q.png")
+        plot_routing_matrix(m, ["x", "y"], tmp_path / "q.png")
     with pytest.raises(ValueError):
-        plot_routing(m, ["x", "y", "z"], tmp_path / "r.png", reference=np.eye(2))
+        plot_routing_matrix(m, ["x", "y", "z"], tmp_path / "r.png", reference=np.eye(2))
 
 
 def test_run_routing_matches_the_saved_adapter(trained_run):

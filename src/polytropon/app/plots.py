@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["plot_routing"]
+__all__ = ["plot_routing_matrix"]
 
 
-def plot_routing(
+def plot_routing_matrix(
     matrix: np.ndarray,
     task_names: Sequence[str],
     path: str | os.PathLike[str],

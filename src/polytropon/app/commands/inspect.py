@@ -81,7 +81,7 @@ def count_parameters(weights: str) -> tuple[dict[str, int], int]:
 def show_routing(adapter_dir: str, tasks: list[str], plot_arg: str | None) -> None:
     """Write the routing plot (``--plot``, or ``<adapter>/routing.png`` unless it exists) and print each task's top skill."""
     from ...toolkit.analysis import allocation_matrix, load_snapshot
-    from ..plots import plot_routing
+    from ..plots import plot_routing_matrix
 
     try:
         snap = load_snapshot(adapter_dir)
@@ -92,7 +92,7 @@ def show_routing(adapter_dir: str, tasks: list[str], plot_arg: str | None) -> No
     if os.path.exists(plot) and plot_arg:
         raise CliError(f"{plot}: exists; refusing to overwrite")
     if not os.path.exists(plot):
-        plot_routing(matrix, tasks, plot, skill_names=[f"skill {i}" for i in range(matrix.shape[1])])
+        plot_routing_matrix(matrix, tasks, plot, skill_names=[f"skill {i}" for i in range(matrix.shape[1])])
     print(f"routing plot: {plot}")
     top = matrix.argmax(1)
     print("top skill per task: " + ", ".join(f"{t}->{int(s)}" for t, s in zip(tasks, top)))

@@ -556,19 +556,19 @@ def plot_run_routing(model: Any, output_dir: str, data: TrainData) -> tuple[Any,
     """
     from ...toolkit import plots
     from ...toolkit.analysis import allocation_matrix
-    from ..plots import plot_routing
+    from ..plots import plot_routing_matrix
 
     plot_path = os.path.join(output_dir, "routing.png")
     routing = allocation_matrix(model).numpy()[: len(data.tasks)]
     recovery = None
     if data.reference is not None and model.peft_config[model.resolve_adapter()].poly_type == "poly":
         recovery, aligned = routing_recovery(model, data.reference)
-        plot_routing(aligned, data.tasks, plot_path, title="learned routing, skills aligned to the true ones",
-                     skill_names=aligned_skill_names(data.reference_names), reference=data.reference,
-                     reference_names=data.reference_names)
+        plot_routing_matrix(aligned, data.tasks, plot_path, title="learned routing, skills aligned to the true ones",
+                            skill_names=aligned_skill_names(data.reference_names), reference=data.reference,
+                            reference_names=data.reference_names)
     else:
-        plot_routing(routing, data.tasks, plot_path, skill_names=[f"skill {i}" for i in range(routing.shape[1])],
-                     reference=data.reference, reference_names=data.reference_names)
+        plot_routing_matrix(routing, data.tasks, plot_path, skill_names=[f"skill {i}" for i in range(routing.shape[1])],
+                            reference=data.reference, reference_names=data.reference_names)
     # the toolkit's figures too: allocation.png and task_hierarchy.png
     plots.plot_routing(model, os.path.join(output_dir, "plots"))
     return routing, recovery, plot_path
