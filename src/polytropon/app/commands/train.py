@@ -61,7 +61,7 @@ from ..runs import (
 )
 from ..variant_flags import add_variant_arguments, check_variant_flags, variant_fields
 
-__all__ = ["VERB", "HELP", "DESCRIPTION", "add_arguments", "run", "TrainData", "TrainingPlan", "RANK_DUMP_ENV"]
+__all__ = ["VERB", "HELP", "DESCRIPTION", "add_arguments", "run", "TrainData", "Plan", "RANK_DUMP_ENV"]
 
 VERB = "train"
 HELP = "train a Poly/MHR adapter (no arguments: the built-in demo)"
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def announce(args: argparse.Namespace, data: TrainData, plan: TrainingPlan, model: Any) -> None:
+def announce(args: argparse.Namespace, data: TrainData, plan: Plan, model: Any) -> None:
     """What is about to train: the data, the model and the trainable share (not with ``--quiet``)."""
     trainable, total = model.get_nb_trainable_parameters()
     say(
@@ -210,7 +210,7 @@ def announce(args: argparse.Namespace, data: TrainData, plan: TrainingPlan, mode
 
 
 def run_metrics(
-    args: argparse.Namespace, data: TrainData, plan: TrainingPlan, metric: str, poly_metrics: dict, baselines: list,
+    args: argparse.Namespace, data: TrainData, plan: Plan, metric: str, poly_metrics: dict, baselines: list,
     lora: Any, routing: Any, recovery: dict | None,
 ) -> dict[str, Any]:
     """The body of ``metrics.json``: what ran, Poly's and the baselines' per-task metrics, the routing."""
@@ -305,7 +305,7 @@ def suite_data(seed: int) -> TrainData:
 
 
 @dataclasses.dataclass
-class TrainingPlan:
+class Plan:
     """What is trained: the model reference, the head, and how tasks and labels map to ids."""
 
     model_ref: str
@@ -317,7 +317,7 @@ class TrainingPlan:
     variant: dict[str, Any] = dataclasses.field(default_factory=dict)  # PolyConfig fields of the variant flags
 
 
-def make_plan(args: argparse.Namespace, data: TrainData) -> TrainingPlan:
+def make_plan(args: argparse.Namespace, data: TrainData) -> Plan:
     """Read the model's config to pick the head; check ``--n-tasks``, every eval label and the variant flags
     (``--allocation``), before any model loads."""
     from ..training import infer_head, load_model_config
@@ -335,13 +335,13 @@ def make_plan(args: argparse.Namespace, data: TrainData) -> TrainingPlan:
             if row.target not in label_to_id:
                 raise CliError(f"{row.where}: target {row.target!r} never occurs in the training data")
     task_to_id = {t: i for i, t in enumerate(data.tasks)}
-    return TrainingPlan(model_ref, head, labels, task_to_id, label_to_id, n_tasks, variant_fields(args, data.tasks, n_tasks))
+    return Plan(model_ref, head, labels, task_to_id, label_to_id, n_tasks, variant_fields(args, data.tasks, n_tasks))
 
 
 # --------------------------------------------------------------------------- 3. model
 
 
-def build_model(args: argparse.Namespace, data: TrainData, plan: TrainingPlan, seconds: dict[str, float]) -> tuple[Any, Any, Any]:
+def build_model(args: argparse.Namespace, data: TrainData, plan: Plan, seconds: dict[str, float]) -> tuple[Any, Any, Any]:
     """``(PolyModel, tokenizer, PolyConfig)``: the base model loaded (timed as ``model_load``) and adapted."""
     import torch
     from transformers import set_seed
@@ -377,7 +377,7 @@ def build_model(args: argparse.Namespace, data: TrainData, plan: TrainingPlan, s
     return model, tokenizer, poly_config
 
 
-def encode_training_set(args: argparse.Namespace, data: TrainData, plan: TrainingPlan, tokenizer: Any) -> Any:
+def encode_training_set(args: argparse.Namespace, data: TrainData, plan: Plan, tokenizer: Any) -> Any:
     """The tokenized training rows as a :class:`~polytropon.app.data.PolyDataset`."""
     from ..data import PolyDataset, encode_rows
 
@@ -388,7 +388,7 @@ def encode_training_set(args: argparse.Namespace, data: TrainData, plan: Trainin
 
 
 def open_run_dir(
-    output_dir: str, record: dict[str, Any] | None, args: argparse.Namespace, data: TrainData, plan: TrainingPlan
+    output_dir: str, record: dict[str, Any] | None, args: argparse.Namespace, data: TrainData, plan: Plan
 ) -> None:
     """Create the run directory with a new ``run.json``, or check that a resumed run has the same tasks."""
     os.makedirs(output_dir, exist_ok=True)
@@ -471,7 +471,7 @@ def dump_rank_state(model: Any, losses: list[float]) -> None:
 # --------------------------------------------------------------------------- 5. save, evaluate, plot
 
 
-def unsharded_copy(args: argparse.Namespace, plan: TrainingPlan, adapter_dir: str, device: Any) -> Any:
+def unsharded_copy(args: argparse.Namespace, plan: Plan, adapter_dir: str, device: Any) -> Any:
     """A fresh base model with the adapter saved in ``adapter_dir``, on ``device`` (after sharded training)."""
     from ...model import PolyModel
     from ..training import load_base_model
@@ -480,7 +480,7 @@ def unsharded_copy(args: argparse.Namespace, plan: TrainingPlan, adapter_dir: st
     return PolyModel.from_pretrained(base, adapter_dir).to(device)
 
 
-def save_adapter(model: Any, adapter_dir: str, args: argparse.Namespace, data: TrainData, plan: TrainingPlan) -> str:
+def save_adapter(model: Any, adapter_dir: str, args: argparse.Namespace, data: TrainData, plan: Plan) -> str:
     """Save the adapter with its ``polytropon_tasks.json`` in ``adapter_dir``; returns that path.
 
     The base model is recorded portably (:func:`~polytropon.app.defaults.portable_model_ref`).
@@ -495,7 +495,7 @@ def save_adapter(model: Any, adapter_dir: str, args: argparse.Namespace, data: T
 
 
 def evaluate(
-    args: argparse.Namespace, model: Any, tokenizer: Any, data: TrainData, plan: TrainingPlan, lora: LoraBaseline | None
+    args: argparse.Namespace, model: Any, tokenizer: Any, data: TrainData, plan: Plan, lora: LoraBaseline | None
 ) -> tuple[dict[str, dict[str, float]], list[tuple[str, dict[str, dict[str, float]]]]]:
     """``(poly per-task metrics, [(baseline name, its per-task metrics), ...])``; no baseline with --no-baseline.
 
@@ -522,7 +522,7 @@ def evaluate(
     return poly, baselines
 
 
-def head_only_metrics(args: argparse.Namespace, tokenizer: Any, data: TrainData, plan: TrainingPlan) -> dict[str, dict[str, float]]:
+def head_only_metrics(args: argparse.Namespace, tokenizer: Any, data: TrainData, plan: Plan) -> dict[str, dict[str, float]]:
     """Per-task metrics of a classification head trained on a fresh, frozen copy of the base model."""
     from transformers import set_seed
 
