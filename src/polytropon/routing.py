@@ -152,7 +152,10 @@ class RoutingState:
 
     def current_call(self) -> Optional[CallRouting]:
         """The routing of this context's call in progress, or ``None``."""
-        return self._context().call
+        # read by every layer at every call: the lookup of _context() inlined
+        if torch.compiler.is_compiling():
+            return self._traced.call
+        return _CONTEXTS.get().get(id(self), _NOTHING).call
 
     @property
     def task_ids(self) -> Optional[torch.Tensor]:
@@ -161,7 +164,9 @@ class RoutingState:
 
     @property
     def disabled(self) -> bool:
-        return self._context().disabled
+        if torch.compiler.is_compiling():  # read by every layer at every call: _context() inlined
+            return self._traced.disabled
+        return _CONTEXTS.get().get(id(self), _NOTHING).disabled
 
     @disabled.setter
     def disabled(self, value: bool) -> None:
