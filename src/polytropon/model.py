@@ -142,7 +142,7 @@ class PolyModel(nn.Module):
         return self.routing.active_adapter
 
     @property
-    def active_adapters(self) -> list[str]:
+    def active_adapters(self) -> list[str]:  # PEFT's plural form
         return [] if self.routing.active_adapter is None else [self.routing.active_adapter]
 
     @contextmanager
@@ -224,16 +224,12 @@ class PolyModel(nn.Module):
         return self.task_context(task_ids)
 
     def forward(self, *args: Any, task_ids: Optional[TaskIds] = None, **kwargs: Any) -> Any:
-        """Run the wrapped model with every example routed to its task (see :mod:`polytropon.calls`).
+        """Run the wrapped model (its own ``*args, **kwargs``) with every example routed to its task.
 
-        Args:
-            task_ids: ``(batch,)`` LongTensor or list of ints (or task names) in ``[0, n_tasks)``, one per
-                example, or a single id for the whole batch; required while an adapter is active and not merged
-                or disabled, unless a :meth:`task_context` gives them.
-            *args, **kwargs: the wrapped model's own arguments (``input_ids``, ``labels``, ...).
-
-        Raises (before the model runs) ValueError: no task ids, ids out of range, or a number of ids other than
-        the batch size or 1; TypeError: ids that are not integers (or names).
+        ``task_ids``: ``(batch,)`` LongTensor or list of ints or task names, one per example, or one for the
+        batch; required while an adapter routes, unless a :meth:`task_context` gives them. Checked before the
+        model runs (:mod:`polytropon.calls`): ValueError (missing, out of range, not one per example or one for
+        all), TypeError (not integers or names).
         """
         batch_size = batch_size_of(args, kwargs)
         if torch.compiler.is_compiling():  # see docs/deploy.md, "torch.compile"
@@ -253,11 +249,7 @@ class PolyModel(nn.Module):
         return self._calls.learned_routers(self.poly_layers)
 
     def generate(self, *args: Any, task_ids: Optional[TaskIds] = None, **kwargs: Any) -> Any:
-        """``model.generate`` with every example routed to its task, for any decoding strategy.
-
-        ``task_ids`` as in :meth:`forward` (one per input example, or one for all); when transformers expands
-        the batch (beam search, ``num_return_sequences``), every example's rows keep its task.
-        """
+        """``model.generate`` with ``task_ids`` as in :meth:`forward`; beams and returned sequences keep their task."""
         ids = self._calls.task_ids(task_ids, batch_size_of(args, kwargs), self.training)
         with self.routing.route(ids):
             return self.model.generate(*args, **kwargs)
@@ -291,11 +283,7 @@ class PolyModel(nn.Module):
         return None if merged is None else merged[1]
 
     def unmerge_adapter(self) -> None:
-        """Subtract the merged task from the base weights and return to routing by ``task_ids``.
-
-        Each layer subtracts the very factors it added, so the base weights come back to float32 round-off
-        even if the adapter was trained while merged. Does nothing when no task is merged.
-        """
+        """Subtract the merged task (the very factors each layer added) and route by ``task_ids`` again; else no-op."""
         if self.routing.merged_task is None:
             return
         for _, layer in self.poly_layers():
