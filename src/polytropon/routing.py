@@ -4,9 +4,10 @@ A model owns one :class:`RoutingState`; every Poly layer holds a reference to it
 (the active adapter, a merged task) lives on the state; what belongs to one call (its task ids and what is
 derived from them: the ids expanded to a layer's rows, the routes drawn for training, the weights of routers
 shared by several layers) lives in a :class:`CallRouting` that the model opens for the duration of the call
-(:meth:`RoutingState.route`) in a :mod:`contextvars` variable. Every thread and every asyncio task sees its own
-calls only, so any number of them can run ``forward``/``generate`` on one model at once. Nothing is registered
-or removed per call.
+(:meth:`RoutingState.route`). It is one field of the context's :class:`ContextRouting` (with the ids of a
+``task_context`` block and the ``disable_adapter`` flag), held in a single :mod:`contextvars` variable. Every
+thread and every asyncio task sees its own calls only, so any number of them can run ``forward``/``generate``
+on one model at once. Nothing is registered or removed per call.
 
 Task ids can also be given for a whole block of code (:meth:`RoutingState.task_context`, behind
 :meth:`PolyModel.task_context <polytropon.model.PolyModel.task_context>`): calls that pass no ``task_ids`` --
