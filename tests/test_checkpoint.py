@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import batch_inputs, randomize_, tiny_bert_cls, tiny_llama
+from tests.helpers import batch_inputs, randomize_, tiny_bert_cls, tiny_llama
 from safetensors.torch import load_file, save_file
 
 from polytropon import PolyConfig, PolyModel, get_peft_model

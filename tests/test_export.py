@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from deploy_helpers import ARCHS, KINDS, poly_model, randomise, rel_diff, tiny_bert_classifier, tokens
+from tests.helpers import ARCHS, KINDS, poly_model, randomise_routing as randomise, rel_diff, small_bert_cls as tiny_bert_classifier, tokens
 
 from polytropon import PolyConfig, get_peft_model
 

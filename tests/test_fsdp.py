@@ -1,9 +1,9 @@
 """FSDP2 (``fully_shard``) on two CPU processes (gloo): a sharded training step equals the single-process step,
 and ``save_pretrained`` of the sharded model writes the complete adapter once, loadable by polytropon and PEFT.
 
-One ``torchrun`` launch (``_fsdp_worker.py``) runs every case of ``_fsdp_worker.CASES`` (Poly and MHR;
+One ``torchrun`` launch (``launch/fsdp_worker.py``) runs every case of ``fsdp_worker.CASES`` (Poly and MHR;
 per-module, per-block and per-model routers), then PolyTrainer and ``polytropon train`` with accelerate's FSDP2
-preparation (``_fsdp_trainer_worker.py``, ``_fsdp_cli_worker.py``); the tests recompute what they can in this
+preparation (``launch/fsdp_trainer_worker.py``, ``launch/fsdp_cli_worker.py``); the tests recompute what they can in this
 process and compare.
 """
 
@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-import _fsdp_worker as worker
+from tests.launch import fsdp_worker as worker
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
@@ -24,16 +24,17 @@ if not hasattr(fsdp, "fully_shard"):
 needs_accelerate_fsdp2 = pytest.mark.skipif(not worker.accelerate_has_fsdp2(), reason="accelerate without FSDP2")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(HERE, "..", "src")
+ROOT = os.path.dirname(HERE)
+SRC = os.path.join(ROOT, "src")
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, HERE, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "_fsdp_worker.py"), str(out)]
+           os.path.join(HERE, "launch", "fsdp_worker.py"), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (out / "stdout.txt").write_text(proc.stdout)
@@ -142,7 +143,7 @@ def test_trainer_with_accelerate_fsdp2_equals_the_ddp_run(sharded_runs):
     """PolyTrainer prepared by accelerate's FSDP2 code trains exactly as under DDP, and checkpoints in full."""
     from safetensors.torch import load_file
 
-    import _fsdp_trainer_worker as trainer_worker
+    from tests.launch import fsdp_trainer_worker as trainer_worker
     from polytropon import PolyModel
 
     folder = sharded_runs / "trainer"

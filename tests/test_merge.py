@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from deploy_helpers import ARCHS, KINDS, poly_model, randomise, rel_diff, tiny_bert_classifier, tokens
+from tests.helpers import ARCHS, KINDS, poly_model, randomise_routing as randomise, rel_diff, small_bert_cls as tiny_bert_classifier, tokens
 
 from polytropon import PolyConfig, PolyLayer, get_peft_model
 from polytropon.modules_to_save import ModulesToSave

@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import MODELS, batch_inputs, output_tensor, randomize_, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from tests.helpers import MODELS, batch_inputs, output_tensor, randomize_, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 from polytropon import PolyConfig, PolyLayer, PolyModel, get_peft_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch_inputs, randomize_, tiny_llama
+from tests.helpers import batch_inputs, randomize_, tiny_llama
 
 from polytropon import PolyConfig, get_peft_model
 from polytropon.router import PolyRouter, _SampledRouting, presample, relaxed_bernoulli_rsample

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import batch_inputs, randomize_, tiny_llama
+from tests.helpers import batch_inputs, randomize_, tiny_llama
 
 from polytropon import PolyConfig, get_peft_model
 from polytropon.routing import RoutingState, check_task_ids

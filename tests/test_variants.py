@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from _toolkit_models import MODELS, inputs, logits, randomize, tiny_llama, tiny_t5
+from tests.helpers import SMALL_MODELS as MODELS, small_inputs as inputs, output_tensor as logits, randomize_ as randomize, small_llama as tiny_llama, small_t5 as tiny_t5
 from polytropon import FixedRouter, PolyConfig, PolyModel, PolyRouter, get_peft_model, routing_weights
 from polytropon.checkpoint import WEIGHTS_NAME
 from polytropon.variants import block_of, router_groups, unique_routers

@@ -1,200 +1,41 @@
-"""The ``polytropon`` command line on a tiny offline BERT: training outputs, eval, inspect, resume, bad input."""
+"""The ``polytropon`` parser: the verb registry (every module in ``COMMANDS`` is a verb, in ``--help`` order, and runs
+its own ``run``), one-line usage errors, the console entry point."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from polytropon.app.cli import main
+from polytropon.app.cli import COMMANDS, build_parser
 
-from conftest import assert_one_line_error, make_rows, run_cli, write_jsonl
+from tests.helpers import assert_one_line_error, run_cli
 
-FAST = ["--batch-size", "16", "--lr", "1e-2", "--router-lr", "5e-2", "--n-skills", "2", "--r", "4", "--quiet", "--baseline-epochs", "5"]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_bert, tiny_data, tmp_path_factory):
-    """One short training run shared by the eval / inspect / refusal tests."""
-    # capsys is function-scoped, so this module-scoped fixture calls main() directly
-    train, evaluation = tiny_data
-    out = str(tmp_path_factory.mktemp("runs") / "run")
-    code = main(["train", "--model", tiny_bert, "--data", train, "--eval-data", evaluation, "--output-dir", out,
-                 "--max-steps", "12", "--save-steps", "6", *FAST])
-    assert code == 0
-    return out
+MINIMAL_ARGV = {
+    "train": [],
+    "adapt": ["RUN"],
+    "eval": ["ADAPTER", "--data", "D"],
+    "inspect": ["ADAPTER"],
+    "export-lora": ["ADAPTER", "--task", "T", "--output", "O"],
+    "merge": ["ADAPTER", "--task", "T", "--output", "O"],
+    "suite": ["OUT"],
+}
 
 
-def test_train_writes_adapter_metrics_plot(trained_run):
-    files = set(os.listdir(trained_run))
-    assert {"adapter", "metrics.json", "routing.png", "plots", "run.json", "checkpoints"} <= files
-    assert {"adapter_config.json", "adapter_model.safetensors", "polytropon_tasks.json"} <= set(os.listdir(os.path.join(trained_run, "adapter")))
-    metrics = json.load(open(os.path.join(trained_run, "metrics.json")))
-    assert metrics["tasks"] == ["animal", "color"]
-    assert set(metrics["poly"]["per_task"]) == {"animal", "color"}
-    assert metrics["baseline"]["name"] == "head-only"
-    assert metrics["train"]["global_steps"] == 12
-    assert 0.0 <= metrics["poly"]["mean"]["accuracy"] <= 1.0
-    assert json.load(open(os.path.join(trained_run, "run.json")))["status"] == "complete"
-    with open(os.path.join(trained_run, "routing.png"), "rb") as fh:
-        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    config = json.load(open(os.path.join(trained_run, "adapter", "adapter_config.json")))
-    assert config["n_tasks"] == 2 and config["n_skills"] == 2 and config["r"] == 4 and config["task_type"] == "SEQ_CLS"
+def test_parser_lists_exactly_the_registered_verbs_in_order():
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    assert list(sub.choices) == [c.VERB for c in COMMANDS] == list(MINIMAL_ARGV)
+    assert sub.metavar == "{train,adapt,eval,inspect,export-lora,merge,suite}"
 
 
-def test_adapter_reloads_with_identical_predictions(trained_run, tiny_bert):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from polytropon import PolyModel
-
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    batch = tok(["the big red cat runs", "the small blue dog sleeps"], return_tensors="pt", padding=True)
-    outs = []
-    for _ in range(2):
-        base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-        model = PolyModel.from_pretrained(base, os.path.join(trained_run, "adapter"))
-        with torch.no_grad():
-            outs.append(model(**batch, task_ids=[0, 1]).logits)
-    assert torch.allclose(outs[0], outs[1])
-
-
-def test_eval_on_saved_run(trained_run, tiny_data, capsys, tmp_path):
-    _, evaluation = tiny_data
-    out_json = str(tmp_path / "m.json")
-    code, out, err = run_cli(capsys, "eval", trained_run, "--data", evaluation, "--json", out_json)
-    assert code == 0, err
-    assert "animal" in out and "color" in out and "accuracy" in out
-    result = json.load(open(out_json))
-    assert set(result["per_task"]) == {"animal", "color"}
-    # the same numbers as the training run's own evaluation
-    trained = json.load(open(os.path.join(trained_run, "metrics.json")))["poly"]["per_task"]
-    for task in ("animal", "color"):
-        assert result["per_task"][task]["accuracy"] == pytest.approx(trained[task]["accuracy"])
-    # never overwrite
-    code, _, err = run_cli(capsys, "eval", trained_run, "--data", evaluation, "--json", out_json)
-    assert_one_line_error(code, err, "exists")
-
-
-def test_inspect_saved_run(trained_run, capsys, tmp_path):
-    plot = str(tmp_path / "r.png")
-    code, out, err = run_cli(capsys, "inspect", trained_run, "--plot", plot)
-    assert code == 0, err
-    assert "n_tasks: 2" in out and "n_skills: 2" in out
-    assert "tasks (2): animal, color" in out
-    assert "adapted layers: 4" in out and "router: 16" in out  # (2 layers x query, value) x 2 tasks x 2 skills
-    assert os.path.getsize(plot) > 1000
-
-
-def test_resume_continues_from_last_checkpoint(trained_run, tmp_path, capsys):
-    # Recreate what an interrupted run leaves on disk: checkpoint 6 only, no final outputs.
-    run = str(tmp_path / "interrupted")
-    shutil.copytree(trained_run, run)
-    shutil.rmtree(os.path.join(run, "checkpoints", "checkpoint-12"))
-    for name in ("adapter", "metrics.json", "routing.png"):
-        path = os.path.join(run, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    record = json.load(open(os.path.join(run, "run.json")))
-    record["status"] = "training"
-    json.dump(record, open(os.path.join(run, "run.json"), "w"))
-
-    code, _, err = run_cli(capsys, "train", "--output-dir", run)
-    assert_one_line_error(code, err, "holds a polytropon run", "--resume")
-    code, out, err = run_cli(capsys, "train", "--output-dir", run, "--resume")  # not --quiet: it says where it resumes
-    assert code == 0, err
-    assert "resuming from" in out and "checkpoint-6" in out
-    metrics = json.load(open(os.path.join(run, "metrics.json")))
-    assert metrics["train"]["global_steps"] == 12
-    steps = [e["step"] for e in metrics["train"]["log_history"] if "loss" in e]
-    assert min(steps) > 6  # only the steps after the checkpoint were run again
-    code, _, err = run_cli(capsys, "train", "--output-dir", run, "--resume")
-    assert_one_line_error(code, err, "already complete")
-
-
-def test_train_learns_tiny_tasks(tiny_bert, tiny_data, tmp_path, capsys):
-    train, evaluation = tiny_data
-    out = str(tmp_path / "learn")
-    code, stdout, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train, "--eval-data", evaluation,
-                                "--output-dir", out, "--max-steps", "150", "--save-steps", "1000", "--batch-size", "16",
-                                "--lr", "1e-2", "--n-skills", "2", "--quiet", "--baseline-epochs", "20")
-    assert code == 0, err
-    metrics = json.load(open(os.path.join(out, "metrics.json")))
-    losses = [e["loss"] for e in metrics["train"]["log_history"] if "loss" in e]
-    assert losses[-1] < losses[0] - 0.1
-    # a shared head on a frozen random encoder cannot tell the two questions apart; Poly can
-    assert metrics["poly"]["mean"]["accuracy"] >= 0.8
-    assert metrics["poly"]["mean"]["accuracy"] > metrics["baseline"]["mean"]["accuracy"] + 0.2
-    assert "head-only" in stdout and "poly" in stdout
-
-
-# --------------------------------------------------------------------------- bad input
-
-
-def test_missing_data_file(tiny_bert, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "o"))
-    assert_one_line_error(code, err, "nope.jsonl", "no such file")
-    assert not os.path.exists(tmp_path / "o")
-
-
-def test_malformed_jsonl_names_file_and_line(tiny_bert, tmp_path, capsys):
-    path = tmp_path / "bad.jsonl"
-    good = json.dumps({"task": "a", "input": "the cat", "target": "yes"})
-    path.write_text(f"{good}\n{good}\n{{not json\n")
-    code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", str(path), "--output-dir", str(tmp_path / "o"))
-    assert_one_line_error(code, err, f"{path}:3:", "not valid JSON")
-
-
-def test_unknown_task_in_eval_data(tiny_bert, tiny_data, tmp_path, capsys):
-    train, _ = tiny_data
-    rows = make_rows(2, seed=5) + [{"task": "weather", "input": "the red cat", "target": "no"}]
-    evaluation = write_jsonl(str(tmp_path / "eval.jsonl"), rows)
-    code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train, "--eval-data", evaluation, "--output-dir", str(tmp_path / "o"))
-    assert_one_line_error(code, err, f"eval.jsonl:{len(rows)}:", "unknown task 'weather'")
-
-
-def test_unknown_task_in_eval_of_saved_adapter(trained_run, tmp_path, capsys):
-    evaluation = write_jsonl(str(tmp_path / "eval.jsonl"), [{"task": "weather", "input": "the red cat", "target": "no"}])
-    code, _, err = run_cli(capsys, "eval", trained_run, "--data", evaluation)
-    assert_one_line_error(code, err, "eval.jsonl:1:", "unknown task 'weather'")
-
-
-@pytest.mark.parametrize("kind", ["missing", "empty", "garbage"])
-def test_model_folder_that_does_not_load(kind, tiny_data, tmp_path, capsys):
-    train, _ = tiny_data
-    folder = tmp_path / "model"
-    if kind != "missing":
-        folder.mkdir()
-    if kind == "garbage":
-        (folder / "config.json").write_text("{ this is not json")
-    code, _, err = run_cli(capsys, "train", "--model", str(folder), "--data", train, "--output-dir", str(tmp_path / "o"))
-    assert_one_line_error(code, err, str(folder))
-    assert not (tmp_path / "o").exists()
-
-
-def test_output_dir_holding_something_else_is_never_touched(tiny_bert, tiny_data, tmp_path, capsys):
-    train, _ = tiny_data
-    out = tmp_path / "precious"
-    out.mkdir()
-    (out / "thesis.txt").write_text("do not delete")
-    code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train, "--output-dir", str(out))
-    assert_one_line_error(code, err, "not a polytropon run")
-    assert os.listdir(out) == ["thesis.txt"] and (out / "thesis.txt").read_text() == "do not delete"
-    file_out = tmp_path / "a_file"
-    file_out.write_text("x")
-    code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train, "--output-dir", str(file_out))
-    assert_one_line_error(code, err, "not a directory")
-
-
-def test_existing_run_is_not_overwritten(trained_run, tiny_bert, tiny_data, capsys):
-    train, _ = tiny_data
-    before = open(os.path.join(trained_run, "metrics.json")).read()
-    code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train, "--output-dir", trained_run)
-    assert_one_line_error(code, err, "holds a polytropon run")
-    assert open(os.path.join(trained_run, "metrics.json")).read() == before
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.VERB)
+def test_each_verb_dispatches_to_its_module(command):
+    args = build_parser().parse_args([command.VERB, *MINIMAL_ARGV[command.VERB]])
+    assert args.command == command.VERB
+    assert args.func is command.run
 
 
 @pytest.mark.parametrize(
@@ -214,12 +55,6 @@ def test_usage_errors_are_one_line(argv, fragment, capsys):
     assert_one_line_error(code, err, fragment)
 
 
-def test_unknown_eval_target_label(trained_run, tmp_path, capsys):
-    evaluation = write_jsonl(str(tmp_path / "eval.jsonl"), [{"task": "animal", "input": "the red cat", "target": "maybe"}])
-    code, _, err = run_cli(capsys, "eval", trained_run, "--data", evaluation)
-    assert_one_line_error(code, err, "eval.jsonl:1:", "'maybe'")
-
-
 def test_console_entry_points(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "..", "src"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "polytropon", "--help"], capture_output=True, text=True, env=env, timeout=120)
@@ -227,150 +62,3 @@ def test_console_entry_points(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "polytropon", "inspect", str(tmp_path / "none")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 
-
-def test_causal_lm_head_is_inferred_and_evaluated(tiny_gpt2_dir, tiny_data, tmp_path, capsys):
-    train, evaluation = tiny_data
-    out = str(tmp_path / "lm")
-    code, stdout, err = run_cli(capsys, "train", "--model", tiny_gpt2_dir, "--data", train, "--eval-data", evaluation,
-                                "--output-dir", out, "--max-steps", "60", "--save-steps", "1000", "--batch-size", "16",
-                                "--lr", "5e-2", "--n-skills", "2", "--quiet")
-    assert code == 0, err
-    metrics = json.load(open(os.path.join(out, "metrics.json")))
-    assert metrics["head"] == "causal-lm" and metrics["metric"] == "exact_match"
-    assert metrics["baseline"]["name"] == "base"
-    losses = [e["loss"] for e in metrics["train"]["log_history"] if "loss" in e]
-    assert losses[-1] < losses[0]
-    poly = metrics["poly"]["per_task"]["animal"]
-    assert {"loss", "exact_match", "n"} <= set(poly)
-    assert poly["loss"] < metrics["baseline"]["per_task"]["animal"]["loss"]
-    assert json.load(open(os.path.join(out, "adapter", "adapter_config.json")))["task_type"] == "CAUSAL_LM"
-    code, stdout, err = run_cli(capsys, "eval", out, "--data", evaluation)
-    assert code == 0, err
-    assert "exact_match" in stdout and "loss" in stdout
-
-
-def test_routing_plot_with_reference_panel(tmp_path):
-    import numpy as np
-
-    from polytropon.app.plots import plot_routing_matrix
-
-    m = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
-    path = plot_routing_matrix(m, ["x", "y", "z"], tmp_path / "p.png", reference=np.eye(3)[:, :2], reference_names=["u", "v"])
-    assert os.path.getsize(path) > 1000
-    with pytest.raises(ValueError):
-        plot_routing_matrix(m, ["x", "y"], tmp_path / "q.png")
-    with pytest.raises(ValueError):
-        plot_routing_matrix(m, ["x", "y", "z"], tmp_path / "r.png", reference=np.eye(2))
-
-
-def test_run_routing_matches_the_saved_adapter(trained_run):
-    """metrics.json's routing matrix is the toolkit's allocation of the saved adapter, with task names."""
-    import numpy as np
-
-    from polytropon.toolkit.analysis import allocation_matrix, load_snapshot
-
-    snap = load_snapshot(os.path.join(trained_run, "adapter"))
-    assert snap.task_names == ["animal", "color"]
-    saved = np.array(json.load(open(os.path.join(trained_run, "metrics.json")))["routing"]["matrix"])
-    assert np.allclose(saved, allocation_matrix(snap).numpy(), atol=1e-6)
-    assert np.allclose(saved.sum(1), 1.0, atol=1e-5)
-    assert {"allocation.png", "task_hierarchy.png"} <= set(os.listdir(os.path.join(trained_run, "plots")))
-
-
-def test_suite_command_writes_jsonl_that_train_accepts(tmp_path, capsys):
-    from polytropon.app.data import load_jsonl
-
-    out = tmp_path / "suite"
-    code, stdout, err = run_cli(capsys, "suite", str(out), "--n-train-per-task", "4", "--n-eval-per-task", "2")
-    assert code == 0, err
-    assert sorted(os.listdir(out)) == ["eval.jsonl", "heldout_eval.jsonl", "heldout_train.jsonl", "structure.json", "train.jsonl"]
-    rows = load_jsonl(out / "train.jsonl")
-    structure = json.load(open(out / "structure.json"))
-    assert len(rows) == 4 * len(structure["tasks"])
-    assert {r.task for r in rows} == set(structure["tasks"])
-    assert len(structure["task_skill_matrix"]) == len(structure["tasks"])
-    code, _, err = run_cli(capsys, "suite", str(out))
-    assert_one_line_error(code, err, "not an empty directory")
-
-
-def test_seq2seq_head_is_inferred_and_learns(tiny_t5_dir, tiny_data, tmp_path, capsys):
-    train, evaluation = tiny_data
-    out = str(tmp_path / "t5")
-    code, _, err = run_cli(capsys, "train", "--model", tiny_t5_dir, "--data", train, "--eval-data", evaluation,
-                           "--output-dir", out, "--max-steps", "120", "--save-steps", "1000", "--batch-size", "16",
-                           "--lr", "5e-2", "--n-skills", "2", "--quiet")
-    assert code == 0, err
-    metrics = json.load(open(os.path.join(out, "metrics.json")))
-    assert metrics["head"] == "seq2seq"
-    assert json.load(open(os.path.join(out, "adapter", "adapter_config.json")))["task_type"] == "SEQ_2_SEQ_LM"
-    losses = [e["loss"] for e in metrics["train"]["log_history"] if "loss" in e]
-    assert losses[-1] < losses[0] / 2
-    assert metrics["poly"]["mean"]["exact_match"] > metrics["baseline"]["mean"]["exact_match"] + 0.3
-
-
-def test_infer_head_from_configs():
-    from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
-
-    from polytropon.app.training import infer_head
-
-    assert infer_head(BertConfig()) == "classification"  # no architectures: an encoder family
-    assert infer_head(BertConfig(architectures=["BertModel"])) == "classification"
-    assert infer_head(BertConfig(architectures=["BertLMHeadModel"])) == "causal-lm"
-    assert infer_head(GPT2Config()) == "causal-lm"
-    assert infer_head(LlamaConfig(architectures=["LlamaForSequenceClassification"])) == "classification"
-    assert infer_head(LlamaConfig()) == "causal-lm"
-    assert infer_head(T5Config()) == "seq2seq"
-
-
-def _routed_logits(trained_run, tiny_bert, batch, task):
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from polytropon import PolyModel
-
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-    model = PolyModel.from_pretrained(base, os.path.join(trained_run, "adapter"))
-    with torch.no_grad():
-        return model(**batch, task_ids=[task] * batch["input_ids"].shape[0]).logits
-
-
-def test_export_lora_and_merge_reproduce_the_routed_task(trained_run, tiny_bert, capsys, tmp_path):
-    import peft
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    batch = tok(["the big red cat runs", "the small blue dog sleeps"], return_tensors="pt", padding=True)
-    expected = _routed_logits(trained_run, tiny_bert, batch, task=1)
-
-    lora_dir = str(tmp_path / "lora")
-    code, out, err = run_cli(capsys, "export-lora", trained_run, "--task", "color", "--output", lora_dir)
-    assert code == 0, err
-    assert json.load(open(os.path.join(lora_dir, "adapter_config.json")))["peft_type"] == "LORA"
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-    served = peft.PeftModel.from_pretrained(base, lora_dir).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(served(**batch).logits, expected, rtol=1e-5, atol=1e-5)
-
-    merged_dir = str(tmp_path / "merged")
-    code, out, err = run_cli(capsys, "merge", trained_run, "--task", "1", "--output", merged_dir)
-    assert code == 0, err
-    plain = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("verb", ["export-lora", "merge"])
-def test_deploy_verbs_reject_bad_input(verb, trained_run, capsys, tmp_path):
-    out_dir = str(tmp_path / "out")
-    code, _, err = run_cli(capsys, verb, trained_run, "--task", "zebra", "--output", out_dir)
-    assert_one_line_error(code, err, "unknown task 'zebra'", "animal, color")
-    code, _, err = run_cli(capsys, verb, trained_run, "--task", "7", "--output", out_dir)
-    assert_one_line_error(code, err, "task id 7 is out of range")
-    occupied = tmp_path / "occupied"
-    occupied.mkdir()
-    (occupied / "keep.txt").write_text("mine")
-    code, _, err = run_cli(capsys, verb, trained_run, "--task", "animal", "--output", str(occupied))
-    assert_one_line_error(code, err, "refusing to overwrite")
-    assert (occupied / "keep.txt").read_text() == "mine"
-    assert not os.path.exists(out_dir)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_bert_cls
+from tests.helpers import tiny_bert_cls
 
 from polytropon import PolyConfig, get_peft_model
 
@@ -58,7 +58,7 @@ def test_activation_checkpointing_gives_the_same_gradients(reentrant):
     the call's routing samples (drawn before the model ran), with either of torch's checkpoint modes."""
     import copy
 
-    from conftest import batch_inputs, randomize_, tiny_llama
+    from tests.helpers import batch_inputs, randomize_, tiny_llama
 
     plain = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, n_splits=2, init_weights=False))
     randomize_(plain)
@@ -83,3 +83,18 @@ def test_activation_checkpointing_gives_the_same_gradients(reentrant):
     for name, grad in grads[0].items():
         assert grad.abs().sum() > 0
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-7)
+
+
+def test_infer_head_from_configs():
+    from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
+
+    from polytropon.app.training import infer_head
+
+    assert infer_head(BertConfig()) == "classification"  # no architectures: an encoder family
+    assert infer_head(BertConfig(architectures=["BertModel"])) == "classification"
+    assert infer_head(BertConfig(architectures=["BertLMHeadModel"])) == "causal-lm"
+    assert infer_head(GPT2Config()) == "causal-lm"
+    assert infer_head(LlamaConfig(architectures=["LlamaForSequenceClassification"])) == "classification"
+    assert infer_head(LlamaConfig()) == "causal-lm"
+    assert infer_head(T5Config()) == "seq2seq"
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _toolkit_models import randomize, tiny_llama, tiny_t5
+from tests.helpers import randomize_ as randomize, small_llama as tiny_llama, small_t5 as tiny_t5
 from polytropon import PolyConfig, allocation_matrix, get_peft_model, routing_weights, task_similarity
 from polytropon.variants import unique_routers
 

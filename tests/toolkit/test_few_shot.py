@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _toolkit_models import routers, inputs, logits, randomize, tiny_bert_cls, tiny_gpt2, tiny_llama
+from tests.helpers import routers, small_inputs as inputs, output_tensor as logits, randomize_ as randomize, small_bert_cls as tiny_bert_cls, small_gpt2 as tiny_gpt2, small_llama as tiny_llama
 from polytropon import (
     PolyConfig,
     PolyModel,

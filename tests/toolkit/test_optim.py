@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _toolkit_models import routers, VOCAB, tiny_bert_cls, tiny_llama
+from tests.helpers import routers, SMALL_VOCAB as VOCAB, small_bert_cls as tiny_bert_cls, small_llama as tiny_llama
 from polytropon import PolyConfig, get_peft_model, param_groups
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from _toolkit_models import randomize, tiny_llama
+from tests.helpers import randomize_ as randomize, small_llama as tiny_llama
 from polytropon import PolyConfig, get_peft_model, ibp_loss
 from polytropon.toolkit.priors import ibp_log_prior
 from polytropon.variants import unique_routers

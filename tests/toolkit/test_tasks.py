@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from _toolkit_models import inputs, logits, randomize, tiny_bert_cls, tiny_llama, tiny_t5
+from tests.helpers import small_inputs as inputs, output_tensor as logits, randomize_ as randomize, small_bert_cls as tiny_bert_cls, small_llama as tiny_llama, small_t5 as tiny_t5
 from polytropon import PolyConfig, PolyModel, add_tasks, get_peft_model, set_task_names
 from polytropon.variants import unique_routers
 

@@ -14,7 +14,7 @@ from polytropon.app.cli import main
 from polytropon.app.commands.adapt import take_shots
 from polytropon.app.data import rows_from_dicts
 
-from conftest import assert_one_line_error, make_rows, run_cli, write_jsonl
+from tests.helpers import assert_one_line_error, make_rows, run_cli, write_jsonl
 
 TRAIN = ["--batch-size", "16", "--r", "4", "--quiet", "--no-baseline", "--max-steps", "4"]
 NEW_NAMES = {"animal": "cat_check", "color": "red_check"}

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import MODELS, batch_inputs, output_tensor, randomize_
+from tests.helpers import MODELS, batch_inputs, output_tensor, randomize_
 
 import peft
 from polytropon import PolyConfig, PolyModel, get_peft_model

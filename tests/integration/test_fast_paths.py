@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from deploy_helpers import poly_model, rel_diff, tiny_gpt2, tiny_llama, tokens
+from tests.helpers import poly_model, rel_diff, small_gpt2 as tiny_gpt2, small_llama as tiny_llama, tokens
 
 from polytropon import PolyConfig, get_peft_model
 from polytropon.kernels import RoutedLowRank, RoutedPoly, base_linear, mix_factors

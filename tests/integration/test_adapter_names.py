@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import batch_inputs, randomize_, tiny_llama
+from tests.helpers import batch_inputs, randomize_, tiny_llama
 
 from polytropon import PolyConfig, PolyModel, collapse_to_average, get_peft_model
 from polytropon.checkpoint import check_adapter_name

@@ -1,12 +1,12 @@
 """One training step of a tiny Llama with Poly/MHR adapters under FSDP2, run by ``tests/test_fsdp.py``.
 
-``torchrun --nproc_per_node 2 tests/_fsdp_worker.py OUT`` (gloo, CPU): for every case of :data:`CASES`, every
+``torchrun --nproc_per_node 2 tests/launch/fsdp_worker.py OUT`` (gloo, CPU): for every case of :data:`CASES`, every
 rank builds the same model, shards it (:func:`polytropon.fsdp.fully_shard_routers`, ``fully_shard`` on each
 decoder layer and on the root), runs an eval forward, one SGD step on its own batch with its own seed, an
 eval forward again, and ``save_pretrained`` on every rank. Each rank writes what it saw to
 ``OUT/<case>/rank<r>.pt``; the test recomputes all of it in one process (:func:`reference_step`). Then, in the
 same processes: the per-block case without ``fully_shard_routers``, the refusal to save an FSDP1 model, the
-Trainer runs of ``_fsdp_trainer_worker`` and the CLI run of ``_fsdp_cli_worker`` (last: the CLI closes the
+Trainer runs of ``fsdp_trainer_worker`` and the CLI run of ``fsdp_cli_worker`` (last: the CLI closes the
 process group).
 
 The helpers (model, data, seeds) are shared with the test, so both sides build exactly the same thing.
@@ -192,8 +192,7 @@ def main(out: str) -> None:
 
     import torch.distributed as dist
 
-    import _fsdp_cli_worker
-    import _fsdp_trainer_worker
+    from tests.launch import fsdp_cli_worker, fsdp_trainer_worker
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -214,11 +213,11 @@ def main(out: str) -> None:
         if accelerate_has_fsdp2():
             # the HF Trainer with accelerate's FSDP2 preparation, in the same processes (one launch for all tests)
             started = time.perf_counter()
-            _fsdp_trainer_worker.run(os.path.join(out, "trainer"))
+            fsdp_trainer_worker.run(os.path.join(out, "trainer"))
             seconds["trainer"] = time.perf_counter() - started
             # last: polytropon train (the CLI closes the process group when it returns)
             started = time.perf_counter()
-            _fsdp_cli_worker.run(os.path.join(out, "cli"))
+            fsdp_cli_worker.run(os.path.join(out, "cli"))
             seconds["cli"] = time.perf_counter() - started
         if rank == 0:
             print("seconds:", {k: round(v, 2) for k, v in seconds.items()})

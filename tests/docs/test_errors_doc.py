@@ -26,9 +26,9 @@ from polytropon.app import cli
 from polytropon.app.data import DataError, load_jsonl, load_rows
 from polytropon.toolkit.plots import plot_allocation
 
-from conftest import batch_inputs, randomize_, tiny_llama
+from tests.helpers import batch_inputs, randomize_, tiny_llama
 
-DOC_PATH = pathlib.Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+DOC_PATH = pathlib.Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 PLACEHOLDER = re.compile(r"<[^<>]+>")
 
 

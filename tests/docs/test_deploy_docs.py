@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("peft")
 
-DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "deploy.md")
+DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "deploy.md")
 
 
 def test_deploy_doc_examples_run(tmp_path):

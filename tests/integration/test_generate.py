@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import MODELS, batch_inputs, randomize_
+from tests.helpers import MODELS, batch_inputs, randomize_
 
 from polytropon import PolyConfig, get_peft_model
 

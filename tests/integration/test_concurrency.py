@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import batch_inputs, randomize_, tiny_llama, tiny_t5
+from tests.helpers import batch_inputs, randomize_, tiny_llama, tiny_t5
 
 from polytropon import PolyConfig, get_peft_model
 

@@ -1,7 +1,7 @@
 """``polytropon train`` with the Trainer's model sharded by accelerate's FSDP2 code, on two CPU processes.
 
-Run by ``_fsdp_worker.py`` (:func:`run`) last in its ``torchrun`` processes (the CLI closes the process group
-when it returns). As in ``_fsdp_trainer_worker``, the FSDP state is set on the accelerator the Trainer makes,
+Run by ``fsdp_worker.py`` (:func:`run`) last in its ``torchrun`` processes (the CLI closes the process group
+when it returns). As in ``fsdp_trainer_worker``, the FSDP state is set on the accelerator the Trainer makes,
 because accelerate never shards CPU processes by itself; the plugin wraps every ``BertLayer``.
 """
 
@@ -14,15 +14,15 @@ import os
 def run(out: str) -> int:
     import torch.distributed as dist
 
-    import conftest
+    from tests import helpers
     from polytropon.app import cli, training
     from polytropon.app.commands import train as train_verb
 
     inputs = os.path.join(out, "inputs")
     if dist.get_rank() == 0:
-        conftest.make_tiny_bert(os.path.join(inputs, "bert"))
-        conftest.write_jsonl(os.path.join(inputs, "train.jsonl"), conftest.make_rows(24, seed=1))
-        conftest.write_jsonl(os.path.join(inputs, "eval.jsonl"), conftest.make_rows(8, seed=2))
+        helpers.make_tiny_bert(os.path.join(inputs, "bert"))
+        helpers.write_jsonl(os.path.join(inputs, "train.jsonl"), helpers.make_rows(24, seed=1))
+        helpers.write_jsonl(os.path.join(inputs, "eval.jsonl"), helpers.make_rows(8, seed=2))
     dist.barrier()
 
     original = training.PolyTrainer.create_accelerator_and_postprocess

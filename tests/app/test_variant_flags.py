@@ -15,7 +15,7 @@ from polytropon.app.commands.train import Plan, TrainData, plot_run_routing
 from polytropon.app.comparison import lora_baseline_args, routing_allocations, routing_recovery
 from polytropon.app.defaults import DEFAULT_MODEL_ID, apply_run_defaults, default_model_path, model_path, portable_model_ref
 
-from conftest import assert_one_line_error, make_rows, run_cli
+from tests.helpers import assert_one_line_error, make_rows, run_cli
 
 FAST = ["--batch-size", "8", "--r", "4", "--quiet", "--no-baseline", "--max-steps", "2"]
 

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("peft")
 
-SPEED = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "speed.py")
+SPEED = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks", "speed.py")
 
 
 def _speed_module():

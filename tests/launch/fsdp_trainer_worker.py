@@ -1,6 +1,6 @@
 """The HF Trainer (``PolyTrainer``) with accelerate's FSDP2 preparation on CPU, beside the same run under DDP.
 
-Run by ``_fsdp_worker.py`` (:func:`run`) in its ``torchrun`` processes: each rank trains the same tiny Llama with a
+Run by ``fsdp_worker.py`` (:func:`run`) in its ``torchrun`` processes: each rank trains the same tiny Llama with a
 per-model MHR router twice, for :data:`STEPS` steps on the same data: once as the Trainer runs on CPU (DDP),
 once with the model sharded by accelerate's FSDP2 code (``fsdp2_prepare_model``: ``fully_shard`` on every
 decoder layer, the embeddings, the tail and the root) after :func:`polytropon.fsdp.fully_shard_routers`, and
@@ -18,7 +18,7 @@ import os
 
 import torch
 
-import _fsdp_worker as worker
+from tests.launch import fsdp_worker as worker
 
 STEPS, SAVE_STEPS, BATCH, SEED = 3, 2, 2, 42  # checkpoints after steps 2 and 3
 GRANULARITY, N_SPLITS = "model", 2

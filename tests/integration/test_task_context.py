@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from conftest import batch_inputs, randomize_, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from tests.helpers import batch_inputs, randomize_, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 from polytropon import PolyConfig, get_peft_model
 

@@ -1,0 +1,42 @@
+"""``polytropon export-lora``: one task of a saved run as a plain PEFT LoRA adapter, equal to the routed task."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tests.helpers import assert_one_line_error, routed_logits, run_cli
+
+
+def test_export_lora_reproduces_the_routed_task(trained_run, tiny_bert, capsys, tmp_path):
+    import peft
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    batch = tok(["the big red cat runs", "the small blue dog sleeps"], return_tensors="pt", padding=True)
+    expected = routed_logits(trained_run, tiny_bert, batch, task=1)
+
+    lora_dir = str(tmp_path / "lora")
+    code, out, err = run_cli(capsys, "export-lora", trained_run, "--task", "color", "--output", lora_dir)
+    assert code == 0, err
+    assert json.load(open(os.path.join(lora_dir, "adapter_config.json")))["peft_type"] == "LORA"
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    served = peft.PeftModel.from_pretrained(base, lora_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(served(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_lora_rejects_bad_input(trained_run, capsys, tmp_path):
+    out_dir = str(tmp_path / "out")
+    code, _, err = run_cli(capsys, "export-lora", trained_run, "--task", "zebra", "--output", out_dir)
+    assert_one_line_error(code, err, "unknown task 'zebra'", "animal, color")
+    code, _, err = run_cli(capsys, "export-lora", trained_run, "--task", "7", "--output", out_dir)
+    assert_one_line_error(code, err, "task id 7 is out of range")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "export-lora", trained_run, "--task", "animal", "--output", str(occupied))
+    assert_one_line_error(code, err, "refusing to overwrite")
+    assert (occupied / "keep.txt").read_text() == "mine"
+    assert not os.path.exists(out_dir)
