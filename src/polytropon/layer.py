@@ -8,7 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .kernels import FEW_ROWS, BaseLinear, RoutedPoly, add_low_rank, base_linear, mix_factors, routed_linear_eval
+from .kernels import (
+    FEW_ROWS, BaseLinear, RoutedPoly, add_low_rank, base_linear, compute_dtype, mix_factors, routed_linear_eval,
+)
 from .router import PolyRouter
 from .routing import BatchRouting, RoutingState
 
@@ -197,11 +199,12 @@ class PolyAdapter(nn.Module):
                 (``result=None``): in training the base product and the update then run in one autograd
                 Function (:class:`RoutedPoly`), which saves a full-size gradient and a pass over it.
         """
-        dtype = self.poly_lora_A.dtype
+        param_dtype = self.poly_lora_A.dtype
+        dtype = compute_dtype(x, param_dtype)  # the autocast dtype inside an autocast region
         if x.dtype != dtype:
             x = x.to(dtype)
         if self.training:
-            weights = self.poly_router(routing.task_ids).to(dtype)
+            weights = self.poly_router(routing.task_ids).to(param_dtype)
             if torch.is_grad_enabled() and weights.shape[0] > 1 and (result is None or result.dtype == dtype):
                 rows = x.reshape(x.shape[0], -1, self.in_features)
                 shape = rows.shape[:-1] + (self.out_features,)
@@ -220,6 +223,8 @@ class PolyAdapter(nn.Module):
             a, b = self._eval_factors(routing)
             if result is None and a.shape[0] > 1 and x.dim() == 3 and x.shape[1] > FEW_ROWS:
                 return routed_linear_eval(x, a, b, base)
+        if a.dtype != dtype:
+            a, b = a.to(dtype), b.to(dtype)
         if result is None:
             result = base_linear(x, base)
         if a.shape[0] == 1:  # every row has the same task
@@ -234,10 +239,11 @@ class PolyAdapter(nn.Module):
         the task ids' values or number of distinct tasks, so a compiled model is not recompiled when only they
         change. The compiler fuses what the eager path fuses by hand.
         """
-        dtype = self.poly_lora_A.dtype
+        dtype = compute_dtype(x, self.poly_lora_A.dtype)
         ids = routing.task_ids
         weights = self.poly_router(ids) if self.training else self.poly_router.eval_weights(ids)
         a, b = self.mix(weights)
+        a, b = a.to(dtype), b.to(dtype)
         rows = x.to(dtype).reshape(x.shape[0], -1, self.in_features)
         update = torch.bmm(torch.bmm(rows, a), b)
         return result + update.view(result.shape).to(result.dtype)
@@ -311,6 +317,8 @@ class PolyLayer(nn.Module):
         if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             return None
         if not (weight.dtype == x.dtype == adapter.poly_lora_A.dtype) or type(weight) not in (torch.Tensor, nn.Parameter):
+            return None
+        if torch.is_autocast_enabled(x.device.type):  # the module's own call runs (and casts) as autocast says
             return None
         return weight, bias, self.fan_in_fan_out
 
