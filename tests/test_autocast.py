@@ -152,3 +152,99 @@ def test_training_step_under_autocast_matches_float32(precision, n_splits, kind,
     loss, grads = train_step(model, inputs, task_ids, DTYPES[precision])
     assert abs(loss.item() - loss32.item()) / loss32.item() < loss_tol
     assert_grads_close(grads, grads32, grad_tol)
+
+
+@pytest.mark.parametrize("precision", DTYPES)
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_eval_and_generate_under_autocast(precision, kind):
+    """Eval logits close to float32 and in the base model's autocast dtype; generation routes every example."""
+    dtype = DTYPES[precision]
+    model = poly_model(kind, 2).eval()
+    inputs = batch_inputs(kind, batch=3)
+    task_ids = [0, 2, 1]
+    with torch.no_grad():
+        reference = model(**inputs, task_ids=task_ids).logits
+        with autocast(dtype):
+            logits = model(**inputs, task_ids=task_ids).logits
+            with model.disable_adapter():
+                base_logits = model(**inputs).logits
+    assert logits.dtype == base_logits.dtype
+    assert (reference - base_logits.float()).abs().max() > 0.1  # the adapter matters far above the tolerance
+    torch.testing.assert_close(logits.float(), reference, rtol=0, atol=LAYER_TOL[precision][0] * 2)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    prompt = inputs["input_ids"][:, :4]
+    with autocast(dtype):
+        for beams in (1, 2):
+            together = model.generate(input_ids=prompt, task_ids=task_ids, num_beams=beams, **kwargs)
+            for row, task in enumerate(task_ids):
+                alone = model.generate(input_ids=prompt[row:row + 1], task_ids=[task], num_beams=beams, **kwargs)
+                assert torch.equal(together[row], alone[0]), (beams, row)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_compiled_training_step_under_autocast(kind):
+    """``torch.compile`` (the traced path) under bf16 autocast: loss and gradients close to the float32 step."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    loss_tol, grad_tol = MODEL_TOL["bf16"]
+    model = poly_model(kind, 2).train()
+    inputs = batch_inputs(kind)
+    loss32, grads32 = train_step(model, inputs, [0, 1, 2, 0], None)
+    grads32 = {n: g.clone() for n, g in grads32.items()}
+    compiled = torch.compile(model, backend="aot_eager")
+    for step, task_ids in enumerate(([0, 1, 2, 0], [2, 2, 1, 0])):
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            loss, grads = train_step(compiled, inputs, task_ids, torch.bfloat16)
+    loss, grads = train_step(compiled, inputs, [0, 1, 2, 0], torch.bfloat16)
+    assert abs(loss.item() - loss32.item()) / loss32.item() < loss_tol
+    assert_grads_close({n.replace("_orig_mod.", ""): g for n, g in grads.items()}, grads32, grad_tol)
+    torch._dynamo.reset()
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Token rows with a ``task_ids`` column (task = row index mod 3)."""
+
+    def __init__(self, n: int = 8):
+        self.ids = torch.randint(3, VOCAB, (n, 7), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "task_ids": i % 3}
+
+
+def _collate(rows: list[dict]) -> dict:
+    ids = torch.stack([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "labels": ids, "task_ids": torch.tensor([r["task_ids"] for r in rows])}
+
+
+def _trainer_run(tmp_path, bf16: bool):
+    from transformers import Trainer, TrainingArguments
+
+    model = poly_model("llama", 2)
+    seen = set()
+    model.model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
+    args = TrainingArguments(
+        str(tmp_path / ("bf16" if bf16 else "fp32")), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+        bf16=bf16, use_cpu=True, optim="sgd", remove_unused_columns=False, report_to=[], save_strategy="no", logging_steps=1, seed=0,
+    )
+    Trainer(model=model, args=args, train_dataset=_Rows(), data_collator=_collate).train()
+    return model, seen
+
+
+def test_trainer_bf16_trains_like_float32(tmp_path):
+    """``transformers.Trainer(bf16=True)`` (autocast on CPU) trains; two SGD steps end close to the float32 run's."""
+    before = {n: p.detach().clone() for n, p in poly_model("llama", 2).named_parameters() if p.requires_grad}
+    fp32, seen32 = _trainer_run(tmp_path, bf16=False)
+    bf16, seen16 = _trainer_run(tmp_path, bf16=True)
+    assert seen32 == {torch.float32} and seen16 == {torch.bfloat16}  # the adapted layers really ran in bf16
+    reference = dict(fp32.named_parameters())
+    trained = {n: p for n, p in bf16.named_parameters() if p.requires_grad}
+    assert set(trained) == set(before)
+    # with SGD each run's update is lr times its gradients: compared as the gradients are (MODEL_TOL)
+    updates = {n: (p - before[n]).detach() for n, p in trained.items()}
+    reference_updates = {n: (reference[n] - before[n]).detach() for n in trained}
+    assert all(u.norm() > 0 for u in updates.values())
+    assert_grads_close(updates, reference_updates, MODEL_TOL["bf16"][1])
