@@ -20,8 +20,8 @@ from .fsdp import check_complete, gathered, is_local_full, is_sharded
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
 from .router import PolyRouter, presample, relaxed_bernoulli_rsample
-from .routing import RoutingState, TaskIds, check_task_ids
-from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
+from .routing import RoutingState, TaskIds, call_batch_size, check_task_ids
+from .targets import default_heads, default_target_modules, infer_task_type, matches
 from .tasks import grow_tasks, resolve_task_names, task_index
 from .variants import build_routers, check_tied_router_tensors
 
@@ -52,7 +52,7 @@ def _resolve_config(model: nn.Module, config: PolyConfig) -> PolyConfig:
         config.target_modules = default_target_modules(model)
     if config.task_type is None:
         config.task_type = infer_task_type(model)
-    heads = TASK_TYPE_HEADS.get(config.task_type, ())
+    heads = default_heads(model, config.task_type)
     if heads:
         saved = list(config.modules_to_save or [])
         config.modules_to_save = saved + [h for h in heads if h not in saved]
@@ -93,7 +93,7 @@ def _plan(model: nn.Module, config: PolyConfig) -> _Plan:
             f"(exclude_modules={config.exclude_modules!r})"
         )
     found = {path for path, _ in saved}
-    heads = set(TASK_TYPE_HEADS.get(config.task_type, ()))
+    heads = set(default_heads(model, config.task_type))
     for name in config.modules_to_save or []:
         if name not in heads and not any(matches(path, [name]) for path in found):
             raise ValueError(f"modules_to_save entry {name!r} matches no module of {type(model).__name__}")
@@ -429,13 +429,7 @@ class PolyModel(nn.Module):
     # ------------------------------------------------------------------ calls
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
-        for key in ("input_ids", "inputs_embeds"):
-            value = kwargs.get(key)
-            if isinstance(value, torch.Tensor) and value.dim() >= 1:
-                return value.shape[0]
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1:
-            return args[0].shape[0]
-        return None
+        return call_batch_size(args, kwargs)  # text, embeddings, images or audio: routing.BATCH_INPUTS
 
     def _task_ids_for_call(self, task_ids: Optional[TaskIds], batch_size: Optional[int]) -> Optional[torch.Tensor]:
         """The checked task ids of one call: ``task_ids`` if given, else those of the innermost :meth:`task_context`.
