@@ -19,6 +19,7 @@ from .export import lora_config_dict, lora_state_dict, write_lora
 from .fsdp import check_complete, gathered, is_local_full, is_sharded
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
+from .quantized import check_mergeable, keep_trainable_layout
 from .router import PolyRouter, presample, relaxed_bernoulli_rsample
 from .routing import RoutingState, TaskIds, call_batch_size, check_task_ids
 from .targets import default_heads, default_target_modules, infer_task_type, matches
@@ -184,6 +185,8 @@ class PolyModel(nn.Module):
         self._router_cache: Optional[tuple[Optional[str], list[PolyRouter]]] = None  # see _active_routers
         for param in model.parameters():
             param.requires_grad_(False)
+        for module in model.modules():  # bitsandbytes 4-bit on CPU: stay differentiable after eval passes
+            keep_trainable_layout(module)
         self._inject(adapter_name, plan)
         self.set_adapter(adapter_name)
         self.training = model.training
@@ -633,6 +636,9 @@ class PolyModel(nn.Module):
         task_id = self.resolve_task_id(task_id, adapter_name)
         if self.routing.merged_task == (adapter_name, task_id):
             return
+        for path, layer in self.poly_layers():  # before anything changes
+            if adapter_name in layer.adapters:
+                check_mergeable(layer.base_layer, path)
         if self.routing.merged_task is not None:
             self.unmerge_adapter()
         if adapter_name != self.routing.active_adapter:
