@@ -11,6 +11,8 @@ merging a task into a quantized weight is refused before anything changes.
 from __future__ import annotations
 
 import functools
+import pathlib
+import re
 
 import pytest
 import torch
@@ -25,6 +27,11 @@ from polytropon.quantized import keep_trainable_layout
 KINDS = ["bnb-4bit", "bnb-8bit", "torchao-int8"]
 CONFIG = dict(r=2, n_tasks=3, n_skills=2, n_splits=2, init_weights=False, target_modules=["q_proj", "v_proj", "down_proj"])
 TASK_IDS = [0, 1, 2, 0]
+DOCUMENTED_MERGE_ERROR = (  # as docs/errors.md quotes it
+    "cannot merge a task into layer '<path>': its base weight is <type> (<dtype>), not a plain floating-point tensor. "
+    "Route with task_ids instead, or export the task with export_lora(...) and merge it into an unquantized copy of "
+    "the base model"
+)
 
 
 def tiny_llama():
@@ -164,8 +171,11 @@ def test_merging_into_a_quantized_weight_is_refused(kind, base_dir):
     batch = batch_inputs("llama")
     model = with_adapter(load(kind, base_dir), True)
     before = eval_logits(model, batch)
-    with pytest.raises(TypeError, match=r"cannot merge a task into layer 'model\.layers\.0\.self_attn\.q_proj': its base weight is"):
+    with pytest.raises(TypeError, match=r"cannot merge a task into layer 'model\.layers\.0\.self_attn\.q_proj': its base weight is") as info:
         model.merge_adapter(1)
+    assert f"`{DOCUMENTED_MERGE_ERROR}`" in (pathlib.Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    documented = DOCUMENTED_MERGE_ERROR.replace("<path>", "model.layers.0.self_attn.q_proj")
+    assert re.fullmatch(re.escape(documented).replace(re.escape("<type> (<dtype>)"), r"\w+ \(torch\.\w+\)"), str(info.value))
     assert model.merged_task is None
     assert torch.equal(eval_logits(model, batch), before)
 
