@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .kernels import (
-    FEW_ROWS, BaseLinear, RoutedPoly, add_low_rank, base_linear, compute_dtype, mix_factors, routed_linear_eval,
+    FEW_ROWS, BaseLinear, RoutedPoly, add_low_rank, autocast_active, base_linear, compute_dtype, mix_factors,
+    routed_linear_eval,
 )
 from .router import PolyRouter
 from .routing import BatchRouting, RoutingState
@@ -318,7 +319,7 @@ class PolyLayer(nn.Module):
             return None
         if not (weight.dtype == x.dtype == adapter.poly_lora_A.dtype) or type(weight) not in (torch.Tensor, nn.Parameter):
             return None
-        if torch.is_autocast_enabled(x.device.type):  # the module's own call runs (and casts) as autocast says
+        if autocast_active(x):  # the module's own call runs (and casts) as autocast says
             return None
         return weight, bias, self.fan_in_fan_out
 
