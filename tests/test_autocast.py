@@ -248,3 +248,22 @@ def test_trainer_bf16_trains_like_float32(tmp_path):
     reference_updates = {n: (reference[n] - before[n]).detach() for n in trained}
     assert all(u.norm() > 0 for u in updates.values())
     assert_grads_close(updates, reference_updates, MODEL_TOL["bf16"][1])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_activation_checkpointing_under_autocast_gives_the_same_step(kind):
+    """Checkpointed segments re-run in backward under the forward's autocast state: the very same gradients."""
+    model = poly_model(kind, 2).train()
+    inputs = batch_inputs(kind)
+    loss, grads = train_step(model, inputs, [0, 1, 2, 0], torch.bfloat16)
+    grads = {n: g.clone() for n, g in grads.items()}
+    model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.model.config.use_cache = False
+    layer = next(layer for _, layer in model.poly_layers())
+    calls = []
+    layer.register_forward_hook(lambda module, args, out: calls.append(out.dtype))
+    again, grads_again = train_step(model, inputs, [0, 1, 2, 0], torch.bfloat16)
+    assert calls == [torch.bfloat16, torch.bfloat16]  # run in forward and again in backward, both under autocast
+    assert torch.equal(again, loss)
+    for name, grad in grads.items():
+        assert torch.equal(grads_again[name], grad), name
