@@ -186,7 +186,10 @@ class PolyAdapter(nn.Module):
         * training: one relaxed-Bernoulli route per example, as in the papers and PEFT (``n`` mixtures);
         * eval: the skills are mixed once per distinct task of the batch; with autograd off the mixtures are
           cached across calls (:meth:`_eval_factors`);
-        * a batch of one task uses the shared factors as plain matrices (two GEMMs over all rows).
+        * a batch of one task uses the shared factors as plain matrices (two GEMMs over all rows);
+        * inside ``torch.autocast`` the products with ``x`` run in the autocast dtype and the result has the base
+          output's dtype, as for a plain Linear there; the skills are mixed in the parameters' dtype
+          (:func:`~polytropon.kernels.compute_dtype`).
 
         The update is accumulated into ``result`` in place (``baddbmm_``/``addmm_``) whenever autograd allows
         it, i.e. without an extra pass over the output; never in place on a view that autograd tracks, which
