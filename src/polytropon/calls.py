@@ -30,17 +30,6 @@ from .tasks import resolve_task_names
 Layers = Callable[[], Iterable[tuple[str, nn.Module]]]
 
 
-def batch_size_of(args: tuple, kwargs: dict) -> Optional[int]:
-    """The batch size of a transformers call: rows of ``input_ids``/``inputs_embeds`` (or the first tensor)."""
-    for key in ("input_ids", "inputs_embeds"):
-        value = kwargs.get(key)
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            return value.shape[0]
-    if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1:
-        return args[0].shape[0]
-    return None
-
-
 def find_learned_routers(layers: Iterable[tuple[str, nn.Module]], adapter_name: Optional[str]) -> list[PolyRouter]:
     """The distinct learned routers of ``adapter_name`` in ``layers``, in the order of the layers."""
     routers: dict[int, PolyRouter] = {}

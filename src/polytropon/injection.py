@@ -18,8 +18,9 @@ from torch import nn
 from .config import PolyConfig
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
+from .quantized import keep_trainable_layout
 from .routing import RoutingState
-from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
+from .targets import default_heads, default_target_modules, infer_task_type, matches
 from .variants import build_routers
 
 
@@ -30,6 +31,15 @@ def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]
         yield path, child
         if not isinstance(child, (PolyLayer, ModulesToSave)):
             yield from walk(child, path)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` and keep quantized weights in a layout that autograd can go through
+    (bitsandbytes 4-bit on CPU repacks its weights for inference: :func:`~polytropon.quantized.keep_trainable_layout`)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        keep_trainable_layout(module)
 
 
 def poly_layers(model: nn.Module) -> Iterator[tuple[str, PolyLayer]]:
@@ -70,7 +80,7 @@ def resolve_config(model: nn.Module, config: PolyConfig) -> PolyConfig:
         config.target_modules = default_target_modules(model)
     if config.task_type is None:
         config.task_type = infer_task_type(model)
-    heads = TASK_TYPE_HEADS.get(config.task_type, ())
+    heads = default_heads(model, config.task_type)
     if heads:
         saved = list(config.modules_to_save or [])
         config.modules_to_save = saved + [h for h in heads if h not in saved]
@@ -105,7 +115,7 @@ def plan_injection(model: nn.Module, config: PolyConfig) -> InjectionPlan:
             f"(exclude_modules={config.exclude_modules!r})"
         )
     found = {path for path, _ in saved}
-    heads = set(TASK_TYPE_HEADS.get(config.task_type, ()))
+    heads = set(default_heads(model, config.task_type))
     for name in config.modules_to_save or []:
         if name not in heads and not any(matches(path, [name]) for path in found):
             raise ValueError(f"modules_to_save entry {name!r} matches no module of {type(model).__name__}")

@@ -8,9 +8,45 @@ factors ``A (n, in, r)`` and ``B (n, r, out)``. Everything here is a pure functi
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
+
+#: torch's check for autocast on any device (a fast global read; ``torch.is_autocast_enabled(x.device.type)`` costs
+#: about 1 us per call, mostly reading ``x.device``, and runs in every adapted layer at every generated token)
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_active(x: torch.Tensor) -> bool:
+    """Whether a ``torch.autocast`` region is active for ``x``'s device type."""
+    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():
+        return False
+    return torch.is_autocast_enabled(x.device.type)
+
+
+def compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an adapter's products with ``x`` run in: the autocast dtype inside an autocast region, else ``param_dtype``.
+
+    Inside ``torch.autocast(device_type, dtype)`` for ``x``'s device the low-rank products run in ``dtype``, as
+    the base layer's own GEMM and PEFT's LoRA layers do there, and the layer returns that dtype. The skills are
+    still mixed in ``param_dtype`` (:func:`mix_factors`, small), and gradients reach the parameters in it.
+    """
+    if param_dtype.is_floating_point and autocast_active(x):
+        return torch.get_autocast_dtype(x.device.type)
+    return param_dtype
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context that disables autocast for ``device_type`` if it is on (else does nothing).
+
+    The kernels below choose every operand's dtype themselves (see :func:`compute_dtype`); autocast would recast
+    their float32 mixing products and in-place accumulations.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
 
 class RoutedLowRank(torch.autograd.Function):
     """``result + x @ A_i @ B_i`` for every row ``i``, with GEMM operand layouts chosen for skinny products.
@@ -61,8 +97,14 @@ def mix_factors(
     """Mixed factors ``A (k, in, r)``, ``B (k, r, out)`` of routing weights ``(k, q, s)`` (see :meth:`PolyAdapter.mix`).
 
     One ``bmm`` over the splits on free views of ``lora_a (q, s, in/q, r)`` and ``lora_b (q, s, r, out/q)``,
-    then a reordering copy of the small results. ``B`` carries ``1/r`` when ``scaled``.
+    then a reordering copy of the small results. ``B`` carries ``1/r`` when ``scaled``. Runs in the
+    parameters' dtype also inside an autocast region (callers cast the small results to the compute dtype).
     """
+    with autocast_off(weights.device.type):
+        return _mix(weights, lora_a, lora_b, scaled)
+
+
+def _mix(weights: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n_splits, n_skills, d_in, r = lora_a.shape
     d_out = lora_b.shape[-1]
     k = weights.shape[0]
@@ -116,11 +158,22 @@ class RoutedPoly(torch.autograd.Function):
     ``dx = g @ W`` once and adds the adapter's ``dh @ A^T`` into it (``baddbmm_``), instead of autograd
     allocating two ``(n, t, in)`` gradients and summing them. ``W`` and ``bias`` get no gradient: the caller
     uses this form only when they do not require one.
+
+    Precision: the mixing (forward and backward) runs in the parameters' dtype; the products with ``x`` in
+    ``x``'s dtype, which the caller sets to :func:`compute_dtype` (the autocast dtype inside an autocast region,
+    where ``result`` is the base layer's output in that dtype). Autocast itself is off inside: every operand's
+    dtype is chosen here. Gradients come back in each input's own dtype.
     """
 
     @staticmethod
     def forward(ctx, result, x, weights, lora_a, lora_b, base: Optional[BaseLinear] = None):
+        with autocast_off(x.device.type):
+            return RoutedPoly._forward(ctx, result, x, weights, lora_a, lora_b, base)
+
+    @staticmethod
+    def _forward(ctx, result, x, weights, lora_a, lora_b, base):
         a, b = mix_factors(weights, lora_a, lora_b)
+        a, b = a.to(x.dtype), b.to(x.dtype)  # no-ops unless the products run in an autocast dtype
         hidden_t = torch.bmm(a.transpose(1, 2), x.transpose(1, 2))
         ctx.save_for_backward(x, weights, lora_a, lora_b, hidden_t)
         ctx.base = base
@@ -133,12 +186,19 @@ class RoutedPoly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with autocast_off(grad.device.type):
+            return RoutedPoly._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         x, weights, lora_a, lora_b, hidden_t = ctx.saved_tensors
         need_result, need_x, need_w, need_la, need_lb = ctx.needs_input_grad[:5]
         n_splits, n_skills, d_in, r = lora_a.shape
         d_out = lora_b.shape[-1]
         n = weights.shape[0]
         a, b = mix_factors(weights, lora_a, lora_b)
+        a, b = a.to(x.dtype), b.to(x.dtype)
+        grad = grad.to(x.dtype)
         grad_hidden_t = torch.bmm(b, grad.transpose(1, 2))  # (n, r, t)
         grad_x = None
         if need_x:
@@ -153,8 +213,9 @@ class RoutedPoly(torch.autograd.Function):
         if need_w or need_la or need_lb:
             w = weights.transpose(0, 1)  # (q, n, s)
             # dA^T (n, r, in) -> per split (q, n, in/q * r); dB (n, r, out) -> (q, n, r * out/q)
-            g_a = torch.bmm(grad_hidden_t, x).view(n, r, n_splits, d_in).permute(2, 0, 3, 1).reshape(n_splits, n, -1)
-            g_b = torch.bmm(hidden_t, grad).view(n, r, n_splits, d_out).permute(2, 0, 1, 3).reshape(n_splits, n, -1)
+            # in the parameters' dtype from here on (the products above ran in x's, e.g. an autocast dtype)
+            g_a = torch.bmm(grad_hidden_t, x).to(lora_a.dtype).view(n, r, n_splits, d_in).permute(2, 0, 3, 1).reshape(n_splits, n, -1)
+            g_b = torch.bmm(hidden_t, grad).to(lora_b.dtype).view(n, r, n_splits, d_out).permute(2, 0, 1, 3).reshape(n_splits, n, -1)
             if need_la:
                 grad_la = torch.bmm(w.transpose(1, 2), g_a).view_as(lora_a)
             if need_lb:

@@ -8,7 +8,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .kernels import FEW_ROWS, BaseLinear, RoutedPoly, add_low_rank, base_linear, mix_factors, routed_linear_eval
+from .kernels import (
+    FEW_ROWS, BaseLinear, RoutedPoly, add_low_rank, autocast_active, base_linear, compute_dtype, mix_factors,
+    routed_linear_eval,
+)
 from .router import PolyRouter
 from .routing import BatchRouting, RoutingState
 
@@ -177,7 +180,9 @@ class PolyAdapter(nn.Module):
         cached across calls (:meth:`_eval_factors`). The update is accumulated into ``result`` in place
         (``baddbmm_``/``addmm_``) whenever autograd allows it; never in place on a view that autograd tracks,
         which would make its backward copy the whole output. A model traced by ``torch.compile`` runs
-        :meth:`traced_update` instead, one path for all of these.
+        :meth:`traced_update` instead, one path for all of these. Inside ``torch.autocast`` the products with
+        ``x`` run in the autocast dtype and the result has the base output's dtype, as for a plain Linear there;
+        the skills are mixed in the parameters' dtype (:func:`~polytropon.kernels.compute_dtype`).
 
         Args:
             result: base layer output ``(batch, ..., out_features)``, or ``None`` with ``base`` given.
@@ -187,11 +192,14 @@ class PolyAdapter(nn.Module):
                 (``result=None``): in training the base product and the update then run in one autograd
                 Function (:class:`RoutedPoly`), which saves a full-size gradient and a pass over it.
         """
-        if x.dtype != self.poly_lora_A.dtype:
-            x = x.to(self.poly_lora_A.dtype)
+        dtype = compute_dtype(x, self.poly_lora_A.dtype)  # the autocast dtype inside an autocast region
+        if x.dtype != dtype:
+            x = x.to(dtype)
         if self.training:
             return self._training_update(result, x, batch, base)
         a, b = self._eval_factors(batch) if not torch.is_grad_enabled() else self._row_factors(batch)
+        if a.dtype != dtype:
+            a, b = a.to(dtype), b.to(dtype)
         if a.shape[0] == 1:
             return self._one_task_update(result, x, a[0], b[0], base)
         if x.dim() == 3 and x.shape[1] > FEW_ROWS:
@@ -206,8 +214,8 @@ class PolyAdapter(nn.Module):
         One example, autograd off or a result in another dtype: the mixtures ``A_i, B_i = mix(w)`` go through
         the one-task or per-row path instead.
         """
-        dtype = self.poly_lora_A.dtype
-        weights = self.poly_router(batch.task_ids).to(dtype)
+        dtype = x.dtype  # the parameters' dtype, or the autocast dtype inside an autocast region
+        weights = self.poly_router(batch.task_ids).to(self.poly_lora_A.dtype)
         if torch.is_grad_enabled() and weights.shape[0] > 1 and (result is None or result.dtype == dtype):
             rows = x.reshape(x.shape[0], -1, self.in_features)
             if result is None:
@@ -218,6 +226,8 @@ class PolyAdapter(nn.Module):
             out = RoutedPoly.apply(source, rows, weights, self.poly_lora_A, self.poly_lora_B)
             return out if out.shape == result.shape else out.view(result.shape)
         a, b = self.mix(weights)
+        if a.dtype != dtype:
+            a, b = a.to(dtype), b.to(dtype)
         if a.shape[0] == 1:
             return self._one_task_update(result, x, a[0], b[0], base)
         return self._decoding_update(result, x, a, b, base)
@@ -262,10 +272,11 @@ class PolyAdapter(nn.Module):
         change. The compiler fuses what the eager paths fuse by hand. In training the router returns the route
         drawn for the whole call (:func:`polytropon.calls.traced_call`).
         """
-        dtype = self.poly_lora_A.dtype
+        dtype = compute_dtype(x, self.poly_lora_A.dtype)
         ids = batch.task_ids
         weights = self.poly_router(ids) if self.training else self.poly_router.eval_weights(ids)
         a, b = self.mix(weights)
+        a, b = a.to(dtype), b.to(dtype)
         rows = x.to(dtype).reshape(x.shape[0], -1, self.in_features)
         update = torch.bmm(torch.bmm(rows, a), b)
         return result + update.view(result.shape).to(result.dtype)
@@ -384,6 +395,8 @@ class PolyLayer(nn.Module):
         if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             return None
         if not (weight.dtype == x.dtype == adapter.poly_lora_A.dtype) or type(weight) not in (torch.Tensor, nn.Parameter):
+            return None
+        if autocast_active(x):  # the module's own call runs (and casts) as autocast says
             return None
         return weight, bias, self.fan_in_fan_out
 

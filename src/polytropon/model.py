@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import injection
-from .calls import CallPreparation, batch_size_of, traced_call
+from .calls import CallPreparation, traced_call
 from .checkpoint import check_adapter_name, check_new_adapter_name
 from .config import PolyConfig
 from .export import export_task
@@ -33,7 +33,8 @@ from .layer import PolyAdapter, PolyLayer
 from .modules_to_save import ModulesToSave
 from .persistence import adapter_state_dict, check_save_directory, load_adapter_tensors, read_checkpoint, save_adapters
 from .router import PolyRouter
-from .routing import RoutingState, TaskIds
+from .quantized import check_mergeable
+from .routing import RoutingState, TaskIds, call_batch_size
 from .tasks import grow_tasks, resolve_task
 from .variants import eval_routing_weights
 
@@ -62,8 +63,7 @@ class PolyModel(nn.Module):
         self.peft_config: dict[str, PolyConfig] = {}
         self.routing = RoutingState()
         self._calls = CallPreparation(self.routing, self.peft_config)
-        for param in model.parameters():
-            param.requires_grad_(False)
+        injection.freeze_base(model)
         self._inject(adapter_name, plan)
         self.set_adapter(adapter_name)
         self.training = model.training
@@ -231,7 +231,7 @@ class PolyModel(nn.Module):
         model runs (:mod:`polytropon.calls`): ValueError (missing, out of range, not one per example or one for
         all), TypeError (not integers or names).
         """
-        batch_size = batch_size_of(args, kwargs)
+        batch_size = call_batch_size(args, kwargs)
         if torch.compiler.is_compiling():  # see docs/deploy.md, "torch.compile"
             ids, routes = traced_call(self._calls, task_ids, batch_size, self.training, self.poly_layers)
         else:
@@ -250,7 +250,7 @@ class PolyModel(nn.Module):
 
     def generate(self, *args: Any, task_ids: Optional[TaskIds] = None, **kwargs: Any) -> Any:
         """``model.generate`` with ``task_ids`` as in :meth:`forward`; beams and returned sequences keep their task."""
-        ids = self._calls.task_ids(task_ids, batch_size_of(args, kwargs), self.training)
+        ids = self._calls.task_ids(task_ids, call_batch_size(args, kwargs), self.training)
         with self.routing.route(ids):
             return self.model.generate(*args, **kwargs)
 
@@ -268,6 +268,9 @@ class PolyModel(nn.Module):
         task_id = self.resolve_task_id(task_id, adapter_name)
         if self.routing.merged_task == (adapter_name, task_id):
             return
+        for path, layer in self.poly_layers():  # before anything changes
+            if adapter_name in layer.adapters:
+                check_mergeable(layer.base_layer, path)
         self.unmerge_adapter()
         if adapter_name != self.routing.active_adapter:
             self.set_adapter(adapter_name)

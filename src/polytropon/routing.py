@@ -316,6 +316,23 @@ def in_backward() -> bool:
     return current is not None and current() != -1
 
 
+#: Keyword inputs whose first dimension is the batch (text, embeddings, images, audio features, raw audio), in the
+#: order they are looked at: the first one given sets the batch size that the task ids are checked against.
+BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
+
+
+def call_batch_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional[int]:
+    """The number of examples of a model call: the first dimension of the first :data:`BATCH_INPUTS` keyword
+    given as a tensor, else of the first positional argument if it is a tensor; ``None`` if none is."""
+    for key in BATCH_INPUTS:
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1:
+        return args[0].shape[0]
+    return None
+
+
 def check_task_ids(
     task_ids: Any, n_tasks: int, batch_size: Optional[int] = None, allow_unknown: bool = False
 ) -> torch.Tensor:

@@ -25,6 +25,21 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "deberta": ["in_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
     "albert": ["query", "value"],
+    # vision and audio encoders (module names as built by transformers 5); models without Linear attention
+    # projections (ConvNeXt, ResNet, ...) have no default
+    **{
+        name: ["q_proj", "v_proj"]
+        for name in (
+            "vit", "deit", "beit", "dinov2", "dinov2_with_registers", "dinov3_vit", "vit_msn", "vit_mae", "ijepa", "swin",
+            "segformer", "clip", "clip_vision_model", "siglip", "siglip_vision_model", "siglip2_vision_model",
+            "wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat", "sew",
+            "audio-spectrogram-transformer", "speech_to_text", "moonshine",
+        )
+    },
+    **{name: ["query", "value"] for name in ("swinv2", "yolos", "mobilevit", "data2vec-vision", "pvt", "pvt_v2")},
+    **{name: ["linear_q", "linear_v"] for name in ("wav2vec2-conformer", "wav2vec2-bert")},
+    "sew-d": ["query_proj", "value_proj"],
+    "hiera": ["qkv"],
 }
 
 #: Heads that PEFT saves with the adapter for a task type (added to ``modules_to_save``).
@@ -33,6 +48,15 @@ TASK_TYPE_HEADS: dict[str, tuple[str, ...]] = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
+
+#: Model classes (by name suffix) classifying an image or a sound: task type ``SEQ_CLS``. PEFT has no task type of
+#: their own; ``SEQ_CLS`` is the one whose wrapper (``PeftModelForSequenceClassification``) saves the
+#: ``classifier`` head and passes ``task_ids`` and any input (``pixel_values``, ``input_values``, ...) through, so
+#: ``peft.PeftModel.from_pretrained`` loads and runs the adapter.
+CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForImageClassification", "ForAudioClassification")
+
+#: The ``main_input_name`` of audio models, whose classifiers put a new ``projector`` before the ``classifier``.
+AUDIO_INPUTS = ("input_values", "input_features")
 
 Pattern = Optional[Union[list[str], str]]
 
@@ -66,19 +90,29 @@ def default_target_modules(model: nn.Module) -> list[str]:
     )
 
 
+def default_heads(model: nn.Module, task_type: Optional[str]) -> tuple[str, ...]:
+    """Module names trained and saved beside the adapter by default: the task type's head(s), plus the
+    ``projector`` of an audio classifier (new in e.g. ``Wav2Vec2ForSequenceClassification`` and
+    ``WhisperForAudioClassification``, like the ``classifier`` after it). Names the model lacks are skipped."""
+    heads = TASK_TYPE_HEADS.get(task_type, ())
+    if task_type == "SEQ_CLS" and getattr(model, "main_input_name", None) in AUDIO_INPUTS:
+        heads = ("projector",) + heads
+    return heads
+
+
 def infer_task_type(model: nn.Module) -> str:
     """PEFT's task type for a transformers model, from its class name and config.
 
     ``*ForCausalLM`` -> ``CAUSAL_LM``; encoder-decoder ``*ForConditionalGeneration`` / ``*ForSeq2SeqLM`` ->
-    ``SEQ_2_SEQ_LM``; ``*ForSequenceClassification`` -> ``SEQ_CLS``; ``*ForTokenClassification`` ->
-    ``TOKEN_CLS``; ``*ForQuestionAnswering`` -> ``QUESTION_ANS``; anything else (a bare encoder) ->
-    ``FEATURE_EXTRACTION``.
+    ``SEQ_2_SEQ_LM``; ``*ForSequenceClassification``, ``*ForImageClassification``, ``*ForAudioClassification``
+    -> ``SEQ_CLS`` (see :data:`CLASSIFIER_SUFFIXES`); ``*ForTokenClassification`` -> ``TOKEN_CLS``;
+    ``*ForQuestionAnswering`` -> ``QUESTION_ANS``; anything else (a bare encoder) -> ``FEATURE_EXTRACTION``.
     """
     cls = type(model).__name__
     config = getattr(model, "config", None)
     if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel") and not getattr(config, "is_encoder_decoder", False):
         return "CAUSAL_LM"
-    if cls.endswith("ForSequenceClassification"):
+    if cls.endswith(CLASSIFIER_SUFFIXES):
         return "SEQ_CLS"
     if cls.endswith("ForTokenClassification"):
         return "TOKEN_CLS"
