@@ -147,7 +147,7 @@ def symlinked_save(env) -> None:
 def zero3_save(env) -> None:
     model = llama_poly()
     _, adapter = model.named_adapters()[0]
-    adapter.poly_lora_A.ds_shape = (99,)  # as DeepSpeed ZeRO-3 marks a parameter it partitioned
+    adapter.poly_lora_A.ds_shape = (99,)  # a partition's full shape, without DeepSpeed's ds_id: nothing gathers it
     model.save_pretrained(str(env.root / "zero3"))
 
 
@@ -245,9 +245,8 @@ API_CASES = [
     ("plot-png", lambda e: plot_allocation(e.model, str(e.root / "plot.jpg")), ValueError, "path must name a .png file, got '<path>'"),
     # 8. training at scale
     ("zero3", zero3_save, ValueError,
-     "cannot save <key>: this process holds only a partition of it (shape (<shape>), full shape (<shape>)); DeepSpeed "
-     "ZeRO-3 partitions are not gathered by polytropon: call save_pretrained inside deepspeed.zero.GatheredParameters("
-     "[p for p in model.parameters() if p.requires_grad]) on every rank, or train with ZeRO-2 or FSDP2"),
+     "cannot save <key>: this process holds only a partition of it (shape (<shape>), full shape (<shape>)) and it is "
+     "neither an FSDP2 shard nor a DeepSpeed ZeRO-3 parameter, the two kinds save_pretrained gathers"),
     # 9. data
     ("data-json", lambda e: load_jsonl(write(e.root / "bad.jsonl", '{"task": "a", "input": "x", "target": "y"}\n{oops\n')),
      DataError, "<file>:<line>: not valid JSON (<reason>)"),

@@ -13,8 +13,8 @@ root. Two things are specific to Poly adapters:
   run. For models whose layers run in the order they are registered (transformers decoders and encoders),
   that is the same random numbers in the same order: a sharded step equals the single-process step.
 
-:meth:`PolyModel.save_pretrained <polytropon.model.PolyModel.save_pretrained>` gathers the shards; call it on
-every rank (rank 0 writes).
+:meth:`PolyModel.save_pretrained <polytropon.model.PolyModel.save_pretrained>` gathers the shards (and DeepSpeed
+ZeRO-3 partitions, :mod:`polytropon.zero`); call it on every rank (rank 0 writes).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def check_complete(tensors: Mapping[str, torch.Tensor]) -> None:
     """Refuse tensors of which this process holds only a partition (so a checkpoint is never silently empty).
 
     DeepSpeed ZeRO-3 replaces a partitioned parameter's data by an empty tensor and records its full shape in
-    ``ds_shape``; such a parameter is complete only inside ``deepspeed.zero.GatheredParameters``.
+    ``ds_shape``; such a parameter is complete only inside ``deepspeed.zero.GatheredParameters`` (which
+    ``save_pretrained`` enters, :mod:`polytropon.zero`): a last check that nothing partial is written.
 
     Raises:
         ValueError: naming the first such tensor, its shape here and its full shape.
@@ -130,9 +131,8 @@ def check_complete(tensors: Mapping[str, torch.Tensor]) -> None:
         if tensor.numel() == 0 or (full is not None and tuple(full) != tuple(tensor.shape)):
             raise ValueError(
                 f"cannot save {key}: this process holds only a partition of it (shape {tuple(tensor.shape)}, full "
-                f"shape {tuple(full) if full is not None else 'unknown'}); DeepSpeed ZeRO-3 partitions are not "
-                "gathered by polytropon: call save_pretrained inside deepspeed.zero.GatheredParameters("
-                "[p for p in model.parameters() if p.requires_grad]) on every rank, or train with ZeRO-2 or FSDP2"
+                f"shape {tuple(full) if full is not None else 'unknown'}) and it is neither an FSDP2 shard nor a "
+                "DeepSpeed ZeRO-3 parameter, the two kinds save_pretrained gathers"
             )
 
 

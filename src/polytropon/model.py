@@ -24,6 +24,7 @@ from .routing import RoutingState, TaskIds, check_task_ids
 from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
 from .tasks import grow_tasks, resolve_task_names, task_index
 from .variants import build_routers, check_tied_router_tensors
+from . import zero
 
 
 # ---------------------------------------------------------------------- planning (pure: never changes the model)
@@ -752,15 +753,15 @@ class PolyModel(nn.Module):
         file is written to a temporary file and renamed into place, so an interrupted save never leaves a
         half-written file where a good one was.
 
-        A model sharded with FSDP2 (``fully_shard``) must be saved by every rank at once: each adapter tensor
-        is gathered in full (a collective call), rank 0 writes the complete, unsharded adapter, and every rank
+        A model sharded with FSDP2 (``fully_shard``) or partitioned by DeepSpeed ZeRO-3 must be saved by every
+        rank at once: each adapter tensor is gathered in full (a collective call; under ZeRO-3 only the adapters'
+        parameters, see :mod:`polytropon.zero`), rank 0 writes the complete, unsharded adapter, and every rank
         returns once the files are written.
 
         Raises:
             ValueError: ``save_directory`` is a file, an unknown adapter is selected, an adapter's folder
-                resolves outside ``save_directory`` (a symbolic link to elsewhere), or a tensor is only partly
-                held by this process (DeepSpeed ZeRO-3 partitions, which are not gathered here); checked before
-                anything is written.
+                resolves outside ``save_directory`` (a symbolic link to elsewhere), or a tensor is still only
+                partly held by this process after gathering; checked before anything is written.
         """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
@@ -769,10 +770,13 @@ class PolyModel(nn.Module):
         for name in names:
             self._check_adapter(name)
         directories = {name: adapter_directory(save_directory, name) for name in names}
-        sharded = is_sharded(self)
-        adapters = {name: gathered(self.adapter_state_dict(name)) if sharded else self.adapter_state_dict(name) for name in names}
-        for tensors in adapters.values():
-            check_complete(tensors)
+        zero3 = zero.partitioned(zero.adapter_parameters(self, names))
+        sharded = is_sharded(self) or bool(zero3)
+        with zero.gathered_parameters(zero3):  # ZeRO-3: every rank gathers the adapters' partitions (collective)
+            held = {name: self.adapter_state_dict(name) for name in names}
+            for tensors in held.values():
+                check_complete(tensors)
+            adapters = {name: zero.copies(gathered(tensors)) for name, tensors in held.items()}
         if not sharded or torch.distributed.get_rank() == 0:
             for name, tensors in adapters.items():
                 os.makedirs(directories[name], exist_ok=True)

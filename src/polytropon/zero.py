@@ -1,0 +1,82 @@
+"""DeepSpeed ZeRO-3: saving an adapter whose parameters are partitioned across the processes.
+
+Under ZeRO-3 (``"zero_optimization": {"stage": 3}``) DeepSpeed replaces every managed parameter's data by an
+empty tensor and keeps ``1/world_size`` of it on each process (``param.ds_tensor``); the full shape is in
+``param.ds_shape``. A parameter is whole only inside ``deepspeed.zero.GatheredParameters([...])``, a collective
+call every process enters with the same parameters in the same order.
+
+:meth:`PolyModel.save_pretrained <polytropon.model.PolyModel.save_pretrained>` finds the partitioned parameters
+of the adapters it saves (:func:`adapter_parameters`, :func:`partitioned`), gathers them on every process
+(:func:`gathered_parameters`, ``modifier_rank=None``: read only), copies the adapter tensors, and lets rank 0
+write them; every process returns after a barrier. The base model's frozen weights are never gathered.
+
+Loading needs no gathering: ``from_pretrained``/``load_adapter`` build the adapter's parameters anew, as plain
+tensors, and copy the checkpoint into them (a base model partitioned by ``deepspeed.zero.Init`` is fine: the
+layer sizes are read from ``nn.Linear.in_features``/``out_features``). Such a newly added adapter is not
+partitioned and not known to a DeepSpeed engine created before: load it before ``deepspeed.initialize`` (or
+the Trainer) to train it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .model import PolyModel
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is managed by DeepSpeed ZeRO-3 (it carries DeepSpeed's ``ds_id``)."""
+    return hasattr(param, "ds_id")
+
+
+def adapter_parameters(model: "PolyModel", adapter_names: Iterable[str]) -> list[nn.Parameter]:
+    """The parameters of adapters ``adapter_names`` (skills, routers, ``modules_to_save`` copies), each once.
+
+    In the order of the model's layers, the same on every process. The base model's weights are not included.
+    """
+    names = list(adapter_names)
+    params: dict[int, nn.Parameter] = {}
+    for _, layer in model.poly_layers():
+        for name in names:
+            if name in layer.adapters:
+                for param in layer.adapters[name].parameters():
+                    params.setdefault(id(param), param)
+    for _, wrapper in model.saved_modules():
+        for name in names:
+            if name in wrapper.modules_to_save:
+                for param in wrapper.modules_to_save[name].parameters():
+                    params.setdefault(id(param), param)
+    return list(params.values())
+
+
+def partitioned(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Those of ``params`` that DeepSpeed ZeRO-3 manages (see :func:`is_partitioned`)."""
+    return [p for p in params if is_partitioned(p)]
+
+
+@contextmanager
+def gathered_parameters(params: list[torch.Tensor]) -> Iterator[None]:
+    """Inside the block every parameter of ``params`` (ZeRO-3 partitioned) is whole, for reading.
+
+    ``deepspeed.zero.GatheredParameters(params, modifier_rank=None)``: a collective call, every process must
+    enter it with the same parameters in the same order; changes made inside are discarded on exit. Does
+    nothing for an empty list (DeepSpeed is then not imported).
+    """
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached copies of ``tensors``, which outlive a :func:`gathered_parameters` block."""
+    with torch.no_grad():
+        return {key: tensor.detach().clone() for key, tensor in tensors.items()}

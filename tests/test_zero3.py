@@ -1,0 +1,107 @@
+"""DeepSpeed ZeRO-3 on two CPU processes (gloo): ``save_pretrained`` gathers the partitioned adapter, rank 0 writes
+it complete, every rank returns with the files in place; the files load in polytropon and in PEFT; loading an
+adapter into a ZeRO-3 model (and onto a base partitioned before the adapter existed) computes what one process
+computes.
+
+One ``torchrun`` launch of ``_zero3_worker.py`` (``DS_ACCELERATOR=cpu``) runs Poly and MHR; the tests recompute in
+this process what they can and compare.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+import _fsdp_worker as fsdp_worker  # noqa: E402
+import _zero3_worker as worker  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(HERE, "..", "src")
+TOL = dict(rtol=1e-5, atol=1e-5)
+CASES = [name for name, _ in worker.CASES]
+SPLITS = dict(worker.CASES)
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero3")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, HERE, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "_zero3_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def _ranks(out, case):
+    return [torch.load(out / case / f"rank{r}.pt") for r in range(fsdp_worker.WORLD)]
+
+
+def _saved(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_adapter_tensor_was_partitioned(zero3_runs, case):
+    for rank in _ranks(zero3_runs, case):
+        assert rank["n_params"] > 0 and len(rank["partitioned"]) == rank["n_params"]
+        # save_pretrained returned on every rank with the files written
+        assert rank["initial_files"] == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_save_equals_the_unsharded_adapter(zero3_runs, case):
+    expected = fsdp_worker.build_model(worker.GRANULARITY, SPLITS[case]).adapter_state_dict()
+    got = _saved(zero3_runs / case / "initial")
+    assert sorted(got) == sorted(expected)
+    for key, tensor in expected.items():
+        assert got[key].shape == tensor.shape
+        torch.testing.assert_close(got[key], tensor.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_trained_save_equals_deepspeeds_own_consolidation(zero3_runs, case):
+    """After a ZeRO-3 step the saved tensors are DeepSpeed's consolidated parameters (and differ from the start)."""
+    consolidated = torch.load(zero3_runs / case / "consolidated.pt")
+    got = _saved(zero3_runs / case / "trained")
+    initial = _saved(zero3_runs / case / "initial")
+    mapped = {"base_model." + k.replace(".adapters.default.", "."): v for k, v in consolidated.items()}
+    assert sorted(mapped) == sorted(got)
+    for key, tensor in mapped.items():
+        torch.testing.assert_close(got[key], tensor, rtol=0, atol=0)
+    assert all(not torch.equal(got[k], initial[k]) for k in got)  # every tensor was trained
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_trained_save_loads_in_polytropon_and_peft(zero3_runs, case):
+    import peft
+
+    from polytropon import PolyModel
+
+    folder = str(zero3_runs / case / "trained")
+    expected = _ranks(zero3_runs, case)[0]["trained_logits"]  # the ZeRO-3 engine's eval logits after the step
+    batch = fsdp_worker.eval_batch()
+    ours = PolyModel.from_pretrained(fsdp_worker.build_base(), folder)
+    theirs = peft.PeftModel.from_pretrained(fsdp_worker.build_base(), folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, expected, **TOL)
+        got = theirs(input_ids=batch["input_ids"], task_ids=torch.tensor(batch["task_ids"])).logits
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loading_into_a_zero3_model(zero3_runs, case):
+    """load_adapter into the engine's model, and from_pretrained onto a base partitioned by deepspeed.zero.Init."""
+    for rank in _ranks(zero3_runs, case):
+        assert rank["zero_init_base"]  # every base parameter was partitioned before the adapter was loaded
+        torch.testing.assert_close(rank["loaded_logits"], rank["trained_logits"], **TOL)
+        torch.testing.assert_close(rank["zero_init_logits"], rank["trained_logits"], **TOL)
