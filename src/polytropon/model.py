@@ -15,7 +15,9 @@ from .checkpoint import (
     KEY_PREFIX, WEIGHTS_NAME, adapter_directory, check_adapter_name, load_tensors, save_tensors,
 )
 from .config import PolyConfig
-from .export import lora_config_dict, lora_state_dict, write_lora
+from .export import (
+    check_new_directory, lora_config_dict, lora_state_dict, served_names, write_lora, write_lora_tasks,
+)
 from .fsdp import check_complete, gathered, is_local_full, is_sharded
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
@@ -712,6 +714,41 @@ class PolyModel(nn.Module):
         layers, saved = list(self.poly_layers()), list(self.saved_modules())
         tensors = lora_state_dict(layers, saved, task_id, adapter_name)
         write_lora(os.fspath(save_directory), tensors, lora_config_dict(self.peft_config[adapter_name], layers, saved, adapter_name))
+
+    def export_lora_all(
+        self,
+        save_directory: Union[str, os.PathLike],
+        adapter_name: Optional[str] = None,
+        tasks: Optional[list[Union[int, str]]] = None,
+        names: Optional[list[str]] = None,
+    ) -> dict[str, Any]:
+        """Write every task (or ``tasks``) as its own PEFT LoRA adapter, plus a manifest for multi-LoRA servers.
+
+        Each task is exported as by :meth:`export_lora` into ``save_directory/<name>``, where ``<name>`` is
+        ``names[task_id]``, else ``PolyConfig.task_names[task_id]``, else ``task_<id>``. Beside them
+        ``lora_modules.json`` lists ``{"name", "path", "task_id", "base_model_name", "r"}`` per task and
+        ``lora_modules.txt`` holds vLLM's argument ``--lora-modules name=path ...`` (absolute paths). All is
+        written to a temporary directory and renamed into place: a failed export leaves nothing behind.
+        See :func:`polytropon.export.write_lora_tasks`.
+
+        Returns:
+            the manifest, plus ``"lora_modules"``: the ``--lora-modules ...`` argument string.
+
+        Raises:
+            TypeError, ValueError: unknown adapter or task, a task given twice, ``names`` not one per task, a
+            name unfit for a folder or ``name=path`` (:data:`~polytropon.export.SERVED_NAME_RULE`), or
+            ``save_directory`` neither new nor an empty directory; all checked before anything is written.
+        """
+        adapter_name = self.resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        task_ids = [self.resolve_task_id(t, adapter_name) for t in (range(config.n_tasks) if tasks is None else tasks)]
+        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != config.n_tasks):
+            raise ValueError(f"names must be a list of {config.n_tasks} names (one per task of {adapter_name!r}), got {names!r}")
+        folders = served_names(task_ids, names if names is not None else config.task_names)
+        check_new_directory(os.fspath(save_directory))
+        layers, saved = list(self.poly_layers()), list(self.saved_modules())
+        exported = [(name, t, lora_state_dict(layers, saved, t, adapter_name)) for name, t in zip(folders, task_ids)]
+        return write_lora_tasks(os.fspath(save_directory), exported, lora_config_dict(config, layers, saved, adapter_name))
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
