@@ -129,6 +129,13 @@ LORA_MODULES_NAME = "lora_modules.txt"
 #: the rule for a served adapter's name (its folder name and its name in ``--lora-modules name=path``)
 SERVED_NAME_RULE = "ASCII letters, digits, '_', '-' and '.', starting with a letter, digit or '_', at most 128 characters"
 _SERVED_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+#: the values vLLM accepts for ``--max-lora-rank`` (its ``LoRAConfig.max_lora_rank``)
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(r: int) -> Optional[int]:
+    """The smallest ``--max-lora-rank`` vLLM accepts that serves rank ``r`` (``None`` above 512)."""
+    return next((v for v in VLLM_MAX_LORA_RANKS if v >= r), None)
 
 
 def served_names(task_ids: Sequence[int], names: Optional[Sequence[str]]) -> list[str]:
@@ -182,7 +189,7 @@ def write_lora_tasks(
 
         save_directory/<name>/adapter_config.json         one PEFT LoRA adapter per task (see write_lora)
         save_directory/<name>/adapter_model.safetensors
-        save_directory/lora_modules.json                  {"base_model_name_or_path", "r", "adapters": [
+        save_directory/lora_modules.json                  {"base_model_name_or_path", "r", "vllm_max_lora_rank", "adapters": [
                                                               {"name", "path", "task_id", "base_model_name", "r"}]}
         save_directory/lora_modules.txt                   --lora-modules name=/abs/path/name ...
 
@@ -200,7 +207,8 @@ def write_lora_tasks(
         {"name": name, "path": os.path.join(final, name), "task_id": task_id, "base_model_name": base, "r": config["r"]}
         for name, task_id, _ in tasks
     ]
-    manifest = {"base_model_name_or_path": base, "r": config["r"], "adapters": entries}
+    manifest = {"base_model_name_or_path": base, "r": config["r"], "vllm_max_lora_rank": vllm_max_lora_rank(config["r"]),
+                "adapters": entries}
     argument = lora_modules_argument(entries)
     staging = tempfile.mkdtemp(prefix="." + os.path.basename(final) + ".", suffix=".tmp", dir=os.path.dirname(final))
     try:

@@ -24,6 +24,7 @@ __all__ = [
     "load_adapted",
     "task_id_of",
     "load_for_one_task",
+    "load_for_all_tasks",
 ]
 
 
@@ -119,3 +120,19 @@ def load_for_one_task(args: argparse.Namespace) -> tuple[Any, Any, int]:
     require_empty_dir(args.output, "refusing to overwrite")
     model, tokenizer = load_adapted(adapter_dir, info, config, args.model)
     return model, tokenizer, task_id
+
+
+def load_for_all_tasks(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """``(PolyModel, task names)`` for ``export-lora --all-tasks``; ``adapter`` and ``--output`` checked first.
+
+    The names are those of ``polytropon_tasks.json``, else ``PolyConfig.task_names``, else ``task_<id>``.
+    """
+    adapter_dir = resolve_adapter_dir(args.adapter)
+    config = read_adapter_config(adapter_dir)
+    info = read_tasks_file_if_present(adapter_dir)
+    tasks = info.get("tasks") or getattr(config, "task_names", None) or [f"task_{i}" for i in range(config.n_tasks)]
+    if len(tasks) != config.n_tasks:
+        raise CliError(f"{adapter_dir}: {TASKS_FILE} names {len(tasks)} tasks, the adapter has {config.n_tasks}")
+    require_empty_dir(args.output, "refusing to overwrite")
+    model, _ = load_adapted(adapter_dir, info, config, args.model)
+    return model, [str(t) for t in tasks]

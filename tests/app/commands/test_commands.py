@@ -29,3 +29,13 @@ def test_each_verb_dispatches_to_its_module(command):
     args = build_parser().parse_args([command.VERB, *MINIMAL_ARGV[command.VERB]])
     assert args.command == command.VERB
     assert args.func is command.run
+
+
+def test_export_lora_takes_one_task_or_all_tasks():
+    parser = build_parser()
+    one = parser.parse_args(["export-lora", "RUN", "--task", "T", "--output", "O"])
+    every = parser.parse_args(["export-lora", "RUN", "--all-tasks", "--output", "O"])
+    assert (one.task, one.all_tasks) == ("T", False) and (every.task, every.all_tasks) == (None, True)
+    for argv in (["export-lora", "RUN", "--output", "O"], ["export-lora", "RUN", "--task", "T", "--all-tasks", "--output", "O"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
