@@ -11,7 +11,8 @@ partitioned) and DeepSpeed's torch AdamW, then:
   own consolidation of the partitions (``_zero3_consolidated_16bit_state_dict``, rank 0: ``consolidated.pt``);
 * the trained adapter loaded into the engine's model (``load_adapter``) and into a base model partitioned by
   ``deepspeed.zero.Init(module=...)`` (before any adapter exists, ``from_pretrained``, then ``deepspeed.initialize``): eval
-  logits of both, per rank (``rank<r>.pt``).
+  logits of both, per rank (``rank<r>.pt``);
+* the HF Trainer with a ZeRO-3 ``deepspeed`` config (:func:`run_trainer`, ``OUT/trainer``).
 """
 
 from __future__ import annotations
@@ -91,6 +92,50 @@ def run_case(name: str, n_splits: int, out: str) -> None:
     dist.barrier()
 
 
+def trainer_ds_config() -> dict:
+    """ZeRO-3 for the HF Trainer: batch sizes, learning rate and AdamW settings from ``TrainingArguments``."""
+    return {
+        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto",
+                                                  "torch_adam": True}},
+    }
+
+
+def run_trainer(out: str) -> None:
+    """The HF Trainer with ``deepspeed=<ZeRO-3 config>`` (accelerate's DeepSpeed integration), then two saves.
+
+    ``save_pretrained`` on every rank (the adapter gathered by polytropon), and ``save_pretrained(state_dict=...,
+    is_main_process=True)`` on rank 0 alone with DeepSpeed's consolidated trainable tensors, as the Trainer saves a
+    PEFT model under ZeRO-3 (no collective call inside).
+    """
+    import torch.distributed as dist
+    from transformers import Trainer, TrainingArguments
+
+    import _fsdp_trainer_worker as trainer_worker
+
+    rank = dist.get_rank()
+    model = worker.build_model(GRANULARITY, 2)
+    args = TrainingArguments(
+        output_dir=os.path.join(out, "run"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", use_cpu=True, ddp_backend="gloo", remove_unused_columns=False,
+        report_to=[], disable_tqdm=True, seed=42, deepspeed=trainer_ds_config(),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=trainer_worker.Rows(), data_collator=trainer_worker.collate)
+    trainer.train()
+    partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in adapter_params(model))
+    model.save_pretrained(os.path.join(out, "gathered"))
+    state = trainer.deepspeed._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)  # collective
+    if rank == 0:  # DeepSpeed returns the state dict on rank 0 only; the Trainer's other ranks do not call save
+        model.save_pretrained(os.path.join(out, "from_state_dict"), state_dict=state, is_main_process=True)
+    dist.barrier()
+    torch.save({"world_size": args.world_size, "distributed_type": str(trainer.accelerator.distributed_type),
+                "partitioned": partitioned,
+                "eval_logits": eval_logits(trainer.model_wrapped)}, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+
+
 def main(out: str) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -102,6 +147,8 @@ def main(out: str) -> None:
             case_dir = os.path.join(out, name)
             os.makedirs(case_dir, exist_ok=True)
             run_case(name, n_splits, case_dir)
+        os.makedirs(os.path.join(out, "trainer"), exist_ok=True)
+        run_trainer(os.path.join(out, "trainer"))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

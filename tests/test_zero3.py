@@ -105,3 +105,48 @@ def test_loading_into_a_zero3_model(zero3_runs, case):
         assert rank["zero_init_base"]  # every base parameter was partitioned before the adapter was loaded
         torch.testing.assert_close(rank["loaded_logits"], rank["trained_logits"], **TOL)
         torch.testing.assert_close(rank["zero_init_logits"], rank["trained_logits"], **TOL)
+
+
+def test_trainer_with_a_zero3_deepspeed_config(zero3_runs):
+    """The HF Trainer (deepspeed=<ZeRO-3 config>) trains the PolyModel on 2 CPU processes; both ways of saving give
+    the same complete adapter: save_pretrained on every rank (gathered by polytropon), and save_pretrained on rank 0
+    with DeepSpeed's consolidated state dict (as the Trainer saves PEFT models under ZeRO-3)."""
+    import peft
+
+    from polytropon import PolyModel
+
+    out = zero3_runs / "trainer"
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(fsdp_worker.WORLD)]
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["distributed_type"] == "DistributedType.DEEPSPEED"
+        assert rank["partitioned"]  # every adapter tensor was a ZeRO-3 partition after training
+    gathered, from_state = _saved(out / "gathered"), _saved(out / "from_state_dict")
+    initial = fsdp_worker.build_model(worker.GRANULARITY, 2).adapter_state_dict()
+    assert sorted(gathered) == sorted(from_state) == sorted(initial)
+    for key in gathered:
+        torch.testing.assert_close(gathered[key], from_state[key], rtol=0, atol=0)
+        assert not torch.equal(gathered[key], initial[key].detach())  # trained
+    batch = fsdp_worker.eval_batch()
+    for folder in ("gathered", "from_state_dict"):
+        ours = PolyModel.from_pretrained(fsdp_worker.build_base(), str(out / folder))
+        theirs = peft.PeftModel.from_pretrained(fsdp_worker.build_base(), str(out / folder)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(**batch).logits, ranks[0]["eval_logits"], **TOL)
+            got = theirs(input_ids=batch["input_ids"], task_ids=torch.tensor(batch["task_ids"])).logits
+        torch.testing.assert_close(got, ranks[0]["eval_logits"], **TOL)
+
+
+def test_save_pretrained_with_a_state_dict_missing_the_adapter_is_refused(tmp_path):
+    model = fsdp_worker.build_model(worker.GRANULARITY, 1)
+    state = {k: v for k, v in model.state_dict().items() if "q_proj.adapters" not in k}
+    with pytest.raises(ValueError, match="the state_dict given to save_pretrained has no tensor for "
+                                         "base_model.model.model.layers.0.self_attn.q_proj.poly_lora_A"):
+        model.save_pretrained(tmp_path / "out", state_dict=state)
+    assert not (tmp_path / "out").exists()
+    model.save_pretrained(tmp_path / "ok", state_dict=model.state_dict())  # the whole model's: the adapter's tensors
+    expected = model.adapter_state_dict()
+    got = _saved(tmp_path / "ok")
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[k], expected[k].detach()) for k in got)
+    model.save_pretrained(tmp_path / "not-main", state_dict={}, is_main_process=False)
+    assert not (tmp_path / "not-main").exists()

@@ -793,7 +793,9 @@ class PolyModel(nn.Module):
         A model sharded with FSDP2 (``fully_shard``) or partitioned by DeepSpeed ZeRO-3 must be saved by every
         rank at once: each adapter tensor is gathered in full (a collective call; under ZeRO-3 only the adapters'
         parameters, see :mod:`polytropon.zero`), rank 0 writes the complete, unsharded adapter, and every rank
-        returns once the files are written.
+        returns once the files are written. ``state_dict`` (the whole model's, already gathered; what the HF
+        ``Trainer`` passes) is used instead of the model's own tensors and needs no collective call; with
+        ``is_main_process=False`` nothing is written.
 
         Raises:
             ValueError: ``save_directory`` is a file, an unknown adapter is selected, an adapter's folder
@@ -807,14 +809,21 @@ class PolyModel(nn.Module):
         for name in names:
             self._check_adapter(name)
         directories = {name: adapter_directory(save_directory, name) for name in names}
-        zero3 = zero.partitioned(zero.adapter_parameters(self, names))
-        sharded = is_sharded(self) or bool(zero3)
-        with zero.gathered_parameters(zero3):  # ZeRO-3: every rank gathers the adapters' partitions (collective)
-            held = {name: self.adapter_state_dict(name) for name in names}
-            for tensors in held.values():
-                check_complete(tensors)
-            adapters = {name: zero.copies(gathered(tensors)) for name, tensors in held.items()}
-        if not sharded or torch.distributed.get_rank() == 0:
+        state_dict, is_main_process = kwargs.get("state_dict"), kwargs.get("is_main_process", True)
+        if state_dict is not None:  # gathered by the caller (the HF Trainer under ZeRO-3/FSDP): no collective call
+            sharded = False
+            adapters = {name: zero.adapter_tensors_from_state_dict(self, name, state_dict) for name in names} if is_main_process else {}
+        else:
+            zero3 = zero.partitioned(zero.adapter_parameters(self, names))
+            sharded = is_sharded(self) or bool(zero3)
+            with zero.gathered_parameters(zero3):  # ZeRO-3: every rank gathers the adapters' partitions (collective)
+                held = {name: self.adapter_state_dict(name) for name in names}
+                for tensors in held.values():
+                    check_complete(tensors)
+                adapters = {name: zero.copies(gathered(tensors)) for name, tensors in held.items()}
+        for tensors in adapters.values():
+            check_complete(tensors)
+        if is_main_process and (not sharded or torch.distributed.get_rank() == 0):
             for name, tensors in adapters.items():
                 os.makedirs(directories[name], exist_ok=True)
                 config = dataclasses.replace(self.peft_config[name], inference_mode=True)  # as PEFT writes it

@@ -20,10 +20,12 @@ the Trainer) to train it.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from .checkpoint import KEY_PREFIX
 
 if TYPE_CHECKING:
     from .model import PolyModel
@@ -80,3 +82,41 @@ def copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached copies of ``tensors``, which outlive a :func:`gathered_parameters` block."""
     with torch.no_grad():
         return {key: tensor.detach().clone() for key, tensor in tensors.items()}
+
+
+def adapter_tensors_from_state_dict(
+    model: "PolyModel", adapter_name: str, state_dict: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The adapter's checkpoint tensors (``model.adapter_state_dict(adapter_name)``'s keys) taken from ``state_dict``.
+
+    ``state_dict`` is a state dict of the whole ``model`` under its own parameter names, already gathered by the
+    caller -- as the HF ``Trainer`` passes to ``save_pretrained(state_dict=...)`` under DeepSpeed ZeRO-3 (DeepSpeed's
+    consolidated 16-bit state dict, trainable tensors only) or FSDP (``accelerator.get_state_dict``). A tensor
+    shared by several modules (a shared router) may appear under any of its names.
+
+    Raises:
+        ValueError: ``state_dict`` holds none of the names of an adapter tensor (e.g. an adapter that is not
+            trainable, left out by ``exclude_frozen_parameters``), naming the tensor and the names looked for.
+    """
+    prefixes: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        prefixes.setdefault(id(module), []).append(name)
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    candidates = {key: owners.get(id(tensor), []) for key, tensor in model.adapter_state_dict(adapter_name).items()}
+    for path, wrapper in model.saved_modules():  # their state_dict() tensors are detached: match by module path
+        if adapter_name in wrapper.modules_to_save:
+            copy = wrapper.modules_to_save[adapter_name]
+            for local in copy.state_dict():
+                candidates[f"{KEY_PREFIX}{path}.{local}"] = [f"{p}.{local}" for p in prefixes[id(copy)]]
+    out = {}
+    for key, names in candidates.items():
+        found = next((n for n in names if n in state_dict), None)
+        if found is None:
+            raise ValueError(
+                f"the state_dict given to save_pretrained has no tensor for {key} of adapter {adapter_name!r} "
+                f"(looked for {names}); pass the whole model's state dict, or call save_pretrained without state_dict"
+            )
+        out[key] = state_dict[found]
+    return out
