@@ -20,15 +20,12 @@ the Trainer) to train it.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .checkpoint import KEY_PREFIX
-
-if TYPE_CHECKING:
-    from .model import PolyModel
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -36,10 +33,11 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def adapter_parameters(model: "PolyModel", adapter_names: Iterable[str]) -> list[nn.Parameter]:
-    """The parameters of adapters ``adapter_names`` (skills, routers, ``modules_to_save`` copies), each once.
+def adapter_parameters(model: nn.Module, adapter_names: Iterable[str]) -> list[nn.Parameter]:
+    """The parameters of adapters ``adapter_names`` (skills, routers, ``modules_to_save`` copies) of a ``PolyModel``.
 
-    In the order of the model's layers, the same on every process. The base model's weights are not included.
+    Each parameter once, in the order of the model's layers, the same on every process. The base model's weights
+    are not included.
     """
     names = list(adapter_names)
     params: dict[int, nn.Parameter] = {}
@@ -85,7 +83,7 @@ def copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def adapter_tensors_from_state_dict(
-    model: "PolyModel", adapter_name: str, state_dict: Mapping[str, torch.Tensor]
+    model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """The adapter's checkpoint tensors (``model.adapter_state_dict(adapter_name)``'s keys) taken from ``state_dict``.
 
