@@ -233,6 +233,8 @@ API_CASES = [
      "nothing is written there"),
     ("export-file", lambda e: e.model.export_lora(str(e.a_file), 0), ValueError, "<dir>: expected a directory, found a file"),
     # 6. export_lora / export_lora_all
+    ("export-all-tasks", lambda e: llama_poly().export_lora_all(str(e.root / "loras0"), tasks=[]), ValueError,
+     "tasks must be a non-empty list of task ids or names, got <value>"),
     ("export-all-repeat", lambda e: llama_poly().export_lora_all(str(e.root / "loras1"), tasks=[0, 0]), ValueError,
      "tasks to export repeat: [<names>]; give each task once"),
     ("export-all-names", lambda e: llama_poly().export_lora_all(str(e.root / "loras2"), names=["a"]), ValueError,

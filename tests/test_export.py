@@ -168,6 +168,8 @@ def test_export_all_names_and_lora_modules_argument(tmp_path):
 
 
 @pytest.mark.parametrize("call, error, message", [
+    (dict(tasks=[]), ValueError, "tasks must be a non-empty list of task ids or names, got []"),
+    (dict(tasks="qa"), ValueError, "tasks must be a non-empty list of task ids or names, got 'qa'"),
     (dict(tasks=[0, 0]), ValueError, "tasks to export repeat: ['task_0']"),
     (dict(tasks=[7]), ValueError, "task_id 7 is out of range"),
     (dict(tasks=[1.5]), TypeError, "task_id must be an int"),

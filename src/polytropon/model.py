@@ -735,12 +735,15 @@ class PolyModel(nn.Module):
             the manifest, plus ``"lora_modules"``: the ``--lora-modules ...`` argument string.
 
         Raises:
-            TypeError, ValueError: unknown adapter or task, a task given twice, ``names`` not one per task, a
-            name unfit for a folder or ``name=path`` (:data:`~polytropon.export.SERVED_NAME_RULE`), or
-            ``save_directory`` neither new nor an empty directory; all checked before anything is written.
+            TypeError, ValueError: unknown adapter or task, ``tasks`` not a non-empty list, a task given twice,
+            ``names`` not one per task, a name unfit for a folder or ``name=path``
+            (:data:`~polytropon.export.SERVED_NAME_RULE`), or ``save_directory`` neither new nor an empty
+            directory; all checked before anything is written.
         """
         adapter_name = self.resolve_adapter(adapter_name)
         config = self.peft_config[adapter_name]
+        if tasks is not None and (not isinstance(tasks, (list, tuple)) or not tasks):
+            raise ValueError(f"tasks must be a non-empty list of task ids or names, got {tasks!r}")
         task_ids = [self.resolve_task_id(t, adapter_name) for t in (range(config.n_tasks) if tasks is None else tasks)]
         if names is not None and (not isinstance(names, (list, tuple)) or len(names) != config.n_tasks):
             raise ValueError(f"names must be a list of {config.n_tasks} names (one per task of {adapter_name!r}), got {names!r}")
