@@ -12,7 +12,8 @@ partitioned) and DeepSpeed's torch AdamW, then:
 * the trained adapter loaded into the engine's model (``load_adapter``) and into a base model partitioned by
   ``deepspeed.zero.Init(module=...)`` (before any adapter exists, ``from_pretrained``, then ``deepspeed.initialize``): eval
   logits of both, per rank (``rank<r>.pt``);
-* the HF Trainer with a ZeRO-3 ``deepspeed`` config (:func:`run_trainer`, ``OUT/trainer``).
+* the HF Trainer with a ZeRO-3 ``deepspeed`` config (:func:`run_trainer`, ``OUT/trainer``), and ``PolyTrainer``
+  with checkpoints and a resumed run (:func:`run_poly_trainer`, ``OUT/poly_trainer``).
 """
 
 from __future__ import annotations
@@ -136,6 +137,36 @@ def run_trainer(out: str) -> None:
     dist.barrier()
 
 
+def run_poly_trainer(out: str) -> None:
+    """``PolyTrainer`` under ZeRO-3: 3 steps with a checkpoint after step 2, then a run resumed from it."""
+    import torch.distributed as dist
+    from transformers import TrainingArguments
+
+    import _fsdp_trainer_worker as trainer_worker
+    from polytropon.app.training import PolyTrainer, trainable_state
+    from polytropon.fsdp import is_sharded
+
+    def train(sub: str, resume: str | None = None):
+        model = worker.build_model(GRANULARITY, 2)
+        args = TrainingArguments(
+            output_dir=os.path.join(out, sub), max_steps=3, save_strategy="steps", save_steps=2,
+            per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1, use_cpu=True, ddp_backend="gloo",
+            remove_unused_columns=False, report_to=[], disable_tqdm=True, seed=42, deepspeed=trainer_ds_config(),
+        )
+        trainer = PolyTrainer(model=model, args=args, train_dataset=trainer_worker.Rows(),
+                              data_collator=trainer_worker.collate, router_lr=0.3)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainable_state(model)  # trainable_state: a collective call under ZeRO-3
+
+    model, state = train("run")
+    sharded = is_sharded(model)
+    checkpoint = os.path.join(out, "run", "checkpoint-2")
+    _, resumed = train("resumed", resume=checkpoint)
+    torch.save({"sharded": sharded, "state": state, "resumed": resumed, "files": sorted(os.listdir(checkpoint))},
+               os.path.join(out, f"rank{dist.get_rank()}.pt"))
+    dist.barrier()
+
+
 def main(out: str) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -149,6 +180,8 @@ def main(out: str) -> None:
             run_case(name, n_splits, case_dir)
         os.makedirs(os.path.join(out, "trainer"), exist_ok=True)
         run_trainer(os.path.join(out, "trainer"))
+        os.makedirs(os.path.join(out, "poly_trainer"), exist_ok=True)
+        run_poly_trainer(os.path.join(out, "poly_trainer"))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

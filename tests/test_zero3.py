@@ -150,3 +150,26 @@ def test_save_pretrained_with_a_state_dict_missing_the_adapter_is_refused(tmp_pa
     assert all(torch.equal(got[k], expected[k].detach()) for k in got)
     model.save_pretrained(tmp_path / "not-main", state_dict={}, is_main_process=False)
     assert not (tmp_path / "not-main").exists()
+
+
+def test_poly_trainer_checkpoints_and_resumes_under_zero3(zero3_runs):
+    """PolyTrainer's checkpoints under ZeRO-3 hold the complete adapter and trainable state (every rank takes part
+    in the gathering: is_sharded is true); a run resumed from step 2 ends where the uninterrupted one did."""
+    from safetensors.torch import load_file
+
+    out = zero3_runs / "poly_trainer"
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(fsdp_worker.WORLD)]
+    checkpoint = out / "run" / "checkpoint-2"
+    for rank in ranks:
+        assert rank["sharded"]
+        assert {"adapter_config.json", "adapter_model.safetensors", "trainable_state.safetensors"} <= set(rank["files"])
+        assert not {"model.safetensors", "pytorch_model.bin"} & set(rank["files"])  # adapter-only
+        assert rank["state"] and all(t.numel() > 0 for t in rank["state"].values())
+        for name, tensor in rank["state"].items():
+            torch.testing.assert_close(rank["resumed"][name], tensor, rtol=0, atol=0)
+    at_step_2 = load_file(str(checkpoint / "trainable_state.safetensors"))
+    initial = {n: p.detach() for n, p in fsdp_worker.build_model(worker.GRANULARITY, 2).named_parameters() if p.requires_grad}
+    assert sorted(at_step_2) == sorted(initial) == sorted(ranks[0]["state"])
+    assert all(not torch.equal(at_step_2[n], initial[n]) and not torch.equal(at_step_2[n], ranks[0]["state"][n]) for n in initial)
+    adapter = _saved(checkpoint)
+    assert len(adapter) == len(initial) and all(t.numel() > 0 for t in adapter.values())

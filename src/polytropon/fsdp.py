@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from . import zero
 from .router import PolyRouter
 
 
@@ -81,7 +82,8 @@ def is_local_full(tensor: torch.Tensor, shape: tuple[int, ...]) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` holds modules sharded by FSDP2 (``fully_shard``) in an initialised process group.
+    """Whether saving ``model`` is a collective call: it holds modules sharded by FSDP2 (``fully_shard``) in an
+    initialised process group, or trainable parameters partitioned by DeepSpeed ZeRO-3.
 
     Raises:
         ValueError: ``model`` holds a ``FullyShardedDataParallel`` (FSDP1) module: its flat parameters are not
@@ -103,17 +105,20 @@ def is_sharded(model: nn.Module) -> bool:
                 "torch.distributed.fsdp.fully_shard (FSDP2; accelerate: fsdp_version 2)"
             )
         sharded = sharded or isinstance(module, FSDPModule)
-    return sharded
+    return sharded or any(p.requires_grad and zero.is_partitioned(p) for p in model.parameters())
 
 
 def gathered(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` (detached) with every FSDP2 shard (a ``DTensor``) replaced by the full tensor.
+    """``tensors`` (detached) with every FSDP2 shard (a ``DTensor``) and every DeepSpeed ZeRO-3 partition replaced
+    by the full tensor (ZeRO-3 ones copied: they are whole only inside the gathering).
 
     A collective call when any tensor is sharded: every rank must call it, with the same keys in the same order.
     """
     dtensor = _dtensor_type()
-    with torch.no_grad():
-        return {k: (v.full_tensor() if isinstance(v, dtensor) else v).detach() for k, v in tensors.items()}
+    partitioned = zero.partitioned(tensors.values())
+    with torch.no_grad(), zero.gathered_parameters(partitioned):
+        out = {k: (v.full_tensor() if isinstance(v, dtensor) else v).detach() for k, v in tensors.items()}
+        return zero.copies(out) if partitioned else out
 
 
 def check_complete(tensors: Mapping[str, torch.Tensor]) -> None:

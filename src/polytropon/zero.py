@@ -55,8 +55,12 @@ def adapter_parameters(model: nn.Module, adapter_names: Iterable[str]) -> list[n
 
 
 def partitioned(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Those of ``params`` that DeepSpeed ZeRO-3 manages (see :func:`is_partitioned`)."""
-    return [p for p in params if is_partitioned(p)]
+    """Those of ``params`` that DeepSpeed ZeRO-3 manages (see :func:`is_partitioned`) and that are not whole now.
+
+    A parameter already gathered (``ds_status`` ``AVAILABLE``: inside its module's forward, or inside an
+    enclosing :func:`gathered_parameters`) is left out: DeepSpeed refuses to gather it a second time.
+    """
+    return [p for p in params if is_partitioned(p) and getattr(p.ds_status, "name", None) != "AVAILABLE"]
 
 
 @contextmanager
