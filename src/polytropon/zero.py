@@ -8,7 +8,11 @@ call every process enters with the same parameters in the same order.
 :meth:`PolyModel.save_pretrained <polytropon.model.PolyModel.save_pretrained>` finds the partitioned parameters
 of the adapters it saves (:func:`adapter_parameters`, :func:`partitioned`), gathers them on every process
 (:func:`gathered_parameters`, ``modifier_rank=None``: read only), copies the adapter tensors, and lets rank 0
-write them; every process returns after a barrier. The base model's frozen weights are never gathered.
+write them; every process returns after a barrier. The base model's frozen weights are never gathered. Given a
+``state_dict`` gathered by the caller (the HF ``Trainer`` does so under ZeRO-3), it takes the adapter's tensors
+from it instead (:func:`adapter_tensors_from_state_dict`) and makes no collective call. :func:`polytropon.fsdp.
+is_sharded` is true for a model with partitioned trainable parameters and :func:`polytropon.fsdp.gathered`
+gathers them, so code that saves sharded models on every rank (``PolyTrainer``) handles ZeRO-3 as FSDP2.
 
 Loading needs no gathering: ``from_pretrained``/``load_adapter`` build the adapter's parameters anew, as plain
 tensors, and copy the checkpoint into them (a base model partitioned by ``deepspeed.zero.Init`` is fine: the
