@@ -127,3 +127,88 @@ def test_export_by_task_name(tmp_path):
     with pytest.raises(ValueError, match="unknown task name"):
         model.export_lora(tmp_path / "x", "z")
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------- every task at once
+@pytest.mark.parametrize("arch,kind", CASES)
+def test_export_all_tasks_each_equals_the_routed_task(tmp_path, arch, kind):
+    build, _ = ARCHS[arch]
+    model = poly_model(arch, kind, n_tasks=4)
+    ids = tokens()
+    out = tmp_path / "loras"
+    manifest = model.export_lora_all(out)
+    assert sorted(os.listdir(out)) == ["lora_modules.json", "lora_modules.txt", "task_0", "task_1", "task_2", "task_3"]
+    assert [e["name"] for e in manifest["adapters"]] == [f"task_{t}" for t in range(4)]
+    assert json.loads((out / "lora_modules.json").read_text())["adapters"] == manifest["adapters"]
+    outputs = []
+    for entry in manifest["adapters"]:
+        assert entry["path"] == str(out / entry["name"]) and entry["r"] == 4
+        ours = routed_logits(model, ids, entry["task_id"])
+        assert rel_diff(peft_logits(entry["path"], build(0), ids), ours) < TOL
+        outputs.append(ours)
+    assert min(rel_diff(outputs[i], outputs[j]) for i in range(4) for j in range(i)) > 1e-3  # the tasks differ
+
+
+def test_export_all_names_and_lora_modules_argument(tmp_path):
+    model = poly_model("llama-linear", "poly", task_names=["qa", "sum.v2", "mt"])
+    model.peft_config["default"].base_model_name_or_path = "org/tiny-llama"
+    out = tmp_path / "my loras"  # a space: the argument quotes each name=path
+    manifest = model.export_lora_all(out, tasks=["mt", 0])
+    assert [(e["name"], e["task_id"], e["base_model_name"]) for e in manifest["adapters"]] == [
+        ("mt", 2, "org/tiny-llama"), ("qa", 0, "org/tiny-llama")]
+    text = (out / "lora_modules.txt").read_text().strip()
+    assert text == manifest["lora_modules"] == f"--lora-modules 'mt={out}/mt' 'qa={out}/qa'"
+    import shlex
+
+    assert shlex.split(text)[1:] == [f"mt={out}/mt", f"qa={out}/qa"]  # what a shell hands to vLLM
+    assert json.loads((out / "mt" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-llama"
+    # names= overrides the task names
+    other = model.export_lora_all(tmp_path / "renamed", names=["a", "b", "c"], tasks=[1])
+    assert [e["name"] for e in other["adapters"]] == ["b"]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (dict(tasks=[]), ValueError, "tasks must be a non-empty list of task ids or names, got []"),
+    (dict(tasks="qa"), ValueError, "tasks must be a non-empty list of task ids or names, got 'qa'"),
+    (dict(tasks=[0, 0]), ValueError, "tasks to export repeat: ['task_0']"),
+    (dict(tasks=[7]), ValueError, "task_id 7 is out of range"),
+    (dict(tasks=[1.5]), TypeError, "task_id must be an int"),
+    (dict(names=["a", "b"]), ValueError, "names must be a list of 3 names"),
+    (dict(names=["a", "b c", "d"]), ValueError, "task 1 is named 'b c', which cannot name an exported adapter"),
+    (dict(names=["a", "..", "d"]), ValueError, "task 1 is named '..'"),
+    (dict(adapter_name="other"), ValueError, "unknown adapter 'other'"),
+])
+def test_export_all_bad_input_writes_nothing(tmp_path, call, error, message):
+    model = poly_model("llama-linear", "poly")
+    with pytest.raises(error) as info:
+        model.export_lora_all(tmp_path / "out", **call)
+    assert message in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_all_refuses_a_non_empty_directory_and_fails_atomically(tmp_path, monkeypatch):
+    import polytropon.export as export
+
+    model = poly_model("llama-linear", "mhr")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not an empty directory"):
+        model.export_lora_all(tmp_path / "full")
+    assert os.listdir(tmp_path / "full") == ["keep.txt"]
+    # a failure while writing the third task leaves no directory and no temporary files
+    real, calls = export.write_lora, []
+
+    def failing(directory, tensors, config):
+        calls.append(directory)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real(directory, tensors, config)
+
+    monkeypatch.setattr(export, "write_lora", failing)
+    with pytest.raises(OSError, match="disk full"):
+        model.export_lora_all(tmp_path / "new")
+    assert sorted(os.listdir(tmp_path)) == ["full"]
+    (tmp_path / "empty").mkdir()  # an empty directory is taken
+    monkeypatch.setattr(export, "write_lora", real)
+    model.export_lora_all(tmp_path / "empty")
+    assert sorted(os.listdir(tmp_path / "empty"))[:2] == ["lora_modules.json", "lora_modules.txt"]

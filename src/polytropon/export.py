@@ -21,14 +21,21 @@ The directory written is an ordinary PEFT LoRA adapter::
                                  base_model.model.<saved module path>.<param>        modules_to_save copies
 
 so ``peft.PeftModel.from_pretrained(base_model, directory)`` (or any LoRA server) serves the task.
+
+Every task at once (:func:`write_lora_tasks`, ``PolyModel.export_lora_all``) gives one such directory per task and
+a manifest in the form multi-LoRA servers take (vLLM: ``--lora-modules name=path ...``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
-from typing import Any
+import re
+import shlex
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -120,3 +127,137 @@ def export_task(
     layers, saved = list(layers), list(saved)
     tensors = lora_state_dict(layers, saved, task_id, adapter_name)
     write_lora(save_directory, tensors, lora_config_dict(config, layers, saved, adapter_name))
+
+
+# ---------------------------------------------------------------------- every task at once (multi-LoRA serving)
+#: the manifest of an all-task export: one entry per task (name, path, task_id, base_model_name, r)
+MANIFEST_NAME = "lora_modules.json"
+#: the same as vLLM's command-line argument: ``--lora-modules name=path name=path ...``
+LORA_MODULES_NAME = "lora_modules.txt"
+
+#: the rule for a served adapter's name (its folder name and its name in ``--lora-modules name=path``)
+SERVED_NAME_RULE = "ASCII letters, digits, '_', '-' and '.', starting with a letter, digit or '_', at most 128 characters"
+_SERVED_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+#: the values vLLM accepts for ``--max-lora-rank`` (its ``LoRAConfig.max_lora_rank``)
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(r: int) -> Optional[int]:
+    """The smallest ``--max-lora-rank`` vLLM accepts that serves rank ``r`` (``None`` above 512)."""
+    return next((v for v in VLLM_MAX_LORA_RANKS if v >= r), None)
+
+
+def served_names(task_ids: Sequence[int], names: Optional[Sequence[str]]) -> list[str]:
+    """The served name (and folder name) of each task: ``names[task_id]``, or ``task_<id>`` without names.
+
+    Raises:
+        ValueError: a name breaks :data:`SERVED_NAME_RULE` (it would not be a safe folder name, or it would
+            break vLLM's ``name=path`` syntax), or two tasks get the same name.
+    """
+    out = [f"task_{t}" if names is None else names[t] for t in task_ids]
+    for task_id, name in zip(task_ids, out):
+        if not isinstance(name, str) or _SERVED_NAME.fullmatch(name) is None:
+            raise ValueError(
+                f"task {task_id} is named {name!r}, which cannot name an exported adapter (a folder and a "
+                f"--lora-modules name): names need {SERVED_NAME_RULE}; pass names=[...] with one such name per task"
+            )
+    duplicates = sorted({n for n in out if out.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"tasks to export repeat: {duplicates}; give each task once")
+    return out
+
+
+def check_new_directory(save_directory: str) -> str:
+    """``save_directory`` as an absolute path, checked to be new or an empty directory.
+
+    Raises:
+        ValueError: it is a file, or a directory that is not empty (nothing is written).
+    """
+    path = os.path.abspath(save_directory)
+    if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)):
+        raise ValueError(f"{save_directory}: exists and is not an empty directory; an export needs a new or empty one")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ValueError(f"{save_directory}: its parent directory {os.path.dirname(path)} does not exist")
+    return path
+
+
+def lora_modules_argument(entries: Sequence[dict[str, Any]]) -> str:
+    """``--lora-modules name=path name=path ...`` for vLLM, each ``name=path`` quoted for a POSIX shell."""
+    return "--lora-modules " + " ".join(shlex.quote(f"{e['name']}={e['path']}") for e in entries)
+
+
+def write_lora_tasks(
+    save_directory: str,
+    tasks: Sequence[tuple[str, int, dict[str, torch.Tensor]]],
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """Write one LoRA adapter per task, a manifest and the ``--lora-modules`` argument, all or nothing.
+
+    Everything is written to a temporary directory beside ``save_directory`` and renamed into place at the
+    end, so an export that fails leaves no directory (or the empty one it was given)::
+
+        save_directory/<name>/adapter_config.json         one PEFT LoRA adapter per task (see write_lora)
+        save_directory/<name>/adapter_model.safetensors
+        save_directory/lora_modules.json                  {"base_model_name_or_path", "r", "vllm_max_lora_rank", "adapters": [
+                                                              {"name", "path", "task_id", "base_model_name", "r"}]}
+        save_directory/lora_modules.txt                   --lora-modules name=/abs/path/name ...
+
+    Args:
+        save_directory: a new or empty directory (checked by :func:`check_new_directory`).
+        tasks: ``(name, task_id, LoRA tensors)`` of each task, names checked by :func:`served_names`.
+        config: the LoRA ``adapter_config.json`` shared by all tasks (:func:`lora_config_dict`).
+
+    Returns:
+        the manifest (as written to ``lora_modules.json``), with ``"lora_modules"``: the argument string.
+    """
+    final = check_new_directory(save_directory)
+    base = config.get("base_model_name_or_path")
+    entries = [
+        {"name": name, "path": os.path.join(final, name), "task_id": task_id, "base_model_name": base, "r": config["r"]}
+        for name, task_id, _ in tasks
+    ]
+    manifest = {"base_model_name_or_path": base, "r": config["r"], "vllm_max_lora_rank": vllm_max_lora_rank(config["r"]),
+                "adapters": entries}
+    argument = lora_modules_argument(entries)
+    staging = tempfile.mkdtemp(prefix="." + os.path.basename(final) + ".", suffix=".tmp", dir=os.path.dirname(final))
+    try:
+        for name, _, tensors in tasks:
+            write_lora(os.path.join(staging, name), tensors, config)
+        text = json.dumps(manifest, indent=2) + "\n"
+        atomic_write_bytes(os.path.join(staging, MANIFEST_NAME), text.encode("utf-8"))
+        atomic_write_bytes(os.path.join(staging, LORA_MODULES_NAME), (argument + "\n").encode("utf-8"))
+        if os.path.isdir(final):
+            os.rmdir(final)  # empty (checked); fails if something appeared meanwhile, and nothing is replaced
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {**manifest, "lora_modules": argument}
+
+
+def export_tasks(
+    save_directory: str,
+    config: PolyConfig,
+    layers: Layers,
+    saved: SavedModules,
+    task_ids: Sequence[int],
+    adapter_name: str,
+    names: Optional[Sequence[str]] = None,
+) -> dict[str, Any]:
+    """Write tasks ``task_ids`` (checked ids) of ``adapter_name`` as PEFT LoRA adapters with a serving manifest.
+
+    Folder names are ``names[task_id]``, else ``config.task_names[task_id]``, else ``task_<id>``
+    (:func:`served_names`); the directory must be new or empty (:func:`check_new_directory`). Everything is
+    checked before anything is written; see :func:`write_lora_tasks` for what is written.
+
+    Raises:
+        ValueError: ``names`` is not one name per task, a name is unfit, a task repeats, or the directory is
+            not new or empty.
+    """
+    if names is not None and (not isinstance(names, (list, tuple)) or len(names) != config.n_tasks):
+        raise ValueError(f"names must be a list of {config.n_tasks} names (one per task of {adapter_name!r}), got {names!r}")
+    folders = served_names(task_ids, names if names is not None else config.task_names)
+    check_new_directory(save_directory)
+    layers, saved = list(layers), list(saved)
+    exported = [(name, t, lora_state_dict(layers, saved, t, adapter_name)) for name, t in zip(folders, task_ids)]
+    return write_lora_tasks(save_directory, exported, lora_config_dict(config, layers, saved, adapter_name))

@@ -13,8 +13,8 @@ root. Two things are specific to Poly adapters:
   run. For models whose layers run in the order they are registered (transformers decoders and encoders),
   that is the same random numbers in the same order: a sharded step equals the single-process step.
 
-:meth:`PolyModel.save_pretrained <polytropon.model.PolyModel.save_pretrained>` gathers the shards; call it on
-every rank (rank 0 writes).
+:meth:`PolyModel.save_pretrained <polytropon.model.PolyModel.save_pretrained>` gathers the shards (and DeepSpeed
+ZeRO-3 partitions, :mod:`polytropon.zero`); call it on every rank (rank 0 writes).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from . import zero
 from .router import PolyRouter
 
 
@@ -81,7 +82,8 @@ def is_local_full(tensor: torch.Tensor, shape: tuple[int, ...]) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` holds modules sharded by FSDP2 (``fully_shard``) in an initialised process group.
+    """Whether saving ``model`` is a collective call: it holds modules sharded by FSDP2 (``fully_shard``) in an
+    initialised process group, or trainable parameters partitioned by DeepSpeed ZeRO-3.
 
     Raises:
         ValueError: ``model`` holds a ``FullyShardedDataParallel`` (FSDP1) module: its flat parameters are not
@@ -103,24 +105,28 @@ def is_sharded(model: nn.Module) -> bool:
                 "torch.distributed.fsdp.fully_shard (FSDP2; accelerate: fsdp_version 2)"
             )
         sharded = sharded or isinstance(module, FSDPModule)
-    return sharded
+    return sharded or any(p.requires_grad and zero.is_partitioned(p) for p in model.parameters())
 
 
 def gathered(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` (detached) with every FSDP2 shard (a ``DTensor``) replaced by the full tensor.
+    """``tensors`` (detached) with every FSDP2 shard (a ``DTensor``) and every DeepSpeed ZeRO-3 partition replaced
+    by the full tensor (ZeRO-3 ones copied: they are whole only inside the gathering).
 
     A collective call when any tensor is sharded: every rank must call it, with the same keys in the same order.
     """
     dtensor = _dtensor_type()
-    with torch.no_grad():
-        return {k: (v.full_tensor() if isinstance(v, dtensor) else v).detach() for k, v in tensors.items()}
+    partitioned = zero.partitioned(tensors.values())
+    with torch.no_grad(), zero.gathered_parameters(partitioned):
+        out = {k: (v.full_tensor() if isinstance(v, dtensor) else v).detach() for k, v in tensors.items()}
+        return zero.copies(out) if partitioned else out
 
 
 def check_complete(tensors: Mapping[str, torch.Tensor]) -> None:
     """Refuse tensors of which this process holds only a partition (so a checkpoint is never silently empty).
 
     DeepSpeed ZeRO-3 replaces a partitioned parameter's data by an empty tensor and records its full shape in
-    ``ds_shape``; such a parameter is complete only inside ``deepspeed.zero.GatheredParameters``.
+    ``ds_shape``; such a parameter is complete only inside ``deepspeed.zero.GatheredParameters`` (which
+    ``save_pretrained`` enters, :mod:`polytropon.zero`): a last check that nothing partial is written.
 
     Raises:
         ValueError: naming the first such tensor, its shape here and its full shape.
@@ -130,9 +136,8 @@ def check_complete(tensors: Mapping[str, torch.Tensor]) -> None:
         if tensor.numel() == 0 or (full is not None and tuple(full) != tuple(tensor.shape)):
             raise ValueError(
                 f"cannot save {key}: this process holds only a partition of it (shape {tuple(tensor.shape)}, full "
-                f"shape {tuple(full) if full is not None else 'unknown'}); DeepSpeed ZeRO-3 partitions are not "
-                "gathered by polytropon: call save_pretrained inside deepspeed.zero.GatheredParameters("
-                "[p for p in model.parameters() if p.requires_grad]) on every rank, or train with ZeRO-2 or FSDP2"
+                f"shape {tuple(full) if full is not None else 'unknown'}) and it is neither an FSDP2 shard nor a "
+                "DeepSpeed ZeRO-3 parameter, the two kinds save_pretrained gathers"
             )
 
 

@@ -26,8 +26,7 @@ from . import injection
 from .calls import CallPreparation, traced_call
 from .checkpoint import check_adapter_name, check_new_adapter_name
 from .config import PolyConfig
-from .export import export_task
-from .fsdp import is_sharded
+from .export import export_task, export_tasks
 from .injection import InjectionPlan, plan_injection
 from .layer import PolyAdapter, PolyLayer
 from .modules_to_save import ModulesToSave
@@ -322,6 +321,29 @@ class PolyModel(nn.Module):
         export_task(os.fspath(save_directory), self.peft_config[adapter_name], self.poly_layers(),
                     self.saved_modules(), task_id, adapter_name)
 
+    def export_lora_all(
+        self,
+        save_directory: Union[str, os.PathLike],
+        adapter_name: Optional[str] = None,
+        tasks: Optional[list[Union[int, str]]] = None,
+        names: Optional[list[str]] = None,
+    ) -> dict[str, Any]:
+        """Write every task (or ``tasks``) as its own PEFT LoRA adapter, plus a manifest for multi-LoRA servers.
+
+        ``save_directory/<name>`` per task (``names[task_id]``, else ``PolyConfig.task_names[task_id]``, else
+        ``task_<id>``), ``lora_modules.json`` and vLLM's ``--lora-modules name=path ...`` in ``lora_modules.txt``;
+        all or nothing (:func:`polytropon.export.export_tasks`). Returns the manifest, with ``"lora_modules"``
+        the argument string. TypeError / ValueError for a bad adapter, task list, names or a non-empty
+        ``save_directory``, before anything is written.
+        """
+        adapter_name = self.resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        if tasks is not None and (not isinstance(tasks, (list, tuple)) or not tasks):
+            raise ValueError(f"tasks must be a non-empty list of task ids or names, got {tasks!r}")
+        task_ids = [self.resolve_task_id(t, adapter_name) for t in (range(config.n_tasks) if tasks is None else tasks)]
+        return export_tasks(os.fspath(save_directory), config, self.poly_layers(), self.saved_modules(), task_ids,
+                            adapter_name, names)
+
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable parameters, all parameters)``, each shared tensor counted once."""
@@ -341,17 +363,18 @@ class PolyModel(nn.Module):
         """Save adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
         ``"default"`` goes to ``save_directory``, any other adapter to ``save_directory/<name>``; every file is
-        written atomically. Under FSDP2 every rank calls it and rank 0 writes the gathered adapter
-        (:func:`~polytropon.persistence.save_adapters`). ValueError, before anything is written:
-        ``save_directory`` is a file, an unknown adapter, a folder resolving outside ``save_directory``, or a
-        tensor only partly held by this process (DeepSpeed ZeRO-3).
+        written atomically. Under FSDP2 or DeepSpeed ZeRO-3 every rank calls it and rank 0 writes the gathered
+        adapter (:func:`~polytropon.persistence.save_adapters`); ``state_dict=`` (already gathered, as the HF
+        ``Trainer`` passes it) is used instead of the model's tensors, and ``is_main_process=False`` writes
+        nothing. ValueError, before anything is written: ``save_directory`` is a file, an unknown adapter, a
+        folder resolving outside ``save_directory``, or a tensor still only partly held by this process.
         """
         save_directory = check_save_directory(save_directory)
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_adapter(name)
         configs = {name: self.peft_config[name] for name in names}
-        save_adapters(save_directory, configs, self.adapter_state_dict, sharded=is_sharded(self))
+        save_adapters(self, save_directory, configs, kwargs.get("state_dict"), kwargs.get("is_main_process", True))
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> None:
         """Load a saved adapter (ours or PEFT's) into this model under ``adapter_name``.

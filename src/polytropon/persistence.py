@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from .checkpoint import KEY_PREFIX, WEIGHTS_NAME, adapter_directory, load_tensors, save_tensors
 from .config import PolyConfig
-from .fsdp import check_complete, gathered
+from . import zero
+from .fsdp import check_complete, gathered, is_sharded
 from .injection import InjectionPlan, plan_injection, poly_layers, saved_modules
 from .layer import PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
@@ -120,23 +121,28 @@ def check_save_directory(save_directory: Union[str, os.PathLike]) -> str:
 
 
 def save_adapters(
+    model: nn.Module,
     save_directory: str,
     configs: Mapping[str, PolyConfig],
-    state_dict_of: Callable[[str], dict[str, torch.Tensor]],
-    sharded: bool = False,
+    state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+    is_main_process: bool = True,
 ) -> None:
-    """Write every adapter of ``configs``: ``adapter_config.json`` + ``adapter_model.safetensors`` each.
+    """Write every adapter of ``configs`` of ``model`` (a ``PolyModel``): ``adapter_config.json`` +
+    ``adapter_model.safetensors`` each.
 
     ``"default"`` goes to ``save_directory``, any other adapter to ``save_directory/<name>``
     (:func:`~polytropon.checkpoint.adapter_directory`). Every folder and tensor is checked before the first
-    write; each file is written atomically. ``sharded`` (FSDP2): every rank calls this; tensors are gathered
-    in full (a collective call), rank 0 writes and all ranks return once the files are in place.
+    write; each file is written atomically. A model sharded by FSDP2 or partitioned by DeepSpeed ZeRO-3: every
+    rank calls this; the adapters' tensors are gathered in full (a collective call), rank 0 writes and all ranks
+    return once the files are in place. ``state_dict`` (the whole model's, already gathered by the caller, as the
+    HF ``Trainer`` passes it) is used instead of the model's own tensors, with no collective call; with
+    ``is_main_process=False`` nothing is written.
     """
     directories = {name: adapter_directory(save_directory, name) for name in configs}
-    adapters = {name: gathered(state_dict_of(name)) if sharded else state_dict_of(name) for name in configs}
+    adapters, sharded = _collect_adapters(model, list(configs), state_dict, is_main_process)
     for tensors in adapters.values():
         check_complete(tensors)
-    if not sharded or torch.distributed.get_rank() == 0:
+    if is_main_process and (not sharded or torch.distributed.get_rank() == 0):
         for name, tensors in adapters.items():
             os.makedirs(directories[name], exist_ok=True)
             config = dataclasses.replace(configs[name], inference_mode=True)  # as PEFT writes it
@@ -144,3 +150,24 @@ def save_adapters(
             config.save_pretrained(directories[name])
     if sharded:
         torch.distributed.barrier()  # every rank returns once the files are in place
+
+
+def _collect_adapters(
+    model: nn.Module, names: list[str], state_dict: Optional[Mapping[str, torch.Tensor]], is_main_process: bool
+) -> tuple[dict[str, dict[str, torch.Tensor]], bool]:
+    """``({adapter: checkpoint tensors}, sharded)``: from ``state_dict`` when given, else the model's own tensors,
+    gathered from FSDP2 shards / ZeRO-3 partitions (a collective call) when the model is sharded."""
+    if state_dict is not None:  # gathered by the caller (the HF Trainer under ZeRO-3/FSDP): no collective call
+        if not is_main_process:
+            return {}, False
+        return {name: zero.adapter_tensors_from_state_dict(model, name, state_dict) for name in names}, False
+    zero3 = zero.partitioned(zero.adapter_parameters(model, names))
+    sharded = is_sharded(model) or bool(zero3)
+    with zero.gathered_parameters(zero3):  # ZeRO-3: every rank gathers the adapters' partitions (collective)
+        held = {name: model.adapter_state_dict(name) for name in names}
+        for tensors in held.values():
+            check_complete(tensors)
+        if not sharded:
+            return held, False
+        return {name: zero.copies(gathered(tensors)) for name, tensors in held.items()}, True
+

@@ -147,7 +147,7 @@ def symlinked_save(env) -> None:
 def zero3_save(env) -> None:
     model = llama_poly()
     _, adapter = model.named_adapters()[0]
-    adapter.poly_lora_A.ds_shape = (99,)  # as DeepSpeed ZeRO-3 marks a parameter it partitioned
+    adapter.poly_lora_A.ds_shape = (99,)  # a partition's full shape, without DeepSpeed's ds_id: nothing gathers it
     model.save_pretrained(str(env.root / "zero3"))
 
 
@@ -232,6 +232,21 @@ API_CASES = [
      "<dir>/<adapter name>: the folder of adapter '<name>' resolves to <path>, outside the save directory <dir>; "
      "nothing is written there"),
     ("export-file", lambda e: e.model.export_lora(str(e.a_file), 0), ValueError, "<dir>: expected a directory, found a file"),
+    # 6. export_lora / export_lora_all
+    ("export-all-tasks", lambda e: llama_poly().export_lora_all(str(e.root / "loras0"), tasks=[]), ValueError,
+     "tasks must be a non-empty list of task ids or names, got <value>"),
+    ("export-all-repeat", lambda e: llama_poly().export_lora_all(str(e.root / "loras1"), tasks=[0, 0]), ValueError,
+     "tasks to export repeat: [<names>]; give each task once"),
+    ("export-all-names", lambda e: llama_poly().export_lora_all(str(e.root / "loras2"), names=["a"]), ValueError,
+     "names must be a list of <n> names (one per task of '<adapter>'), got <value>"),
+    ("export-all-name-rule", lambda e: llama_poly(task_names=["qa", "sum up", "mt"]).export_lora_all(str(e.root / "loras3")),
+     ValueError, "task <id> is named '<name>', which cannot name an exported adapter (a folder and a --lora-modules "
+     "name): names need ASCII letters, digits, '_', '-' and '.', starting with a letter, digit or '_', at most 128 "
+     "characters; pass names=[...] with one such name per task"),
+    ("export-all-not-empty", lambda e: llama_poly().export_lora_all(str(e.not_empty)), ValueError,
+     "<dir>: exists and is not an empty directory; an export needs a new or empty one"),
+    ("export-all-parent", lambda e: llama_poly().export_lora_all(str(e.root / "no" / "such")), ValueError,
+     "<dir>: its parent directory <parent> does not exist"),
     # 7. toolkit
     ("add-tasks-count", lambda e: named_tasks_model().add_tasks(2), ValueError,
      "adapter '<name>' names its tasks ([<names>]): pass the new tasks' names, not a count"),
@@ -245,9 +260,11 @@ API_CASES = [
     ("plot-png", lambda e: plot_allocation(e.model, str(e.root / "plot.jpg")), ValueError, "path must name a .png file, got '<path>'"),
     # 8. training at scale
     ("zero3", zero3_save, ValueError,
-     "cannot save <key>: this process holds only a partition of it (shape (<shape>), full shape (<shape>)); DeepSpeed "
-     "ZeRO-3 partitions are not gathered by polytropon: call save_pretrained inside deepspeed.zero.GatheredParameters("
-     "[p for p in model.parameters() if p.requires_grad]) on every rank, or train with ZeRO-2 or FSDP2"),
+     "cannot save <key>: this process holds only a partition of it (shape (<shape>), full shape (<shape>)) and it is "
+     "neither an FSDP2 shard nor a DeepSpeed ZeRO-3 parameter, the two kinds save_pretrained gathers"),
+    ("state-dict-missing", lambda e: llama_poly().save_pretrained(str(e.root / "sd"), state_dict={}), ValueError,
+     "the state_dict given to save_pretrained has no tensor for <key> of adapter '<name>' (looked for [<names>]); "
+     "pass the whole model's state dict, or call save_pretrained without state_dict"),
     # 9. data
     ("data-json", lambda e: load_jsonl(write(e.root / "bad.jsonl", '{"task": "a", "input": "x", "target": "y"}\n{oops\n')),
      DataError, "<file>:<line>: not valid JSON (<reason>)"),
@@ -319,6 +336,10 @@ CLI_CASES = [
      "unknown task '<task>'; tasks: <tasks>"),
     ("export-task-range", lambda e: ["export-lora", str(e.good), "--task", "9", "--output", str(e.root / "x")],
      "task id <id> is out of range: the adapter has <n> tasks (0..<n-1>)"),
+    ("export-all-or-task", lambda e: ["export-lora", str(e.good), "--output", str(e.root / "x")],
+     "polytropon export-lora: error: one of the arguments --task --all-tasks is required (see --help)"),
+    ("export-all-and-task", lambda e: ["export-lora", str(e.good), "--task", "0", "--all-tasks", "--output", str(e.root / "x")],
+     "polytropon export-lora: error: argument --all-tasks: not allowed with argument --task (see --help)"),
     ("export-output", lambda e: ["merge", str(e.good), "--task", "0", "--output", str(e.not_empty)],
      "<dir>: exists and is not an empty directory; refusing to overwrite"),
 ]

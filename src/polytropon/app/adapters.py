@@ -25,6 +25,7 @@ __all__ = [
     "task_id_of",
     "load_for_one_task",
     "check_labels",
+    "load_for_all_tasks",
 ]
 
 
@@ -130,3 +131,17 @@ def check_labels(rows: list, head: str, labels: list[str] | None) -> dict[str, i
             if row.target not in label_to_id:
                 raise CliError(f"{row.where}: target {row.target!r} is not a label of this adapter ({', '.join(labels)})")
     return label_to_id
+def load_for_all_tasks(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """``(PolyModel, task names)`` for ``export-lora --all-tasks``; ``adapter`` and ``--output`` checked first.
+
+    The names are those of ``polytropon_tasks.json``, else ``PolyConfig.task_names``, else ``task_<id>``.
+    """
+    adapter_dir = resolve_adapter_dir(args.adapter)
+    config = read_adapter_config(adapter_dir)
+    info = read_tasks_file_if_present(adapter_dir)
+    tasks = info.get("tasks") or getattr(config, "task_names", None) or [f"task_{i}" for i in range(config.n_tasks)]
+    if len(tasks) != config.n_tasks:
+        raise CliError(f"{adapter_dir}: {TASKS_FILE} names {len(tasks)} tasks, the adapter has {config.n_tasks}")
+    require_empty_dir(args.output, "refusing to overwrite")
+    model, _ = load_adapted(adapter_dir, info, config, args.model)
+    return model, [str(t) for t in tasks]
