@@ -21,6 +21,7 @@ from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
 from .router import PolyRouter, presample, relaxed_bernoulli_rsample
 from .routing import RoutingState, TaskIds, check_task_ids
+from .signature import bind_forward, forward_state
 from .targets import TASK_TYPE_HEADS, default_target_modules, infer_task_type, matches
 from .tasks import grow_tasks, resolve_task_names, task_index
 from .variants import build_routers, check_tied_router_tensors
@@ -187,6 +188,14 @@ class PolyModel(nn.Module):
         self._inject(adapter_name, plan)
         self.set_adapter(adapter_name)
         self.training = model.training
+        self.forward = bind_forward(self, type(self).forward)  # shows the wrapped model's parameters + task_ids
+
+    def __getstate__(self) -> dict[str, Any]:
+        return forward_state(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.forward = bind_forward(self, type(self).forward)
 
     # ------------------------------------------------------------------ adapters
     def _inject(self, adapter_name: str, plan: _Plan) -> None:
@@ -514,20 +523,24 @@ class PolyModel(nn.Module):
         """PEFT's spelling of :meth:`task_context` (``with peft_model._manage_pre_hooks(task_ids=...):``)."""
         return self.task_context(task_ids)
 
-    def forward(self, *args: Any, task_ids: Optional[TaskIds] = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, task_ids: Optional[TaskIds] = None, labels: Any = None, **kwargs: Any) -> Any:
         """Run the wrapped model with every example routed to its task.
 
         Args:
             task_ids: ``(batch,)`` LongTensor or list of ints (or task names) in ``[0, n_tasks)``, one per
                 example, or a single id for the whole batch; required while an adapter is active and not merged
                 or disabled, unless a :meth:`task_context` gives them.
-            *args, **kwargs: the wrapped model's own arguments (``input_ids``, ``labels``, ...).
+            labels: passed on to the wrapped model when given (named here so that trainers reading the class's
+                signature find the label column).
+            *args, **kwargs: the wrapped model's own arguments (``input_ids``, ``attention_mask``, ...).
 
         Raises:
             ValueError: no task ids, ids out of range, or a number of ids other than the batch size or 1
                 (naming both numbers); raised before the model runs.
             TypeError: ids that are not integers (or names).
         """
+        if labels is not None:
+            kwargs["labels"] = labels
         if torch.compiler.is_compiling():
             return self._traced_forward(args, kwargs, task_ids)
         ids = self._task_ids_for_call(task_ids, self._batch_size(args, kwargs))
