@@ -7,7 +7,8 @@ importing only the ones below it (see ``docs/architecture.md``):
 * :mod:`polytropon.toolkit`: the research toolkit (task names, few-shot helpers, priors, read-outs, plots);
 * :mod:`polytropon.app`: the ``polytropon`` command line, its training loop, data loading and built-in suite.
 
-The toolkit's functions are exported here too; the plots live in :mod:`polytropon.toolkit.plots`, imported
+The toolkit's functions are exported here too (its training API -- ``PolyTrainer``, ``PolySFTTrainer``,
+``TaskIdsCollator``, ... -- on first use, since the Trainer needs accelerate); the plots live in :mod:`polytropon.toolkit.plots`, imported
 on demand because matplotlib and scipy are optional.
 """
 
@@ -29,5 +30,19 @@ __all__ = [
     # the research toolkit
     "FixedRouter", "add_tasks", "set_task_names", "param_groups", "ibp_loss", "freeze_skills", "unfreeze_skills",
     "collapse_to_average", "routing_weights", "allocation_matrix", "task_similarity",
+    # training with the Hugging Face Trainer and TRL (polytropon.toolkit.training, imported on first use)
+    "PolyTrainer", "PolySFTTrainer", "poly_trainer_class", "TaskIdsCollator", "PolyDataCollator",
+    "JsonlLogCallback", "load_checkpoint",
 ]
+_TRAINING_NAMES = frozenset(__all__[-7:])
+
+
+def __getattr__(name: str):
+    """The training API, imported on first use (the Trainer needs accelerate, an optional dependency)."""
+    if name in _TRAINING_NAMES:
+        from .toolkit import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __version__ = "0.1.0"
