@@ -102,10 +102,17 @@ class TaskIdsCollator:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not features:
             raise ValueError("empty batch")
-        ids = [_task_id_of(feature, i) for i, feature in enumerate(features)]  # all checked before collating
         _refuse_packed(features)
+        ids = [_task_id_of(feature, i) for i, feature in enumerate(features)]  # all checked before collating
         rest = [{k: v for k, v in feature.items() if k != TASK_IDS_COLUMN} for feature in features]
         batch = dict(self.collator(rest))
+        rows = batch.get("input_ids")
+        if isinstance(rows, torch.Tensor) and rows.dim() >= 2 and rows.shape[0] != len(ids):
+            raise ValueError(
+                f"the collator made {rows.shape[0]} row(s) of {len(ids)} examples (padding-free batching puts "
+                "the examples of a batch into one row): one task id per example needs one example per row; "
+                "train with padding_free=False"
+            )
         batch[TASK_IDS_COLUMN] = torch.tensor(ids, dtype=torch.long)
         return batch
 
@@ -113,12 +120,13 @@ class TaskIdsCollator:
 def _refuse_packed(features: Sequence[Mapping[str, Any]]) -> None:
     """Rows that TRL packed from several examples (``seq_lengths`` with more than one entry) are refused."""
     for index, feature in enumerate(features):
-        lengths = feature.get("seq_lengths")
-        if lengths is not None and len(lengths) > 1:
+        lengths = feature.get("seq_lengths") if isinstance(feature, Mapping) else None
+        if lengths is not None and (len(lengths) > 1 or TASK_IDS_COLUMN not in feature):
             raise ValueError(
-                f"example {index} of the batch packs {len(lengths)} sequences into one row with one task id: "
-                "the tokens of the other examples would be routed to its task. Train without packing "
-                "(SFTConfig(packing=False)); one task id per example needs one example per row"
+                f"example {index} of the batch is a packed row ({len(lengths)} sequence(s), "
+                f"{TASK_IDS_COLUMN!r} {'dropped' if TASK_IDS_COLUMN not in feature else 'kept once'}): packing "
+                "puts examples of different tasks into one row, whose tokens would all be routed to one task. "
+                "Train without packing: SFTConfig(packing=False)"
             )
 
 
