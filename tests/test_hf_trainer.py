@@ -71,6 +71,20 @@ def test_forward_signature_is_the_wrapped_models_plus_task_ids():
     assert params["task_ids"].kind is inspect.Parameter.KEYWORD_ONLY and params["task_ids"].default is None
 
 
+def test_the_per_model_forward_survives_pickling_and_deepcopy():
+    import copy
+    import pickle
+
+    model = _poly_model().eval()
+    x = torch.randint(3, 90, (2, 5))
+    with torch.no_grad():
+        expected = model(input_ids=x, task_ids=[0, 2]).logits
+        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert clone.forward.__self__ is clone
+            assert "task_ids" in inspect.signature(clone.forward).parameters
+            torch.testing.assert_close(clone(input_ids=x, task_ids=[0, 2]).logits, expected, rtol=0, atol=0)
+
+
 def test_plain_trainer_with_default_arguments_keeps_task_ids_and_trains(tmp_path):
     """The unchanged PEFT-style script: default TrainingArguments (remove_unused_columns=True) on a task_ids column."""
     model = _poly_model()
@@ -127,6 +141,17 @@ def test_poly_trainer_resume_equals_an_uninterrupted_run(tmp_path):
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_poly_trainer_loads_the_best_checkpoint_at_the_end(tmp_path):
+    model = _poly_model()
+    args = _args(tmp_path, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                 load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False, max_steps=4)
+    trainer = polytropon.PolyTrainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(n=6))
+    trainer.train()
+    best = polytropon.PolyModel.from_pretrained(tiny_llama(seed=0), trainer.state.best_model_checkpoint)
+    for key, value in best.adapter_state_dict().items():
+        torch.testing.assert_close(model.adapter_state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_poly_trainer_router_learning_rate_is_its_own_group(tmp_path):
