@@ -99,6 +99,20 @@ def test_plain_trainer_with_default_arguments_keeps_task_ids_and_trains(tmp_path
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_plain_trainer_resume_equals_an_uninterrupted_run(tmp_path):
+    """The plain Trainer checkpoints the whole model (it is not a PreTrainedModel/PeftModel) and resumes from it."""
+    full = _poly_model()
+    Trainer(model=full, args=_args(tmp_path / "full", save_strategy="no"), train_dataset=_dataset()).train()
+    Trainer(model=_poly_model(), args=_args(tmp_path / "cut", save_steps=3), train_dataset=_dataset()).train()
+    assert "model.safetensors" in os.listdir(tmp_path / "cut" / "checkpoint-3")
+    resumed = _poly_model()
+    trainer = Trainer(model=resumed, args=_args(tmp_path / "cut", save_strategy="no"), train_dataset=_dataset())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    expected, got = _adapter(full), _adapter(resumed)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
 def test_poly_trainer_checkpoints_are_adapter_only_and_load_in_polytropon_and_peft(tmp_path):
     model = _poly_model()
     trainer = polytropon.PolyTrainer(
