@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,14 +72,9 @@ def _task_id_of(feature: Mapping[str, Any], index: int) -> int:
             "would route every token of the row to one task. Train without packing (SFTConfig(packing=False), "
             "padding_free=False), or give each row the examples of a single task"
         )
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            value = int(value) if float(value) == int(value) else None
-        except (TypeError, ValueError):
-            value = None
-        if value is None:
-            raise TypeError(f"example {index}: {TASK_IDS_COLUMN!r} must be an int, got {feature[TASK_IDS_COLUMN]!r}")
-    return value
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):  # ints and NumPy ints, not floats or names
+        raise TypeError(f"example {index}: {TASK_IDS_COLUMN!r} must be an int, got {feature[TASK_IDS_COLUMN]!r}")
+    return operator.index(value)
 
 
 @dataclass
