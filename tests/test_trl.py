@@ -128,9 +128,10 @@ def test_sft_trainer_routes_every_example_by_its_task(tmp_path):
 
 def test_sft_trainer_equals_the_plain_trainer_on_the_same_batches(tmp_path):
     """TRL (fused LM head loss: mean NLL over the completion tokens; gradient checkpointing on) and the plain
-    Trainer loop (the model's own loss; no checkpointing) train the same adapter from the same batches."""
+    ``transformers.Trainer`` (the model's own loss; no checkpointing; its default optimizer) train the same
+    adapter from the same batches, to float32 round-off."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     tokenizer = make_tokenizer()
     sft_model = make_model(tokenizer)
@@ -140,14 +141,14 @@ def test_sft_trainer_equals_the_plain_trainer_on_the_same_batches(tmp_path):
     )
     sft.train()
     hf_model = make_model(tokenizer)
-    hf = polytropon.PolyTrainer(
+    hf = Trainer(
         model=hf_model,
         args=TrainingArguments(
             output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=4,
             report_to=[], use_cpu=True, gradient_checkpointing=False, seed=0, data_seed=0, save_strategy="no",
         ),
         train_dataset=sft.train_dataset,  # TRL's tokenized rows: input_ids, labels (completion only), task_ids
-        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+        data_collator=polytropon.TaskIdsCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)),
     )
     hf.train()
     theirs, ours = adapter(hf_model), adapter(sft_model)
