@@ -81,8 +81,10 @@ def _task_id_of(feature: Mapping[str, Any], index: int) -> int:
 class TaskIdsCollator:
     """Wrap a data collator so that every batch carries ``task_ids``: a LongTensor ``(batch,)``.
 
-    Each feature's ``task_ids`` (an int) is taken out before ``collator`` sees the features (collators that
-    tokenize or pad do not know the key) and put back into the batch it returns.
+    Each feature's ``task_ids`` (an int) is checked before ``collator`` runs; ``collator`` gets the features
+    unchanged (a collator that reads ``task_ids`` itself keeps working) and the batch it returns gets
+    ``task_ids`` as a LongTensor, whether it dropped the key (TRL's collator keeps only the token columns) or
+    kept it in another form.
 
     Args:
         collator: any callable ``list[dict] -> dict`` (``DataCollatorWithPadding``, ``DataCollatorForSeq2Seq``,
@@ -100,8 +102,7 @@ class TaskIdsCollator:
             raise ValueError("empty batch")
         _refuse_packed(features)
         ids = [_task_id_of(feature, i) for i, feature in enumerate(features)]  # all checked before collating
-        rest = [{k: v for k, v in feature.items() if k != TASK_IDS_COLUMN} for feature in features]
-        batch = dict(self.collator(rest))
+        batch = dict(self.collator(list(features)))
         rows = batch.get("input_ids")
         if isinstance(rows, torch.Tensor) and rows.dim() >= 2 and rows.shape[0] != len(ids):
             raise ValueError(
