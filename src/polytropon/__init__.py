@@ -20,8 +20,11 @@ importing only the ones below it (see ``docs/architecture.md``):
    (``param_groups``, ``ibp_loss``) and read-outs (``routing_weights``, ``allocation_matrix``,
    ``task_similarity``).
 
-A further public group (e.g. training utilities: a trainer, a collator) gets its own heading after the
-building blocks. Not exported: the plots (:mod:`polytropon.toolkit.plots`, imported on demand because
+4. Training with the Hugging Face ``Trainer`` and TRL (:mod:`polytropon.toolkit.training`): ``PolyTrainer``,
+   ``PolySFTTrainer``, ``poly_trainer_class``, ``TaskIdsCollator``, ``PolyDataCollator``, ``JsonlLogCallback``,
+   ``load_checkpoint`` -- imported on first use, since the Trainer needs accelerate.
+
+Not exported: the plots (:mod:`polytropon.toolkit.plots`, imported on demand because
 matplotlib and scipy are optional), the application (:mod:`polytropon.app`), and helpers for one setting
 (:mod:`polytropon.fsdp`, :mod:`polytropon.export`), imported from their modules.
 """
@@ -48,5 +51,19 @@ __all__ = [
     "freeze_skills", "unfreeze_skills", "collapse_to_average",
     "param_groups", "ibp_loss",
     "routing_weights", "allocation_matrix", "task_similarity",
+    # 4. training with the Hugging Face Trainer and TRL (polytropon.toolkit.training, imported on first use)
+    "PolyTrainer", "PolySFTTrainer", "poly_trainer_class", "TaskIdsCollator", "PolyDataCollator",
+    "JsonlLogCallback", "load_checkpoint",
 ]
+_TRAINING_NAMES = frozenset(__all__[-7:])
+
+
+def __getattr__(name: str):
+    """The training API, imported on first use (the Trainer needs accelerate, an optional dependency)."""
+    if name in _TRAINING_NAMES:
+        from .toolkit import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __version__ = "0.1.0"

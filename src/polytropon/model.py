@@ -34,6 +34,7 @@ from .persistence import adapter_state_dict, check_save_directory, load_adapter_
 from .router import PolyRouter
 from .quantized import check_mergeable
 from .routing import RoutingState, TaskIds, call_batch_size
+from .signature import bind_forward, forward_state
 from .tasks import grow_tasks, resolve_task
 from .variants import eval_routing_weights
 
@@ -66,6 +67,14 @@ class PolyModel(nn.Module):
         self._inject(adapter_name, plan)
         self.set_adapter(adapter_name)
         self.training = model.training
+        self.forward = bind_forward(self, type(self).forward)  # shows the wrapped model's parameters + task_ids
+
+    def __getstate__(self) -> dict[str, Any]:
+        return forward_state(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.forward = bind_forward(self, type(self).forward)
 
     # ------------------------------------------------------------------ adapters
     def _inject(self, adapter_name: str, plan: InjectionPlan) -> None:
@@ -222,14 +231,18 @@ class PolyModel(nn.Module):
         """PEFT's spelling of :meth:`task_context` (``with peft_model._manage_pre_hooks(task_ids=...):``)."""
         return self.task_context(task_ids)
 
-    def forward(self, *args: Any, task_ids: Optional[TaskIds] = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, task_ids: Optional[TaskIds] = None, labels: Any = None, **kwargs: Any) -> Any:
         """Run the wrapped model (its own ``*args, **kwargs``) with every example routed to its task.
 
         ``task_ids``: ``(batch,)`` LongTensor or list of ints or task names, one per example, or one for the
         batch; required while an adapter routes, unless a :meth:`task_context` gives them. Checked before the
         model runs (:mod:`polytropon.calls`): ValueError (missing, out of range, not one per example or one for
-        all), TypeError (not integers or names).
+        all), TypeError (not integers or names). ``labels`` is passed on when given (named here because trainers
+        find the label columns in the class's signature). Each model's ``forward`` shows the wrapped model's
+        parameters plus ``task_ids`` to ``inspect.signature`` (:mod:`polytropon.signature`).
         """
+        if labels is not None:
+            kwargs["labels"] = labels
         batch_size = call_batch_size(args, kwargs)
         if torch.compiler.is_compiling():  # see docs/deploy.md, "torch.compile"
             ids, routes = traced_call(self._calls, task_ids, batch_size, self.training, self.poly_layers)

@@ -49,6 +49,12 @@ def check_documented(documented: str, actual: str) -> None:
 # --------------------------------------------------------------------------- a small world to break
 
 
+def _training():
+    from polytropon.toolkit import training
+
+    return training
+
+
 def llama_poly(**kwargs) -> PolyModel:
     kwargs.setdefault("target_modules", ["q_proj", "v_proj"])
     kwargs.setdefault("n_tasks", 3)
@@ -265,6 +271,29 @@ API_CASES = [
     ("state-dict-missing", lambda e: llama_poly().save_pretrained(str(e.root / "sd"), state_dict={}), ValueError,
      "the state_dict given to save_pretrained has no tensor for <key> of adapter '<name>' (looked for [<names>]); "
      "pass the whole model's state dict, or call save_pretrained without state_dict"),
+    ("trainer-no-task-ids", lambda e: _training().TaskIdsCollator(lambda f: f)([{"input_ids": [1]}]), ValueError,
+     "example <i> of the batch has no 'task_ids' column (it has [<keys>]): give the dataset a 'task_ids' column with "
+     "one task id (an int) per example, e.g. dataset.map(lambda ex: {'task_ids': task_to_id[ex['task']]})"),
+    ("trainer-list-task-ids", lambda e: _training().TaskIdsCollator(lambda f: f)([{"task_ids": [0, 1]}]), ValueError,
+     "example <i> of the batch has <n> task ids in one row: rows packed from several examples would route every token "
+     "of the row to one task. Train without packing (SFTConfig(packing=False), padding_free=False), or give each row "
+     "the examples of a single task"),
+    ("trainer-task-id-type", lambda e: _training().TaskIdsCollator(lambda f: f)([{"task_ids": "qa"}]), TypeError,
+     "example <i>: 'task_ids' must be an int, got <value>"),
+    ("trainer-packed", lambda e: _training().TaskIdsCollator(lambda f: f)([{"input_ids": [1, 2], "seq_lengths": [1, 1]}]),
+     ValueError, "example <i> of the batch is a packed row (<n> sequence(s), 'task_ids' dropped): packing puts examples "
+     "of different tasks into one row, whose tokens would all be routed to one task. Train without packing: "
+     "SFTConfig(packing=False)"),
+    ("trainer-padding-free", lambda e: _training().TaskIdsCollator(lambda f: {"input_ids": torch.zeros(1, 4)})(
+        [{"task_ids": 0}, {"task_ids": 1}]), ValueError,
+     "the collator made <r> row(s) of <n> examples (padding-free batching puts the examples of a batch into one row): "
+     "one task id per example needs one example per row; train with padding_free=False"),
+    ("trainer-router-lr", lambda e: _training().PolyTrainer(model=e.model, router_lr=-1), ValueError,
+     "router_lr must be a non-negative number or None, got <value>"),
+    ("trainer-base", lambda e: _training().poly_trainer_class(dict), TypeError,
+     "base must be a transformers.Trainer subclass, got <value>"),
+    ("trainer-resume", lambda e: _training().load_checkpoint(e.model, str(e.not_empty)), ValueError,
+     "<checkpoint>: not a polytropon checkpoint (neither trainable_state.safetensors nor adapter_model.safetensors)"),
     # 9. data
     ("data-json", lambda e: load_jsonl(write(e.root / "bad.jsonl", '{"task": "a", "input": "x", "target": "y"}\n{oops\n')),
      DataError, "<file>:<line>: not valid JSON (<reason>)"),

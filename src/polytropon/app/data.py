@@ -8,11 +8,9 @@ Every example is a row with three text fields, a task name, an input and a targe
 with line-precise errors), with other column names if the file has them (:class:`Columns`);
 :func:`rows_from_dataset` takes a ``datasets.Dataset`` (or any iterable of dicts) already in memory.
 
-:class:`PolyDataCollator` pads a batch and adds a ``task_ids`` ``LongTensor`` next to
-``input_ids``/``attention_mask``/``labels``. To keep that column when using the
-Hugging Face :class:`~transformers.Trainer` directly with a ``PolyModel``, pass
-``remove_unused_columns=False`` in the ``TrainingArguments`` and this collator as
-``data_collator``; see ``docs/cli.md`` for a runnable example.
+:class:`PolyDataCollator` (the library's, :mod:`polytropon.toolkit.training`, importable from here too) pads a
+batch and adds a ``task_ids`` ``LongTensor`` next to ``input_ids``/``attention_mask``/``labels``; see
+``docs/training.md`` for training with the Hugging Face ``Trainer`` and TRL.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from torch.utils.data import Dataset
 
 __all__ = [
@@ -294,62 +291,7 @@ class PolyDataset(Dataset):
         return self.features[index]
 
 
-@dataclass
-class PolyDataCollator:
-    """Pad ``input_ids``/``attention_mask``/``labels`` and batch ``task_ids``.
-
-    Args:
-        tokenizer: supplies the pad token id and padding side.
-        label_pad_id: padding for token-level labels (ignored by the loss).
-        pad_to_multiple_of: optional rounding of the padded length.
-
-    Features are dicts with ``input_ids``, ``attention_mask``, ``task_ids`` (an int),
-    and ``labels`` (an int for classification, a list of token ids otherwise).
-    Unknown keys are dropped. The output holds ``torch.long`` tensors.
-    """
-
-    tokenizer: Any
-    label_pad_id: int = -100
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("empty batch")
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            longest = (longest + m - 1) // m * m
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
-
-        def pad(seq: Sequence[int], value: int, length: int) -> list[int]:
-            filler = [value] * (length - len(seq))
-            return filler + list(seq) if left else list(seq) + filler
-
-        batch = {
-            "input_ids": torch.tensor([pad(f["input_ids"], pad_id, longest) for f in features], dtype=torch.long),
-            "attention_mask": torch.tensor(
-                [pad(f.get("attention_mask", [1] * len(f["input_ids"])), 0, longest) for f in features],
-                dtype=torch.long,
-            ),
-            "task_ids": torch.tensor([int(f["task_ids"]) for f in features], dtype=torch.long),
-        }
-        if "labels" in features[0]:
-            first = features[0]["labels"]
-            if isinstance(first, (list, tuple)):
-                # token labels: pad on the right for seq2seq targets, like the inputs for causal LMs
-                same_as_inputs = all(len(f["labels"]) == len(f["input_ids"]) for f in features)
-                length = longest if same_as_inputs else max(len(f["labels"]) for f in features)
-                if same_as_inputs:
-                    labels = [pad(f["labels"], self.label_pad_id, length) for f in features]
-                else:
-                    labels = [list(f["labels"]) + [self.label_pad_id] * (length - len(f["labels"])) for f in features]
-                batch["labels"] = torch.tensor(labels, dtype=torch.long)
-            else:
-                batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
-        return batch
+from ..toolkit.training import PolyDataCollator  # noqa: E402  (the library's collator, under its old path)
 
 
 def split_rows(rows: Sequence[Row], fraction: float, seed: int = 0) -> tuple[list[Row], list[Row]]:

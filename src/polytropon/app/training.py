@@ -1,16 +1,14 @@
 """Training and evaluation helpers behind ``polytropon train`` / ``eval``.
 
 * :func:`infer_head` and :func:`load_base_model` pick and load the right transformers head.
-* :class:`PolyTrainer` is a :class:`transformers.Trainer` with a two-speed optimizer (router
-  logits get their own learning rate) and small adapter-only checkpoints that it can resume from.
+* :func:`make_trainer` builds the library's :class:`~polytropon.toolkit.training.PolyTrainer` (two-speed optimizer,
+  adapter-only checkpoints it can resume from) from the CLI's flags.
 * :func:`evaluate_per_task` computes per-task accuracy / exact match (and loss for language models).
 * :func:`head_only_baseline` trains just the classification head of a frozen base model.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections import defaultdict
@@ -18,11 +16,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback
 
-from ..fsdp import copy_full_, gathered, is_sharded
 from .data import HeadType, PolyDataCollator, Row
 
 __all__ = [
@@ -47,8 +42,6 @@ TASK_TYPE_OF_HEAD: dict[str, str] = {
     "causal-lm": "CAUSAL_LM",
     "seq2seq": "SEQ_2_SEQ_LM",
 }
-#: File with every trainable tensor in a checkpoint (used to resume).
-TRAINABLE_STATE_NAME = "trainable_state.safetensors"
 
 
 class ModelLoadError(RuntimeError):
@@ -175,119 +168,14 @@ def load_base_model(
     return net, tokenizer
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor of ``model`` by parameter name (detached, contiguous, on CPU).
-
-    Tensors sharded by FSDP2 are gathered in full: then every rank must call it (a collective call).
-    """
-    state = gathered({n: p for n, p in model.named_parameters() if p.requires_grad})
-    return {n: t.cpu().contiguous() for n, t in state.items()}
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names and float32 bytes of ``state``; equal digests mean identical tensors."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].float().numpy().tobytes())
-    return h.hexdigest()
-
-
-class PolyTrainer(Trainer):
-    """A :class:`~transformers.Trainer` for ``PolyModel``.
-
-    * The optimizer is AdamW over :func:`polytropon.toolkit.optim.param_groups`: router logits use
-      ``router_lr`` and no weight decay; skills and saved modules use ``args.learning_rate``.
-      The scheduler scales both.
-    * Checkpoints hold the adapter (``save_pretrained``) and all trainable tensors
-      (:data:`TRAINABLE_STATE_NAME`), not the frozen base model; resuming loads the latter.
-    * With ``ibp_alpha`` the loss adds the Indian Buffet Process prior of the learned allocations,
-      ``loss = task_loss + ibp_weight * ibp_loss(model, ibp_alpha)`` (:func:`polytropon.toolkit.priors.ibp_loss`,
-      the negative log-prior averaged over routers and splits).
-    """
-
-    def __init__(
-        self, *args: Any, router_lr: float, ibp_alpha: float | None = None, ibp_weight: float = 0.0, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.router_lr = router_lr
-        self.ibp_alpha = ibp_alpha
-        self.ibp_weight = ibp_weight
-        # PolyModel.forward takes **kwargs; do not let Trainer pass num_items_in_batch into the base model.
-        self.model_accepts_loss_kwargs = False
-
-    def compute_loss(
-        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-    ) -> Any:
-        """The task loss, plus ``ibp_weight * ibp_loss(model, ibp_alpha)`` when the prior is on."""
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if self.ibp_alpha is None:
-            return result
-        from ..toolkit.priors import ibp_loss
-
-        prior = self.ibp_weight * ibp_loss(self.accelerator.unwrap_model(model), alpha=self.ibp_alpha)
-        if return_outputs:
-            loss, outputs = result
-            return loss + prior, outputs
-        return result + prior
-
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            from ..toolkit.optim import param_groups
-
-            groups = param_groups(self.model, self.args.learning_rate, self.router_lr, self.args.weight_decay)
-            self.optimizer = torch.optim.AdamW(
-                groups,
-                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
-            )
-        return self.optimizer
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model)
-        # sharded by FSDP2, the Trainer calls this on every rank: all of them gather the tensors, rank 0 writes
-        if not (self.args.should_save or is_sharded(model)):
-            return
-        model.save_pretrained(output_dir)
-        state = trainable_state(model)
-        if not self.args.should_save:
-            return
-        save_file(state, os.path.join(output_dir, TRAINABLE_STATE_NAME))
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        path = os.path.join(resume_from_checkpoint, TRAINABLE_STATE_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(f"{resume_from_checkpoint}: not a polytropon checkpoint (no {TRAINABLE_STATE_NAME})")
-        saved = load_file(path)
-        params = dict(model.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
-        if missing:
-            raise ValueError(f"{resume_from_checkpoint}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
-        for name, tensor in saved.items():
-            if name not in params or params[name].shape != tensor.shape:
-                raise ValueError(f"{resume_from_checkpoint}: tensor {name} does not fit the model")
-        for name, tensor in saved.items():
-            copy_full_(params[name], tensor)  # a parameter sharded by FSDP2 takes its own shard
-
-
-class JsonlLogCallback(TrainerCallback):
-    """Appends every log dict of the main process (loss, learning rate, step, ...) as one JSON line to ``path``."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if not state.is_world_process_zero or not logs:
-            return
-        entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry) + "\n")
+# --------------------------------------------------------------------------- the library's trainer, re-exported
+from ..toolkit.training import (  # noqa: E402  (the CLI's names for the library's training API)
+    TRAINABLE_STATE_NAME,
+    JsonlLogCallback,
+    PolyTrainer,
+    state_digest,
+    trainable_state,
+)
 
 
 def make_trainer(
@@ -349,6 +237,8 @@ def make_trainer(
         ibp_alpha=getattr(args, "ibp_alpha", None),
         ibp_weight=ibp_weight,
     )
+    # the CLI's loss scaling: never hand num_items_in_batch to the model (per-micro-batch mean losses)
+    trainer.model_accepts_loss_kwargs = False
     if args.quiet:
         trainer.remove_callback(PrinterCallback)
     if log_path is not None:
