@@ -490,7 +490,7 @@ def goals_report(results: dict[str, Timings], compiled: bool, reasons: dict[str,
         got = fmt_ratio(results.get(key), "ours" + suffix, other + suffix)
         if got is not None:
             return got
-        return "n/a" + (" (see below)" if other + suffix in reasons or "ours" + suffix in reasons else "")
+        return "n/a (see below)" if reasons else "n/a"
 
     lines = ["| workload | " + " | ".join(f"ours / {NAMES[o]}, {m}" for o in ("base", "peft_lora", "peft_poly")
                                            for m, _ in modes) + " |"]
@@ -590,7 +590,7 @@ def run_goals(args: argparse.Namespace, setup: Setup) -> None:
         timed(work, "infer_single", ["ours", "base"], "merged", repeats=3 * setup.repeats)
         models["ours"].unmerge_adapter()
     if "many" in only:
-        many = dataclasses.replace(setup, **MANY)
+        many = dataclasses.replace(setup, **MANY, seq=min(setup.seq, 32) if args.quick else setup.seq)
         del models, work
         _, many_work = variants_for(many)
         timed(many_work, "train", everything, "many_train", repeats=setup.repeats)
@@ -599,6 +599,8 @@ def run_goals(args: argparse.Namespace, setup: Setup) -> None:
     if not args.no_memory:
         memory, failed = measure_memory(setup, args.quick, None if args.quick else backend)
         reasons.update({k: f"memory: {v}" for k, v in failed.items()})
+        if args.quick and backend:
+            reasons["memory, compiled"] = "not measured in --quick"
         if memory is not None:
             results["memory"] = memory
 
@@ -649,10 +651,14 @@ def scaling_points(centre: Setup) -> list[tuple[str, int, Setup]]:
     return [(f, v, dataclasses.replace(centre, **{f: v})) for f, values in SCALING.items() for v in values]
 
 
-def run_scaling(args: argparse.Namespace, setup: Setup) -> dict:
-    """Measure the sweep, write ``scaling[_quick].{json,md,png}`` under ``args.out``; return the JSON document."""
+def run_scaling(setup: Setup, out: str, repeats: int, stem: str = "scaling") -> dict:
+    """Measure the sweep around ``setup`` with :data:`SCALING_CENTRE`, write ``<stem>.{json,md,png}`` under ``out``.
+
+    Eager only (a compiled sweep would compile every variant at every point). Returns the JSON document:
+    ``{"factors": {factor: [{"value": v, "train": {other: {"ratio": r, "iqr": [q1, q3]}, ..., "ms": {...}},
+    "infer": {...}}, ...]}, ...}`` for every factor of :data:`SCALING` and every value.
+    """
     centre = dataclasses.replace(setup, **SCALING_CENTRE)
-    repeats = args.repeats or (3 if args.quick else 7)
     cache: dict[tuple, dict] = {}
     doc = {"machine": machine(setup.device), "load_average_at_start": os.getloadavg()[0], "device": setup.device,
            "centre": dataclasses.asdict(centre), "repeats": repeats, "mode": "eager",
@@ -681,8 +687,8 @@ def run_scaling(args: argparse.Namespace, setup: Setup) -> dict:
         p = cache[key]
         print(f"  {factor}={value}: train vs base {p['train']['base']['ratio']:.2f}x, infer vs base "
               f"{p['infer']['base']['ratio']:.2f}x", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "scaling_quick" if args.quick else "scaling")
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, stem)
     with open(stem + ".json.tmp", "w") as fh:
         json.dump(doc, fh, indent=1)
     os.replace(stem + ".json.tmp", stem + ".json")
@@ -779,7 +785,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         setup.repeats = args.repeats
         setup.gen_repeats = max(3, args.repeats // 2)
     if args.scaling:
-        run_scaling(args, setup)
+        run_scaling(setup, args.out, args.repeats or (3 if args.quick else 7), "scaling_quick" if args.quick else "scaling")
     else:
         run_goals(args, setup)
 
