@@ -20,7 +20,8 @@ weights, and ours and PEFT's Poly the same adapter weights (checked: their logit
 and, in the compiled column, each of them under ``torch.compile`` (``--compile``, inductor by default): the
 whole model for training and inference, the wrapped transformers model's ``forward`` for generation (``generate``
 itself stays eager). The compiled base is the floor for a user who compiles. A variant that fails to compile
-is reported "n/a" with the error; the number of graph breaks of each compiled variant is printed.
+is reported "n/a" with the error; the number of graph breaks of each compiled variant is printed, and so is
+any graph compiled during the timed rounds (the timings then include compilation).
 
 Timed workloads (``time.perf_counter``; on CUDA ``torch.cuda.synchronize()`` before and after each call):
 
