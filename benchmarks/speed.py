@@ -1,9 +1,11 @@
-"""Speed and memory of polytropon's Poly/MHR against PEFT's Poly, PEFT's LoRA and the frozen base model.
+"""Speed and memory of polytropon's Poly/MHR against the frozen base model, PEFT's LoRA and PEFT's Poly.
 
 Usage::
 
-    PYTHONPATH=src python benchmarks/speed.py            # the configuration of issue 3 (a few minutes on 2 cores)
-    PYTHONPATH=src python benchmarks/speed.py --quick    # a smaller model and fewer repeats (~1 minute)
+    PYTHONPATH=src python benchmarks/speed.py                    # the goals, eager and compiled (tens of minutes on 2 cores)
+    PYTHONPATH=src python benchmarks/speed.py --quick            # a smaller model, fewer repeats: a smoke run
+    PYTHONPATH=src python benchmarks/speed.py --scaling          # ratios over tasks, distinct tasks, skills, rank, length
+    PYTHONPATH=src python benchmarks/speed.py --device cuda      # on a GPU (default: cuda when available)
 
 The model is a randomly initialised Llama-style causal LM (hidden 256, 4 layers, intermediate 688, 4 heads,
 vocabulary 512) with all seven projections adapted: r 8, 8 skills, 4 splits (MHR), 8 tasks. Batches are
@@ -15,34 +17,49 @@ weights, and ours and PEFT's Poly the same adapter weights (checked: their logit
 * ``peft_lora``  ``peft.get_peft_model`` with ``peft.LoraConfig`` (r 8, same targets; one task only)
 * ``base``       the frozen base model (training step: backward to the input embeddings, no weight grads)
 
-Timed workloads (``time.perf_counter``, torch's default thread count):
+and, in the compiled column, each of them under ``torch.compile`` (``--compile``, inductor by default): the
+whole model for training and inference, the wrapped transformers model's ``forward`` for generation (``generate``
+itself stays eager). The compiled base is the floor for a user who compiles. A variant that fails to compile
+is reported "n/a" with the error; the number of graph breaks of each compiled variant is printed, and so is
+any graph compiled during the timed rounds (the timings then include compilation).
+
+Timed workloads (``time.perf_counter``; on CUDA ``torch.cuda.synchronize()`` before and after each call):
 
 * ``train``      forward + backward of the LM loss, ``model.train()``, gradients freed after each step
 * ``infer``      forward under ``torch.no_grad()``, ``model.eval()``
 * ``generate``   greedy ``generate``: batch 4, 32-token prompts, exactly 24 new tokens, KV cache on
 * ``merged``     (ours only) forward with task 0 merged into the weights, timed against ``base`` on a
                  single-task batch
+* ``many``       the training step and inference at 1,000 tasks, batch 32 with 32 distinct tasks
 
 Each repeat runs every variant once, in an order rotated from repeat to repeat (interleaved), after
-warm-up calls; the table shows medians over repeats and, as ratios, the median over repeats of the ratio
+warm-up calls; the tables show medians over repeats and, as ratios, the median over repeats of the ratio
 within a repeat (two variants timed back to back share the machine's state of the moment, so slow drifts of
-its speed cancel), followed by the interquartile range of those per-repeat ratios. The merged comparison
-(two quick variants) runs three times as many repeats.
+its speed cancel), with the interquartile range of those per-repeat ratios in brackets. The goals table
+prints each goal next to its ratio, eager and compiled, as "met" or "not met".
 
-Peak memory of a training step: each variant runs in a fresh subprocess that builds the model, does one
-warm-up step, then resets the kernel's resident-set high-water mark (``echo 5 > /proc/self/clear_refs``),
-records the current resident set, runs one step and reads ``VmHWM`` from ``/proc/self/status``. The
-difference is the extra resident memory the step needed at its peak (saved activations, gradients,
-temporaries). The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so that
-glibc maps every tensor of 64 KiB or more separately and returns it when freed: the resident set then
-follows the live tensors, instead of staying at whatever the allocator kept from the warm-up step. ``tracemalloc`` cannot see torch's allocations, and CPU torch has no allocator
-statistics, hence the process-level measurement. Linux only; the column is skipped elsewhere.
+Peak memory of a training step: each variant runs in a fresh subprocess that builds the model and does
+warm-up steps. On CUDA the peak is ``torch.cuda.max_memory_allocated()`` over one step minus the memory
+allocated before it. On the CPU the subprocess resets the kernel's resident-set high-water mark
+(``echo 5 > /proc/self/clear_refs``), records the current resident set, runs one step and reads ``VmHWM``
+from ``/proc/self/status``; the subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``
+so that glibc maps every tensor of 64 KiB or more separately and returns it when freed: the resident set then
+follows the live tensors, instead of staying at whatever the allocator kept from the warm-up step
+(``tracemalloc`` cannot see torch's allocations, and CPU torch has no allocator statistics). Linux only on the
+CPU; the row is skipped elsewhere.
+
+``--scaling`` (a separate mode) varies one factor at a time around a centre configuration (batch 32, 100 tasks,
+8 distinct tasks per batch, 8 skills, r 8, 128 tokens): tasks 10/100/1,000, distinct tasks per batch 1/8/32,
+skills 2/8/32, rank 4/8/32, sequence length 32/128/512, and writes the eager training-step and inference ratios
+of ours against the base, PEFT's Poly and PEFT's LoRA to ``scaling.md``, ``scaling.json`` and ``scaling.png``
+(``scaling_quick.*`` with ``--quick``) under ``--out`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -57,6 +74,8 @@ import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ("ours", "peft_poly", "peft_lora", "base")
+COMPILED = "+c"  # suffix of a compiled variant's name: "ours+c"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 @dataclass
@@ -74,15 +93,44 @@ class Setup:
     n_tasks: int = 8
     batch: int = 8
     seq: int = 128
+    #: distinct tasks in a batch (``None``: every example on a different task, up to ``n_tasks``)
+    distinct: Optional[int] = None
     gen_batch: int = 4
     gen_prompt: int = 32
     gen_new: int = 24
     repeats: int = 25
     gen_repeats: int = 13
     memory_repeats: int = 3
+    device: str = "cpu"
 
 
 QUICK = Setup(hidden=128, layers=2, intermediate=344, vocab=256, seq=64, repeats=7, gen_repeats=3, gen_new=12, memory_repeats=1)
+#: the many-task case of the goals: 1,000 tasks, a batch of 32 on 32 distinct tasks
+MANY = {"n_tasks": 1000, "batch": 32, "distinct": 32}
+#: the scaling sweep: its centre (on top of the model of ``Setup``/``QUICK``) and the values of each factor
+SCALING_CENTRE = {"batch": 32, "n_tasks": 100, "distinct": 8, "n_skills": 8, "r": 8, "seq": 128}
+SCALING = {"n_tasks": (10, 100, 1000), "distinct": (1, 8, 32), "n_skills": (2, 8, 32), "r": (4, 8, 32),
+           "seq": (32, 128, 512)}
+#: the goals: (label, result key, [(comparison variant, largest ratio ours / it that meets the goal)])
+GOALS = [
+    ("training step, mixed tasks", "train", [("base", 1.12)]),
+    ("inference, mixed tasks", "infer", [("base", 1.08), ("peft_poly", 0.78)]),
+    ("greedy generation, mixed tasks", "generate", [("base", 1.15), ("peft_lora", 1.00)]),
+    ("training peak memory", "memory", [("base", 1.10)]),
+    ("1,000 tasks, 32 distinct of 32: training", "many_train", [("base", 1.15)]),
+    ("1,000 tasks, 32 distinct of 32: inference", "many_infer", [("base", 1.08)]),
+]
+NAMES = {"base": "base", "peft_lora": "PEFT LoRA", "peft_poly": "PEFT Poly"}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously); nothing on the CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def base_model(setup: Setup, seed: int = 0) -> torch.nn.Module:
@@ -95,7 +143,7 @@ def base_model(setup: Setup, seed: int = 0) -> torch.nn.Module:
         max_position_embeddings=max(setup.seq, setup.gen_prompt + setup.gen_new) + 8, pad_token_id=0,
         bos_token_id=1, eos_token_id=2,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config).to(setup.device)
 
 
 def build(variant: str, setup: Setup, base: Optional[torch.nn.Module] = None) -> torch.nn.Module:
@@ -132,22 +180,63 @@ def build(variant: str, setup: Setup, base: Optional[torch.nn.Module] = None) ->
             for name, p in model.named_parameters():
                 if "module_logits" in name:
                     p.normal_()
+    return model.to(setup.device)
+
+
+def transformers_model(variant: str, model: torch.nn.Module) -> torch.nn.Module:
+    """The plain transformers model inside a variant (whose ``forward`` ``generate`` calls at every step)."""
+    if variant == "base":
+        return model
+    if variant == "ours":
+        return model.model
+    return model.base_model.model  # PEFT: PeftModel -> tuner model -> transformers model
+
+
+def compile_generation(variant: str, model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """``model`` with its transformers model's ``forward`` compiled (``generate`` stays eager and calls it)."""
+    inner = transformers_model(variant, model)
+    inner.forward = torch.compile(inner.forward, backend=backend)
     return model
 
 
-class Workloads:
-    """The timed calls of one variant; every call returns nothing and leaves the model as it found it."""
+def task_layout(setup: Setup) -> torch.Tensor:
+    """Task ids of a batch: ``distinct`` tasks drawn from ``n_tasks`` (seeded), assigned to rows in turn."""
+    g = torch.Generator().manual_seed(2)
+    k = min(setup.batch, setup.n_tasks) if setup.distinct is None else setup.distinct
+    if not 1 <= k <= min(setup.batch, setup.n_tasks):
+        raise ValueError(f"distinct tasks per batch must be in [1, min(batch, n_tasks)], got {k}")
+    chosen = torch.randperm(setup.n_tasks, generator=g)[:k]
+    return chosen[torch.arange(setup.batch) % k]
 
-    def __init__(self, variant: str, model: torch.nn.Module, setup: Setup) -> None:
+
+class Workloads:
+    """The timed calls of one variant; every call returns nothing and leaves the model as it found it.
+
+    With ``compile_backend`` the training and inference calls go through ``torch.compile(model)`` and
+    generation through a copy of the model whose transformers ``forward`` is compiled.
+    """
+
+    def __init__(self, variant: str, model: torch.nn.Module, setup: Setup, compile_backend: Optional[str] = None) -> None:
         self.variant, self.model, self.setup = variant, model, setup
-        g = torch.Generator().manual_seed(2)
-        self.input_ids = torch.randint(3, setup.vocab, (setup.batch, setup.seq), generator=g)
-        self.task_ids = torch.randperm(setup.n_tasks, generator=g)[: setup.batch] % setup.n_tasks
-        if setup.batch > setup.n_tasks:
-            self.task_ids = torch.arange(setup.batch) % setup.n_tasks
-        self.prompt = torch.randint(3, setup.vocab, (setup.gen_batch, setup.gen_prompt), generator=g)
+        self.compile_backend = compile_backend
+        self.fwd = torch.compile(model, backend=compile_backend) if compile_backend else model
+        self._gen: Optional[torch.nn.Module] = None
+        dev = setup.device
+        g = torch.Generator().manual_seed(3)
+        self.input_ids = torch.randint(3, setup.vocab, (setup.batch, setup.seq), generator=g).to(dev)
+        self.task_ids = task_layout(setup).to(dev)
+        self.prompt = torch.randint(3, setup.vocab, (setup.gen_batch, setup.gen_prompt), generator=g).to(dev)
         self.gen_tasks = self.task_ids[: setup.gen_batch]
-        self.single_tasks = torch.zeros(setup.batch, dtype=torch.long)
+
+    @property
+    def gen(self) -> torch.nn.Module:
+        """The model ``generate`` is called on (a copy with a compiled forward when compiling)."""
+        if self._gen is None:
+            if self.compile_backend:
+                self._gen = compile_generation(self.variant, copy.deepcopy(self.model), self.compile_backend)
+            else:
+                self._gen = self.model
+        return self._gen
 
     def _kw(self, task_ids: torch.Tensor) -> dict:
         return {} if self.variant in ("base", "peft_lora") else {"task_ids": task_ids}
@@ -157,49 +246,49 @@ class Workloads:
     MODES = {"train": True, "infer": False, "infer_single": False, "generate": False}
 
     def set_mode(self, workload: str) -> None:
-        self.model.train(self.MODES[workload])
+        (self.gen if workload == "generate" else self.model).train(self.MODES[workload])
 
     def train(self) -> None:
-        m = self.model
+        m = self.fwd
         if self.variant == "base":
-            embeds = m.get_input_embeddings()(self.input_ids).detach().requires_grad_(True)
+            embeds = self.model.get_input_embeddings()(self.input_ids).detach().requires_grad_(True)
             loss = m(inputs_embeds=embeds, labels=self.input_ids).loss
         else:
             loss = m(input_ids=self.input_ids, labels=self.input_ids, **self._kw(self.task_ids)).loss
         loss.backward()
-        for p in m.parameters():
+        for p in self.model.parameters():
             p.grad = None
 
     def infer(self) -> None:
         with torch.no_grad():
-            self.model(input_ids=self.input_ids, **self._kw(self.task_ids))
+            self.fwd(input_ids=self.input_ids, **self._kw(self.task_ids))
 
     def infer_single(self) -> None:
         """Single-task batch (task 0), for the merged comparison; ``ours`` must have task 0 merged."""
         with torch.no_grad():
-            self.model(input_ids=self.input_ids)
+            self.fwd(input_ids=self.input_ids)
 
     def generate(self) -> None:
         s = self.setup
-        out = self.model.generate(
+        out = self.gen.generate(
             input_ids=self.prompt, attention_mask=torch.ones_like(self.prompt), max_new_tokens=s.gen_new,
             min_new_tokens=s.gen_new, do_sample=False, pad_token_id=0, **self._kw(self.gen_tasks),
         )
         assert out.shape[1] == s.gen_prompt + s.gen_new
 
 
-def check_equal(models: dict[str, torch.nn.Module], w: Workloads) -> float:
-    """Max relative difference between our logits and PEFT Poly's (eval, mixed tasks)."""
-    outs = {}
-    for name in ("ours", "peft_poly"):
-        models[name].eval()
+def check_equal(a: torch.nn.Module, b: torch.nn.Module, w: Workloads) -> float:
+    """Max relative difference between two routed models' logits (eval, mixed tasks)."""
+    outs = []
+    for m in (a, b):
+        m.eval()
         with torch.no_grad():
-            outs[name] = models[name](input_ids=w.input_ids, task_ids=w.task_ids).logits
-    return float((outs["ours"] - outs["peft_poly"]).abs().max() / outs["peft_poly"].abs().max())
+            outs.append(m(input_ids=w.input_ids, task_ids=w.task_ids).logits)
+    return float((outs[0] - outs[1]).abs().max() / outs[1].abs().max())
 
 
 class Timings(dict):
-    """Seconds per round of every call: ``{name: [t_round_0, t_round_1, ...]}``."""
+    """Seconds (or MiB) per round of every call: ``{name: [t_round_0, t_round_1, ...]}``."""
 
     def median(self, name: str) -> float:
         return statistics.median(self[name])
@@ -212,8 +301,16 @@ class Timings(dict):
         """Median over rounds of the per-round ratio: slow drifts of the machine's speed cancel within a round."""
         return statistics.median(self.ratios(name, other))
 
+    def iqr(self, name: str, other: str) -> Optional[tuple[float, float]]:
+        """25th and 75th percentile of the per-round ratios (``None`` with fewer than two rounds)."""
+        r = self.ratios(name, other)
+        if len(r) < 2:
+            return None
+        q = statistics.quantiles(r, n=4, method="inclusive")
+        return q[0], q[2]
 
-def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> Timings:
+
+def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, warmup: int = 2, device: str = "cpu") -> Timings:
     """Seconds of each call in each of ``repeats`` rounds, the order rotating every round."""
     names = list(calls)
     for _ in range(warmup):
@@ -223,8 +320,10 @@ def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, warmup:
     for i in range(repeats):
         order = names[i % len(names):] + names[: i % len(names)]
         for name in order:
+            sync(device)
             t0 = time.perf_counter()
             calls[name]()
+            sync(device)
             samples[name].append(time.perf_counter() - t0)
     return samples
 
@@ -244,40 +343,126 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_worker(variant: str, quick: bool) -> None:
-    """Print the peak extra resident memory (MiB) of one training step of ``variant`` as JSON."""
-    setup = QUICK if quick else Setup()
+def memory_worker(variant: str, quick: bool, device: str, backend: Optional[str]) -> None:
+    """Print the peak extra memory (MiB) of one training step of ``variant`` as JSON (see the module docstring)."""
+    setup = dataclasses.replace(QUICK if quick else Setup(), device=device)
     model = build(variant, setup)
-    w = Workloads(variant, model, setup)
+    w = Workloads(variant, model, setup, backend)
     w.set_mode("train")
-    w.train()  # warm-up: lazy initialisations, allocator pools
+    for _ in range(3 if backend else 1):  # warm-up: lazy initialisations, allocator pools, compilation
+        w.train()
     import gc
 
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current resident set
-    before = _status_kb("VmRSS")
-    w.train()
-    peak = _status_kb("VmHWM")
-    print(json.dumps({"variant": variant, "peak_mib": (peak - before) / 1024}))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        w.train()
+        torch.cuda.synchronize()
+        peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current resident set
+        before = _status_kb("VmRSS")
+        w.train()
+        peak_mib = (_status_kb("VmHWM") - before) / 1024
+    print(json.dumps({"variant": variant, "peak_mib": peak_mib}))
 
 
-def measure_memory(setup: Setup, quick: bool) -> Optional[dict[str, float]]:
-    if not os.path.exists("/proc/self/clear_refs"):
-        return None
-    out: dict[str, list[float]] = {v: [] for v in VARIANTS}
+def measure_memory(setup: Setup, quick: bool, backend: Optional[str]) -> tuple[Optional[Timings], dict[str, str]]:
+    """Peak training-step memory of every variant (and compiled variant, with ``backend``), round by round.
+
+    Returns the MiB per round (a :class:`Timings`, so that ratios are per round) and the reason of every
+    variant that could not be measured.
+    """
+    if not setup.device.startswith("cuda") and not os.path.exists("/proc/self/clear_refs"):
+        return None, {}
+    jobs = [(v, None) for v in VARIANTS] + ([(v, backend) for v in VARIANTS] if backend else [])
+    out = Timings({v + (COMPILED if b else ""): [] for v, b in jobs})
+    failed: dict[str, str] = {}
     for _ in range(setup.memory_repeats):
-        for variant in VARIANTS:
-            cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", variant] + (["--quick"] if quick else [])
+        for variant, b in jobs:
+            name = variant + (COMPILED if b else "")
+            if name in failed:
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", variant, "--device", setup.device]
+            cmd += (["--quick"] if quick else []) + ["--compile", b or "none"]
             env = dict(os.environ, **MALLOC_ENV)
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-            line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")][-1]
-            out[variant].append(json.loads(line)["peak_mib"])
-    return {v: statistics.median(x) for v, x in out.items()}
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+            if res.returncode != 0 or not lines:
+                err = (res.stderr.strip().splitlines() or ["no output"])[-1]
+                failed[name] = err[:100]
+                continue
+            out[name].append(json.loads(lines[-1])["peak_mib"])
+    for name in failed:
+        out.pop(name, None)
+    return out, failed
 
 
-# ---------------------------------------------------------------------- main
-def machine() -> str:
+# ---------------------------------------------------------------------- the eval cache at many tasks
+def cache_report(setup: Setup) -> list[str]:
+    """Hit rate and size of the eval-mixture cache over ``generate`` calls at ``setup``'s task count.
+
+    Counts, per layer call with autograd off, whether the adapter mixed its skills (a miss) or reused its cached
+    mixture (a hit), by wrapping the adapter class's ``mix`` and ``_eval_factors`` for the duration; then sums the
+    bytes the caches hold. Reads the layer's private cache on purpose: this is a measurement of it.
+    """
+    from polytropon import layer as poly_layer
+
+    cls = getattr(poly_layer, "PolyAdapter", None)
+    if cls is None or not hasattr(cls, "_eval_factors") or not hasattr(cls, "mix"):
+        return ["eval cache: n/a (polytropon.layer.PolyAdapter has no _eval_factors/mix to observe)"]
+    model = build("ours", setup)
+    model.eval()
+    counts = {"calls": 0, "mixes": 0}
+    orig_eval, orig_mix = cls._eval_factors, cls.mix
+
+    def eval_factors(self, *args, **kwargs):
+        counts["calls"] += 1
+        return orig_eval(self, *args, **kwargs)
+
+    def mix(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            counts["mixes"] += 1
+        return orig_mix(self, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(4)
+    n = setup.batch
+    prompt = torch.randint(3, setup.vocab, (n, setup.gen_prompt), generator=g).to(setup.device)
+    first = task_layout(setup).to(setup.device)
+    other = (first + setup.n_tasks // 2) % setup.n_tasks
+    adapters = [m for m in model.modules() if isinstance(m, cls)]
+    lines = [f"eval cache at {setup.n_tasks} tasks: greedy generation, batch {n} on {len(first.unique())} distinct "
+             f"tasks, {setup.gen_prompt}-token prompts, {setup.gen_new} new tokens, {len(adapters)} adapted layers"]
+    cls._eval_factors, cls.mix = eval_factors, mix
+    try:
+        for label, ids in (("first call", first), ("same tasks again", first), ("other tasks", other)):
+            counts.update(calls=0, mixes=0)
+            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=setup.gen_new,
+                           min_new_tokens=setup.gen_new, do_sample=False, pad_token_id=0, task_ids=ids)
+            calls, misses = counts["calls"], counts["mixes"]
+            rate = 1 - misses / calls if calls else float("nan")
+            lines.append(f"  {label}: {calls} layer calls, {misses} mixings, hit rate {rate:.3f}")
+    finally:
+        cls._eval_factors, cls.mix = orig_eval, orig_mix
+    held, seen = 0, set()
+    for a in adapters:
+        for t in getattr(a, "_cache", None) or ():
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                held += t.numel() * t.element_size()
+    per_task = sum(a.r * (a.in_features + a.out_features) for a in adapters) * 4
+    k = len(first.unique())
+    lines.append(f"  held after generating: {held / 2**20:.2f} MiB in all layers (one entry per layer); bound "
+                 f"(k + n) r (in + out) per layer = {(k + n) * per_task / 2**20:.2f} MiB for k={k} distinct tasks "
+                 f"and n={n} rows; all {setup.n_tasks} tasks mixed would be {setup.n_tasks * per_task / 2**20:.2f} MiB")
+    return lines
+
+
+# ---------------------------------------------------------------------- printing
+def machine(device: str = "cpu") -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -286,39 +471,100 @@ def machine() -> str:
             cpu = f"{names[0]} x{len(names)}"
     except OSError:
         pass
-    return f"{cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads; Python {platform.python_version()}"
+    gpu = f"; GPU {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if device.startswith("cuda") else ""
+    return f"{cpu}{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads; Python {platform.python_version()}"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller model and fewer repeats")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument(
-        "--only", default="train,infer,generate,merged", help="comma-separated workloads to time (default: all)"
-    )
-    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.memory_worker:
-        memory_worker(args.memory_worker, args.quick)
-        return
-    setup = QUICK if args.quick else Setup()
-    if args.repeats:
-        setup.repeats = args.repeats
-        setup.gen_repeats = max(3, args.repeats // 2)
+def fmt_ratio(t: Optional[Timings], name: str, other: str) -> Optional[str]:
+    """``"1.20x [1.15-1.25]"``: the median per-round ratio and its interquartile range (``None`` if not measured)."""
+    if t is None or name not in t or other not in t or not t[name] or not t[other]:
+        return None
+    iqr = t.iqr(name, other)
+    return f"{t.ratio(name, other):.2f}x" + (f" [{iqr[0]:.2f}-{iqr[1]:.2f}]" if iqr else "")
 
+
+def goals_report(results: dict[str, Timings], compiled: bool, reasons: dict[str, str]) -> list[str]:
+    """The ratio table (eager and compiled columns) and the goals, each with "met"/"not met"."""
+    modes = [("eager", "")] + ([("compiled", COMPILED)] if compiled else [])
+
+    def cell(key: str, other: str, suffix: str) -> str:
+        got = fmt_ratio(results.get(key), "ours" + suffix, other + suffix)
+        if got is not None:
+            return got
+        return "n/a (see below)" if reasons else "n/a"
+
+    lines = ["| workload | " + " | ".join(f"ours / {NAMES[o]}, {m}" for o in ("base", "peft_lora", "peft_poly")
+                                           for m, _ in modes) + " |"]
+    lines.append("|---|" + "---:|" * (3 * len(modes)))
+    for label, key, _ in GOALS:
+        if key in results:
+            lines.append(f"| {label} | " + " | ".join(cell(key, o, s) for o in ("base", "peft_lora", "peft_poly")
+                                                      for _, s in modes) + " |")
+    lines += ["", "| goal | " + " | ".join(m for m, _ in modes) + " |", "|---|" + "---|" * len(modes)]
+    for label, key, targets in GOALS:
+        if key not in results:
+            continue
+        for other, limit in targets:
+            cells = []
+            for _, s in modes:
+                t = results[key]
+                if "ours" + s in t and other + s in t and t["ours" + s] and t[other + s]:
+                    r = t.ratio("ours" + s, other + s)
+                    cells.append(f"{fmt_ratio(t, 'ours' + s, other + s)} {'met' if r <= limit else 'not met'}")
+                else:
+                    cells.append("n/a")
+            lines.append(f"| {label}: ours / {NAMES[other]} <= {limit:.2f}x | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ---------------------------------------------------------------------- the goals run
+def prepare(names: list[str], work: dict[str, Workloads], workload: str, reasons: dict[str, str]) -> list[str]:
+    """Set the mode of each variant and make one call (the compiled variants compile here); drop failures."""
+    from torch._dynamo.utils import counters
+
+    kept = []
+    for name in names:
+        if name in reasons:
+            continue
+        w = work[name]
+        try:
+            w.set_mode(workload)
+            before = sum(counters["graph_break"].values())
+            getattr(w, workload)()
+            breaks = sum(counters["graph_break"].values()) - before
+            if breaks and name.endswith(COMPILED):
+                reasons.setdefault(f"graph breaks: {name}", str(breaks))
+        except Exception as exc:  # a variant that does not compile is reported, not fatal
+            reasons[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+            continue
+        kept.append(name)
+    return kept
+
+
+def run_goals(args: argparse.Namespace, setup: Setup) -> None:
     import peft
     import transformers
 
-    base = base_model(setup)
-    models = {v: build(v, setup, base) for v in VARIANTS}
-    work = {v: Workloads(v, m, setup) for v, m in models.items()}
-    diff = check_equal(models, work["ours"])
-    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start")
-    print(f"transformers {transformers.__version__}, peft {peft.__version__}")
+    backend = None if args.compile == "none" else args.compile
+    compiled_variants = VARIANTS if backend and not args.quick else (("ours", "base") if backend else ())
+    reasons: dict[str, str] = {}
+    if backend and args.quick:
+        for v in ("peft_poly", "peft_lora"):
+            reasons[v + COMPILED] = "not compiled in --quick"
+
+    def variants_for(s: Setup) -> tuple[dict[str, torch.nn.Module], dict[str, Workloads]]:
+        base = base_model(s)
+        models = {v: build(v, s, base) for v in VARIANTS}
+        work = {v: Workloads(v, m, s) for v, m in models.items()}
+        for v in compiled_variants:
+            work[v + COMPILED] = Workloads(v, build(v, s, base), s, backend)
+        return models, work
+
+    models, work = variants_for(setup)
+    diff = check_equal(models["ours"], models["peft_poly"], work["ours"])
+    print(f"machine: {machine(setup.device)}; load average {os.getloadavg()[0]:.2f} at start")
+    print(f"device {setup.device}; transformers {transformers.__version__}, peft {peft.__version__}; "
+          f"compile: {backend or 'off'}")
     print(f"config: {setup}")
     print(f"ours vs PEFT Poly logits (eval, mixed tasks): max relative difference {diff:.2e}")
     if diff > 1e-5:
@@ -327,55 +573,231 @@ def main(argv: Optional[list[str]] = None) -> None:
     only = set(args.only.split(","))
     results: dict[str, Timings] = {}
 
-    def timed(workload: str, variants: tuple[str, ...] = VARIANTS, **kwargs) -> Timings:
-        for v in variants:
-            work[v].set_mode(workload)
-        return time_interleaved({v: getattr(work[v], workload) for v in variants}, **kwargs)
+    def timed(work: dict[str, Workloads], workload: str, names: list[str], key: str, **kwargs) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: warm-up (and compilation), then timing", file=sys.stderr, flush=True)
+        from torch._dynamo.utils import counters
 
+        kept = prepare(names, work, workload, reasons)
+        calls = {n: getattr(work[n], workload) for n in kept}
+        for call in calls.values():  # a second warm-up: recompilations for the shapes of later calls
+            call()
+        graphs = counters["stats"]["unique_graphs"]
+        results[key] = time_interleaved(calls, warmup=0, device=setup.device, **kwargs)
+        if counters["stats"]["unique_graphs"] > graphs:  # the timings include compilation: say so
+            reasons[f"recompiled while timing {key}"] = f"{counters['stats']['unique_graphs'] - graphs} graph(s)"
+
+    everything = list(VARIANTS) + [v + COMPILED for v in compiled_variants]
     if "train" in only:
-        results["train"] = timed("train", repeats=setup.repeats)
+        timed(work, "train", everything, "train", repeats=setup.repeats)
     if "infer" in only:
-        results["infer"] = timed("infer", repeats=setup.repeats)
+        timed(work, "infer", everything, "infer", repeats=setup.repeats)
     if "generate" in only:
-        results["generate"] = timed("generate", repeats=setup.gen_repeats, warmup=1)
+        timed(work, "generate", everything, "generate", repeats=setup.gen_repeats)
     if "merged" in only:
         models["ours"].merge_adapter(0)
-        results["merged"] = timed("infer_single", ("ours", "base"), repeats=3 * setup.repeats)
+        timed(work, "infer_single", ["ours", "base"], "merged", repeats=3 * setup.repeats)
         models["ours"].unmerge_adapter()
-    memory = None if args.no_memory else measure_memory(setup, args.quick)
+    if "many" in only:
+        many = dataclasses.replace(setup, **MANY, seq=min(setup.seq, 32) if args.quick else setup.seq)
+        del models, work
+        _, many_work = variants_for(many)
+        timed(many_work, "train", everything, "many_train", repeats=setup.repeats)
+        timed(many_work, "infer", everything, "many_infer", repeats=setup.repeats)
+        del many_work
+    if not args.no_memory:
+        memory, failed = measure_memory(setup, args.quick, None if args.quick else backend)
+        reasons.update({k: f"memory: {v}" for k, v in failed.items()})
+        if args.quick and backend:
+            reasons["memory, compiled"] = "not measured in --quick"
+        if memory is not None:
+            results["memory"] = memory
 
-    def row(label: str, t: Timings) -> str:
-        cells = [f"{1000 * t.median(v):9.1f}" if v in t else f"{'-':>9}" for v in VARIANTS]
-        ratios = []
-        for other in ("peft_poly", "peft_lora", "base"):
-            ratios.append(f"{t.ratio('ours', other):6.2f}x" if other in t else f"{'-':>7}")
+    labels = {"train": "train step (mixed)", "infer": "inference (mixed)", "generate": "generate (mixed)",
+              "merged": "inference, 1 merged", "many_train": "1000 tasks: train", "many_infer": "1000 tasks: infer",
+              "memory": "train peak MiB"}
+
+    def row(label: str, t: Timings, suffix: str) -> str:
+        scale = 1 if label.endswith("MiB") else 1000
+        cells = [f"{scale * t.median(v + suffix):9.1f}" if t.get(v + suffix) else f"{'-':>9}" for v in VARIANTS]
+        ratios = [f"{t.ratio('ours' + suffix, o + suffix):6.2f}x" if t.get('ours' + suffix) and t.get(o + suffix)
+                  else f"{'-':>7}" for o in ("peft_poly", "peft_lora", "base")]
         return f"| {label:<22} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |"
 
-    head = "| workload (ms, median)  | " + " | ".join(f"{v:>9}" for v in VARIANTS)
-    head += " | ours/peft_poly | ours/peft_lora | ours/base |"
+    for title, suffix in (("eager", ""), ("compiled", COMPILED)):
+        if suffix and not compiled_variants:
+            continue
+        print()
+        print(f"{title}: ms (MiB for memory), median over rounds; ratios ours / other")
+        print("| workload (median)      | " + " | ".join(f"{v:>9}" for v in VARIANTS) + " | vs poly | vs lora | vs base |")
+        print("|" + "---|" * (1 + len(VARIANTS) + 3))
+        for key, label in labels.items():
+            if key in results and (not suffix or any(n.endswith(COMPILED) for n in results[key])):
+                print(row(label, results[key], suffix))
     print()
-    print(head.replace("ours/peft_poly", "vs poly").replace("ours/peft_lora", "vs lora").replace("ours/base", "vs base"))
-    print("|" + "---|" * (1 + len(VARIANTS) + 3))
-    labels = {"train": "train step (mixed)", "infer": "inference (mixed)", "generate": "generate (mixed)",
-              "merged": "inference, 1 merged"}
-    for key, label in labels.items():
-        if key in results:
-            print(row(label, results[key]))
-    if memory is not None:
-        cells = [f"{memory[v]:9.1f}" for v in VARIANTS]
-        ratios = [f"{memory['ours'] / memory[o]:6.2f}x" for o in ("peft_poly", "peft_lora", "base")]
-        print(f"| {'train peak MiB':<22} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    print("ratios: median over rounds of ours / other within a round [25th-75th percentile of those per-round")
+    print("ratios]; lower is better; PEFT LoRA serves one task (no routing); compiled columns compare compiled with")
+    print(f"compiled ({backend or 'off'}); memory: {setup.memory_repeats} round(s), the compiled row "
+          f"{'not measured in --quick' if args.quick else 'measured'}.")
     print()
-    print("times: medians over rounds; ratio columns: ours / other (lower is better), the median over rounds of the")
-    print("ratio within a round; peft_lora serves one task (no routing). Per-round ratios, 25th-75th percentile:")
-    for key, label in labels.items():
-        if key in results:
-            spread = []
-            for other in ("peft_poly", "base"):
-                if other in results[key] and len(results[key][other]) > 1:
-                    q = statistics.quantiles(results[key].ratios("ours", other), n=4)
-                    spread.append(f"vs {other} {q[0]:.2f}-{q[2]:.2f}")
-            print(f"  {label}: " + ", ".join(spread))
+    for line in goals_report(results, bool(compiled_variants), reasons):
+        print(line)
+    if reasons:
+        print()
+        for name, why in sorted(reasons.items()):
+            print(f"  {name}: {why}")
+    if "merged" in results:
+        print(f"\none merged task vs base (single-task batch): {fmt_ratio(results['merged'], 'ours', 'base')}")
+    if "many" in only and not args.no_cache_report:
+        print()
+        for line in cache_report(dataclasses.replace(setup, **MANY)):
+            print(line)
+
+
+# ---------------------------------------------------------------------- the scaling sweep
+def scaling_points(centre: Setup) -> list[tuple[str, int, Setup]]:
+    """One factor at a time around ``centre``: ``(factor, value, setup)`` for every value of every factor."""
+    return [(f, v, dataclasses.replace(centre, **{f: v})) for f, values in SCALING.items() for v in values]
+
+
+def run_scaling(setup: Setup, out: str, repeats: int, stem: str = "scaling") -> dict:
+    """Measure the sweep around ``setup`` with :data:`SCALING_CENTRE`, write ``<stem>.{json,md,png}`` under ``out``.
+
+    Eager only (a compiled sweep would compile every variant at every point). Returns the JSON document:
+    ``{"factors": {factor: [{"value": v, "train": {other: {"ratio": r, "iqr": [q1, q3]}, ..., "ms": {...}},
+    "infer": {...}}, ...]}, ...}`` for every factor of :data:`SCALING` and every value.
+    """
+    centre = dataclasses.replace(setup, **SCALING_CENTRE)
+    cache: dict[tuple, dict] = {}
+    doc = {"machine": machine(setup.device), "load_average_at_start": os.getloadavg()[0], "device": setup.device,
+           "centre": dataclasses.asdict(centre), "repeats": repeats, "mode": "eager",
+           "ratio": "median over rounds of ours / other within a round, with the 25th and 75th percentile",
+           "factors": {}}
+    print(f"machine: {doc['machine']}; load average {doc['load_average_at_start']:.2f} at start")
+    for factor, value, s in scaling_points(centre):
+        key = tuple(sorted(dataclasses.asdict(s).items()))
+        if key not in cache:
+            base = base_model(s)
+            work = {v: Workloads(v, build(v, s, base), s) for v in VARIANTS}
+            point: dict = {}
+            for workload in ("train", "infer"):
+                for w in work.values():
+                    w.set_mode(workload)
+                t = time_interleaved({v: getattr(w, workload) for v, w in work.items()}, repeats=repeats, warmup=1,
+                                     device=s.device)
+                point[workload] = {
+                    other: {"ratio": t.ratio("ours", other), "iqr": t.iqr("ours", other)}
+                    for other in ("base", "peft_poly", "peft_lora")
+                }
+                point[workload]["ms"] = {v: 1000 * t.median(v) for v in VARIANTS}
+            cache[key] = point
+            del work, base
+        doc["factors"].setdefault(factor, []).append({"value": value, **cache[key]})
+        p = cache[key]
+        print(f"  {factor}={value}: train vs base {p['train']['base']['ratio']:.2f}x, infer vs base "
+              f"{p['infer']['base']['ratio']:.2f}x", flush=True)
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, stem)
+    with open(stem + ".json.tmp", "w") as fh:
+        json.dump(doc, fh, indent=1)
+    os.replace(stem + ".json.tmp", stem + ".json")
+    md = scaling_markdown(doc)
+    with open(stem + ".md", "w") as fh:
+        fh.write(md)
+    plot_scaling(doc, stem + ".png")
+    print()
+    print(md)
+    print(f"written: {stem}.json, {stem}.md, {stem}.png")
+    return doc
+
+
+def scaling_markdown(doc: dict) -> str:
+    c = doc["centre"]
+    head = (f"Scaling, {doc['mode']}, {doc['device']}: one factor at a time around batch {c['batch']}, {c['n_tasks']} tasks, "
+            f"{c['distinct']} distinct per batch, {c['n_skills']} skills, r {c['r']}, {c['seq']} tokens "
+            f"(hidden {c['hidden']}, {c['layers']} layers); {doc['repeats']} interleaved rounds; ratios ours / other, "
+            f"median [25th-75th percentile]. Machine: {doc['machine']}.\n\n")
+    cols = [(w, o) for w in ("train", "infer") for o in ("base", "peft_poly", "peft_lora")]
+    lines = ["| factor | value | " + " | ".join(f"{w}: ours / {NAMES[o]}" for w, o in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+
+    def cell(x: dict) -> str:
+        return f"{x['ratio']:.2f}x" + (f" [{x['iqr'][0]:.2f}-{x['iqr'][1]:.2f}]" if x["iqr"] else "")
+
+    for factor, points in doc["factors"].items():
+        for p in points:
+            lines.append(f"| {factor} | {p['value']} | " + " | ".join(cell(p[w][o]) for w, o in cols) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_scaling(doc: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    factors = list(doc["factors"])
+    fig, axes = plt.subplots(1, len(factors), figsize=(4 * len(factors), 3.6), sharey=True)
+    colours = {"base": "tab:blue", "peft_poly": "tab:orange", "peft_lora": "tab:green"}
+    for ax, factor in zip(axes, factors):
+        points = doc["factors"][factor]
+        xs = [p["value"] for p in points]
+        for workload, style in (("train", "-"), ("infer", "--")):
+            for other, colour in colours.items():
+                ax.plot(xs, [p[workload][other]["ratio"] for p in points], style, marker="o", color=colour,
+                        label=f"{workload}: ours / {NAMES[other]}")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.set_xlabel(factor)
+        ax.set_title(factor)
+    axes[0].set_ylabel("time ratio ours / other (lower is better)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(f"polytropon scaling ({doc['mode']}, {doc['device']}): one factor at a time around the centre", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller model and fewer repeats (a smoke run)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device(),
+                        help="where to run (default: cuda when available, else cpu)")
+    parser.add_argument("--compile", default=None, choices=("inductor", "aot_eager", "none"),
+                        help="torch.compile backend of the compiled column (default: inductor; aot_eager with --quick, "
+                             "which then compiles ours and the base only)")
+    parser.add_argument("--scaling", action="store_true", help="run the scaling sweep instead of the goals")
+    parser.add_argument("--out", default=RESULTS, help="directory of the scaling sweep's files")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-cache-report", action="store_true", help="skip the eval-cache report")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument(
+        "--only", default="train,infer,generate,merged,many", help="comma-separated workloads to time (default: all)"
+    )
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
+    if args.compile is None:
+        args.compile = "aot_eager" if args.quick else "inductor"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        memory_worker(args.memory_worker, args.quick, args.device, None if args.compile == "none" else args.compile)
+        return
+    setup = dataclasses.replace(QUICK if args.quick else Setup(), device=args.device)
+    if args.repeats:
+        setup.repeats = args.repeats
+        setup.gen_repeats = max(3, args.repeats // 2)
+    if args.scaling:
+        run_scaling(setup, args.out, args.repeats or (3 if args.quick else 7), "scaling_quick" if args.quick else "scaling")
+    else:
+        run_goals(args, setup)
 
 
 if __name__ == "__main__":
