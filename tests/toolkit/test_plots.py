@@ -73,6 +73,20 @@ def test_hierarchy_groups_tasks_with_the_same_routing(tmp_path):
     assert figure.linkage[-1, 2] > 5 * figure.linkage[0, 2]  # the last merge joins two distant clusters
 
 
+def test_hierarchy_of_tasks_routed_alike_draws_without_warnings(tmp_path):
+    """Every task with the same routing: every merge at distance 0, a flat tree drawn over the full axis."""
+    import warnings
+
+    model = get_peft_model(tiny_t5(), PolyConfig(n_tasks=3, n_skills=4))
+    with torch.no_grad():
+        for _, layer in model.poly_layers():
+            layer.adapters["default"].poly_router.module_logits.copy_(torch.tensor([[2.0, -1, 0.5, 3]] * 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = plot_task_hierarchy(model, tmp_path / "flat.png")
+    assert np.allclose(figure.linkage[:, 2], 0.0) and _is_png(figure.path)
+
+
 def test_plot_allocation_of_one_layer_and_fixed_variant(tmp_path):
     model = get_peft_model(tiny_llama(), PolyConfig(poly_type="fixed", n_tasks=2, n_skills=3, allocation=[[1, 1, 0], [0, 0, 1]]))
     path = next(p for p, _ in model.poly_layers())

@@ -13,6 +13,7 @@ returns the numbers it drew, so what is on the figure can be checked against the
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -151,7 +152,12 @@ def plot_task_hierarchy(
 
     fig = _figure(5.0 + 0.45 * allocation.shape[1], 1.5 + 0.35 * len(labels))
     ax_tree, ax_map = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.0, max(1.0, 0.25 * allocation.shape[1])]})
-    tree = dendrogram(links, orientation="left", labels=labels, ax=ax_tree, no_labels=True, color_threshold=0)
+    with warnings.catch_warnings():
+        if not links[:, 2].max() > 0:  # every task routed alike: a flat tree, which scipy draws with an empty x-range
+            warnings.filterwarnings("ignore", message="Attempting to set identical low and high xlims")
+        tree = dendrogram(links, orientation="left", labels=labels, ax=ax_tree, no_labels=True, color_threshold=0)
+    if not links[:, 2].max() > 0:
+        ax_tree.set_xlim(1.0, 0.0)  # the distance axis's full range, with every merge at 0
     # the dendrogram lists its leaves bottom-up; heatmap rows are drawn top-down
     order = [int(i) for i in tree["leaves"]][::-1]
     ax_tree.set_xlabel("1 - cosine similarity")
