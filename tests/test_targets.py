@@ -82,21 +82,21 @@ def test_the_default_list_is_a_copy():
 
 
 def test_an_architecture_without_defaults_asks_for_target_modules():
-    from transformers import ViTConfig, ViTModel
+    from transformers import FunnelConfig, FunnelModel
 
-    vit = ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4))
-    with pytest.raises(ValueError, match=r"no default target_modules for model_type 'vit': pass PolyConfig\(target_modules="):
-        default_target_modules(vit)
+    funnel = FunnelModel(FunnelConfig(vocab_size=32, block_sizes=[1], d_model=16, n_head=2, d_head=8, d_inner=32, num_decoder_layers=1))
+    with pytest.raises(ValueError, match=r"no default target_modules for model_type 'funnel': pass PolyConfig\(target_modules="):
+        default_target_modules(funnel)
     with pytest.raises(ValueError, match="model_type None"):
         default_target_modules(nn.Sequential(nn.Linear(4, 4)))
-    before = {name: p.clone() for name, p in vit.named_parameters()}
-    with pytest.raises(ValueError, match="'vit'"):
-        get_peft_model(vit, PolyConfig(n_tasks=2))
-    assert not any("poly" in name for name, _ in vit.named_modules())  # nothing was changed
-    assert all(torch.equal(p, before[name]) for name, p in vit.named_parameters())
+    before = {name: p.clone() for name, p in funnel.named_parameters()}
+    with pytest.raises(ValueError, match="'funnel'"):
+        get_peft_model(funnel, PolyConfig(n_tasks=2))
+    assert not any("poly" in name for name, _ in funnel.named_modules())  # nothing was changed
+    assert all(torch.equal(p, before[name]) for name, p in funnel.named_parameters())
     # explicit targets work for it
-    poly = get_peft_model(vit, PolyConfig(n_tasks=2, n_skills=2, r=2, target_modules=["q_proj", "v_proj"]))
-    assert len(list(poly.poly_layers())) == 2
+    poly = get_peft_model(funnel, PolyConfig(n_tasks=2, n_skills=2, r=2, target_modules=["q_head", "v_head"]))
+    assert len(list(poly.poly_layers())) == 4  # the encoder's and the decoder's
 
 
 # --------------------------------------------------------------------------- task type
