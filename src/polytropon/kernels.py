@@ -300,14 +300,23 @@ def eval_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: BaseLin
     The rank-``r`` intermediate uses the plain layout up to :data:`FEW_ROWS` rows per product, else the
     transposed one (see :func:`add_low_rank`).
     """
-    if x.dim() == 3 and x.shape[1] > FEW_ROWS and a.shape[0] > 1:
-        return routed_linear_eval(x, a, b, base)
-    out = base_linear(x, base)
+    if x.dim() == 3 and a.shape[0] > 1:  # mixed tasks, (n, t, in): the common case, with few Python steps
+        n, t, d = x.shape
+        if t > FEW_ROWS:
+            return routed_linear_eval(x, a, b, base)
+        weight, bias, fan_in_fan_out = base
+        w_t = weight if fan_in_fan_out else weight.T
+        flat = x.reshape(n * t, d)
+        out = torch.mm(flat, w_t) if bias is None else torch.addmm(bias, flat, w_t)
+        return out.view(n, t, -1).baddbmm_(torch.bmm(x, a), b)
     if a.shape[0] == 1:
+        weight, bias, fan_in_fan_out = base
+        w_t = weight if fan_in_fan_out else weight.T
         flat, a, b = x.reshape(-1, x.shape[-1]), a[0], b[0]
+        out = torch.mm(flat, w_t) if bias is None else torch.addmm(bias, flat, w_t)
         hidden = flat @ a if flat.shape[0] <= FEW_ROWS else (a.T @ flat.T).T
-        out.view(flat.shape[0], -1).addmm_(hidden, b)
-        return out
+        return out.addmm_(hidden, b).view(x.shape[:-1] + (out.shape[-1],))
+    out = base_linear(x, base)
     rows = x.reshape(x.shape[0], -1, x.shape[-1])
     if rows.shape[1] <= FEW_ROWS:
         hidden = torch.bmm(rows, a)
