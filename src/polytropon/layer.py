@@ -93,7 +93,8 @@ class EvalStep(NamedTuple):
         dtype: the input dtype (the adapter's and the base weight's).
         inference: whether it was resolved in ``torch.inference_mode`` (its tensors are inference tensors then).
         a, b: the mixed factors, ``(1, in, r)``/``(1, r, out)`` for one task, else ``(rows, in, r)``/``(rows, r, out)``.
-        base: the plain base layer ``(weight, bias, fan_in_fan_out)``.
+        base: the plain base layer as ``(W^T (in, out), bias, True)``: the weight in the layout of the product
+            (a transposed view for ``nn.Linear``, taken once per call).
     """
 
     adapter_name: str
@@ -417,8 +418,9 @@ class PolyLayer(nn.Module):
             return adapter.add_update(self.base_layer(x, *args, **kwargs), x, batch)
         if steps is not None and not adapter.training:
             a, b = adapter._eval_factors(batch)
-            step = EvalStep(state.active_adapter, x.shape[0], x.dtype, torch.is_inference_mode_enabled(), a, b, base)
-            steps[self] = step
+            weight, bias, fan_in_fan_out = base
+            base = (weight if fan_in_fan_out else weight.T, bias, True)  # the transposed view taken once per call
+            steps[self] = EvalStep(state.active_adapter, x.shape[0], x.dtype, torch.is_inference_mode_enabled(), a, b, base)
             return eval_update(x, a, b, base)
         return adapter.add_update(None, x, batch, base)
 
