@@ -10,7 +10,6 @@ import pytest
 import torch
 from tests.helpers import poly_model, rel_diff, tokens
 
-from polytropon.layer import PolyAdapter
 from polytropon.routing import RoutingState
 
 TOL = 1e-5
@@ -97,24 +96,26 @@ def test_steps_are_bit_identical_to_the_per_layer_paths(arch, mode, steps_off):
     assert torch.equal(logits, slow_logits)
 
 
-def test_factors_are_resolved_once_per_layer_and_call(monkeypatch):
+def test_layers_are_resolved_once_per_call(monkeypatch):
+    """A layer looks its routing up at its first run in a call; the later tokens of a ``generate`` reuse its step."""
     model = poly_model("llama-linear", "mhr")
     n_layers = len(list(model.poly_layers()))
     lookups = []
-    original = PolyAdapter._eval_factors
+    original = RoutingState.for_batch
 
-    def counted(self, batch):
-        lookups.append(self)
-        return original(self, batch)
+    def counted(self, *args, **kwargs):
+        lookups.append(args)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(PolyAdapter, "_eval_factors", counted)
+    monkeypatch.setattr(RoutingState, "for_batch", counted)
     with torch.no_grad():
         greedy(model, tokens(batch=3, length=5), new_tokens=6, task_ids=[2, 0, 1])
         assert len(lookups) == n_layers  # the prompt resolves each layer's step; the 5 later tokens reuse it
         greedy(model, tokens(batch=3, length=5), new_tokens=6, task_ids=[2, 0, 1])
-        assert len(lookups) == 2 * n_layers  # a new call resolves again (the eval cache then hits)
+        assert len(lookups) == 2 * n_layers  # a new call resolves again
         model(input_ids=tokens(batch=2, length=4), task_ids=[0, 1])
-        model(input_ids=tokens(batch=2, length=4), task_ids=[0, 1])
+    assert len(lookups) == 3 * n_layers
+    model(input_ids=tokens(batch=2, length=4), task_ids=[0, 1])  # autograd on: no steps
     assert len(lookups) == 4 * n_layers
 
 
