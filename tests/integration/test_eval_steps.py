@@ -154,3 +154,24 @@ def test_steps_are_not_used_with_autograd_or_disabled_adapters():
     grads = [p.grad for n, p in model.named_parameters() if "poly_lora_A" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     assert rel_diff(out.detach(), routed) < TOL
+
+
+def test_encoder_decoder_beams_with_steps_equal_the_per_layer_paths(steps_off):
+    """T5: encoder rows, decoder rows and cross-attention on the encoder's rows, expanded to beams."""
+    from tests.helpers import randomise_routing, tiny_t5
+
+    from polytropon import PolyConfig, get_peft_model
+
+    torch.manual_seed(7)
+    config = PolyConfig(r=4, n_tasks=3, n_skills=3, n_splits=2, init_weights=False, target_modules=["q", "k", "v", "o"],
+                        task_type="SEQ_2_SEQ_LM")
+    model = randomise_routing(get_peft_model(tiny_t5(), config)).eval()
+    ids = tokens(batch=3, length=6)
+    kwargs = dict(input_ids=ids, max_new_tokens=5, num_beams=2, num_return_sequences=2, do_sample=False,
+                  output_scores=True, return_dict_in_generate=True, task_ids=[2, 0, 1])
+    with torch.no_grad():
+        fast = model.generate(**kwargs)
+        steps_off()
+        slow = model.generate(**kwargs)
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fast.scores, slow.scores))
