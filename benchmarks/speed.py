@@ -310,8 +310,17 @@ class Timings(dict):
         return q[0], q[2]
 
 
+#: the clock of the timings: wall-clock (``time.perf_counter``) or the process's CPU time (``--clock cpu``)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, warmup: int = 2, device: str = "cpu") -> Timings:
-    """Seconds of each call in each of ``repeats`` rounds, the order rotating every round."""
+    """Seconds of each call in each of ``repeats`` rounds, the order rotating every round.
+
+    On a shared, loaded machine wall-clock times measure the other jobs too; with ``--clock cpu --threads 1`` the
+    process's CPU time of one thread is timed instead (waits for a core are not counted).
+    """
     names = list(calls)
     for _ in range(warmup):
         for name in names:
@@ -321,10 +330,10 @@ def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, warmup:
         order = names[i % len(names):] + names[: i % len(names)]
         for name in order:
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             calls[name]()
             sync(device)
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(clock() - t0)
     return samples
 
 
@@ -405,23 +414,24 @@ def measure_memory(setup: Setup, quick: bool, backend: Optional[str]) -> tuple[O
 def cache_report(setup: Setup) -> list[str]:
     """Hit rate and size of the eval-mixture cache over ``generate`` calls at ``setup``'s task count.
 
-    Counts, per layer call with autograd off, whether the adapter mixed its skills (a miss) or reused its cached
-    mixture (a hit), by wrapping the adapter class's ``mix`` and ``_eval_factors`` for the duration; then sums the
-    bytes the caches hold. Reads the layer's private cache on purpose: this is a measurement of it.
+    Counts the adapted layers' calls (``PolyLayer.forward``) and, among them, those where an adapter mixed its
+    skills with autograd off (a miss; every other call reuses a mixture: from the adapter's cache, or from the
+    call's eval step while decoding), by wrapping ``PolyLayer.forward`` and ``PolyAdapter.mix`` for the duration;
+    then sums the bytes the caches hold. Reads the layer's private cache on purpose: this is a measurement of it.
     """
     from polytropon import layer as poly_layer
 
-    cls = getattr(poly_layer, "PolyAdapter", None)
-    if cls is None or not hasattr(cls, "_eval_factors") or not hasattr(cls, "mix"):
-        return ["eval cache: n/a (polytropon.layer.PolyAdapter has no _eval_factors/mix to observe)"]
+    cls, layer_cls = getattr(poly_layer, "PolyAdapter", None), getattr(poly_layer, "PolyLayer", None)
+    if cls is None or layer_cls is None or not hasattr(cls, "mix"):
+        return ["eval cache: n/a (polytropon.layer has no PolyLayer / PolyAdapter.mix to observe)"]
     model = build("ours", setup)
     model.eval()
     counts = {"calls": 0, "mixes": 0}
-    orig_eval, orig_mix = cls._eval_factors, cls.mix
+    orig_forward, orig_mix = layer_cls.forward, cls.mix
 
-    def eval_factors(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         counts["calls"] += 1
-        return orig_eval(self, *args, **kwargs)
+        return orig_forward(self, *args, **kwargs)
 
     def mix(self, *args, **kwargs):
         if not torch.is_grad_enabled():
@@ -436,7 +446,7 @@ def cache_report(setup: Setup) -> list[str]:
     adapters = [m for m in model.modules() if isinstance(m, cls)]
     lines = [f"eval cache at {setup.n_tasks} tasks: greedy generation, batch {n} on {len(first.unique())} distinct "
              f"tasks, {setup.gen_prompt}-token prompts, {setup.gen_new} new tokens, {len(adapters)} adapted layers"]
-    cls._eval_factors, cls.mix = eval_factors, mix
+    layer_cls.forward, cls.mix = forward, mix
     try:
         for label, ids in (("first call", first), ("same tasks again", first), ("other tasks", other)):
             counts.update(calls=0, mixes=0)
@@ -446,7 +456,7 @@ def cache_report(setup: Setup) -> list[str]:
             rate = 1 - misses / calls if calls else float("nan")
             lines.append(f"  {label}: {calls} layer calls, {misses} mixings, hit rate {rate:.3f}")
     finally:
-        cls._eval_factors, cls.mix = orig_eval, orig_mix
+        layer_cls.forward, cls.mix = orig_forward, orig_mix
     held, seen = 0, set()
     for a in adapters:
         for t in getattr(a, "_cache", None) or ():
@@ -777,10 +787,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall",
+        help="wall-clock time (default) or the process's CPU time (use with --threads 1 on a loaded machine)",
+    )
+    parser.add_argument(
         "--only", default="train,infer,generate,merged,many", help="comma-separated workloads to time (default: all)"
     )
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global clock
+    clock = CLOCKS[args.clock]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False")
     if args.compile is None:

@@ -283,3 +283,44 @@ def routed_linear_eval(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: 
         out = torch.baddbmm(bias.expand(x.shape[0], x.shape[1], -1), hidden, b)
     out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight if fan_in_fan_out else weight.T)
     return out
+
+
+def eval_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: BaseLinear) -> torch.Tensor:
+    """``x W^T + bias + x A_i B_i`` with autograd off, ``x`` in the factors' and the weight's dtype, no autocast.
+
+    ``x (n, ..., in)``; ``a (1, in, r)``, ``b (1, r, out)`` for one task shared by every row, else per-row
+    ``a (n, in, r)``, ``b (n, r, out)``. The same operations, in the same order and layouts, as the eval paths of
+    :class:`~polytropon.layer.PolyAdapter` with a plain base layer (so the values are bit-identical), without
+    their per-call checks:
+
+        one task           out = x W^T (+ bias);  out += (x A) B            two GEMMs over all rows
+        many rows, mixed   :func:`routed_linear_eval`
+        few rows, mixed    out = x W^T (+ bias);  out_i += (x_i A_i) B_i    per example (``bmm``)
+
+    The rank-``r`` intermediate uses the plain layout up to :data:`FEW_ROWS` rows per product, else the
+    transposed one (see :func:`add_low_rank`).
+    """
+    if x.dim() == 3 and a.shape[0] > 1:  # mixed tasks, (n, t, in): the common case, with few Python steps
+        n, t, d = x.shape
+        if t > FEW_ROWS:
+            return routed_linear_eval(x, a, b, base)
+        weight, bias, fan_in_fan_out = base
+        w_t = weight if fan_in_fan_out else weight.T
+        flat = x.reshape(n * t, d)
+        out = torch.mm(flat, w_t) if bias is None else torch.addmm(bias, flat, w_t)
+        return out.view(n, t, -1).baddbmm_(torch.bmm(x, a), b)
+    if a.shape[0] == 1:
+        weight, bias, fan_in_fan_out = base
+        w_t = weight if fan_in_fan_out else weight.T
+        flat, a, b = x.reshape(-1, x.shape[-1]), a[0], b[0]
+        out = torch.mm(flat, w_t) if bias is None else torch.addmm(bias, flat, w_t)
+        hidden = flat @ a if flat.shape[0] <= FEW_ROWS else (a.T @ flat.T).T
+        return out.addmm_(hidden, b).view(x.shape[:-1] + (out.shape[-1],))
+    out = base_linear(x, base)
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    if rows.shape[1] <= FEW_ROWS:
+        hidden = torch.bmm(rows, a)
+    else:
+        hidden = torch.bmm(a.transpose(1, 2), rows.transpose(1, 2)).transpose(1, 2)
+    out.view(rows.shape[0], rows.shape[1], -1).baddbmm_(hidden, b)
+    return out

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .kernels import (
-    FEW_ROWS, BaseLinear, RoutedPoly, add_low_rank, autocast_active, base_linear, compute_dtype, mix_factors,
-    routed_linear_eval,
+    FEW_ROWS, BaseLinear, RoutedPoly, add_low_rank, autocast_active, base_linear, compute_dtype, eval_update,
+    mix_factors, routed_linear_eval,
 )
 from .router import PolyRouter
 from .routing import BatchRouting, RoutingState
@@ -74,6 +74,43 @@ class EvalFactors(NamedTuple):
     inverse: torch.Tensor
     rows_a: torch.Tensor
     rows_b: torch.Tensor
+
+
+class EvalStep(NamedTuple):
+    """What one adapted layer's eval update needs within one call, resolved once (kept in the call's routing).
+
+    With autograd off a layer's update depends on the call (its task ids), the active adapter, and the adapter's
+    parameters, which do not change while a call runs (changes to the model are not supported during calls:
+    docs/deploy.md, "Concurrency"). ``generate`` runs every layer once per token in one call, so the routing
+    lookups, the base layer's checks and the eval cache's key are done at the layer's first run of the call and
+    the later ones run :func:`~polytropon.kernels.eval_update` directly. Immutable; lives in
+    :attr:`CallRouting.eval_steps <polytropon.routing.CallRouting.eval_steps>`, one per layer, so concurrent
+    calls never share one.
+
+    Attributes:
+        adapter_name: the active adapter the step was resolved for.
+        rows: the number of rows (``x.shape[0]``) the factors were gathered for.
+        dtype: the input dtype (the adapter's and the base weight's).
+        inference: whether it was resolved in ``torch.inference_mode`` (its tensors are inference tensors then).
+        a, b: the mixed factors, ``(1, in, r)``/``(1, r, out)`` for one task, else ``(rows, in, r)``/``(rows, r, out)``.
+        base: the plain base layer as ``(W^T (in, out), bias, True)``: the weight in the layout of the product
+            (a transposed view for ``nn.Linear``, taken once per call).
+    """
+
+    adapter_name: str
+    rows: int
+    dtype: torch.dtype
+    inference: bool
+    a: torch.Tensor
+    b: torch.Tensor
+    base: BaseLinear
+
+    def fits(self, x: torch.Tensor, adapter_name: Optional[str]) -> bool:
+        """Whether this step computes the layer's eval update of ``x`` (autograd off, checked by the caller)."""
+        return (
+            x.shape[0] == self.rows and x.dtype == self.dtype and adapter_name == self.adapter_name
+            and torch.is_inference_mode_enabled() == self.inference and not autocast_active(x)
+        )
 
 
 class PolyAdapter(nn.Module):
@@ -361,6 +398,12 @@ class PolyLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state = self.routing
+        # autograd off inside a routed call: the layer's EvalStep of this call, once resolved (see EvalStep)
+        steps = None if args or kwargs or self.training or torch.is_grad_enabled() else state.eval_steps()
+        if steps is not None:
+            step = steps.get(self)
+            if step is not None and step.fits(x, state.active_adapter):
+                return eval_update(x, step.a, step.b, step.base)
         adapter = None
         if not (state.disabled or state.merged_task is not None):
             adapter = self.adapters._modules.get(state.active_adapter)
@@ -373,6 +416,12 @@ class PolyLayer(nn.Module):
         base = None if args or kwargs else self._plain_base(x, adapter)
         if base is None:
             return adapter.add_update(self.base_layer(x, *args, **kwargs), x, batch)
+        if steps is not None and not adapter.training:
+            a, b = adapter._eval_factors(batch)
+            weight, bias, fan_in_fan_out = base
+            base = (weight if fan_in_fan_out else weight.T, bias, True)  # the transposed view taken once per call
+            steps[self] = EvalStep(state.active_adapter, x.shape[0], x.dtype, torch.is_inference_mode_enabled(), a, b, base)
+            return eval_update(x, a, b, base)
         return adapter.add_update(None, x, batch, base)
 
     def _plain_base(self, x: torch.Tensor, adapter: PolyAdapter) -> Optional[BaseLinear]:

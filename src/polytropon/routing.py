@@ -82,12 +82,17 @@ class CallRouting:
             weights (n, n_splits, n_skills))}`` (see :func:`polytropon.router.presample`).
         per_batch: :class:`BatchRouting` of the call per ``(rows, device)`` of a layer input, computed once.
         store: scratch space of the call (e.g. weights of routers shared by several layers).
+        eval_steps: per adapted layer, what its eval update needs in this call with autograd off -- the adapter,
+            its factors for the call's rows, the plain base layer -- resolved at the layer's first run in the
+            call and reused while the call lasts (``generate`` runs every layer once per token); see
+            :class:`polytropon.layer.EvalStep`.
     """
 
     task_ids: torch.Tensor
     samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     per_batch: dict[tuple[int, torch.device], BatchRouting] = field(default_factory=dict)
     store: dict[Any, Any] = field(default_factory=dict)
+    eval_steps: dict[Any, Any] = field(default_factory=dict)
 
 
 class ContextRouting(NamedTuple):
@@ -246,6 +251,20 @@ class RoutingState:
         if ids is task_ids or (ids.shape == task_ids.shape and torch.equal(ids, task_ids.to(ids.device))):
             return weights
         return None
+
+    def eval_steps(self) -> Optional[dict[Any, Any]]:
+        """The :attr:`CallRouting.eval_steps` of this context's call in progress, or ``None``.
+
+        ``None`` also where no step may be reused: outside a call, with adapters disabled in this context, with a
+        task merged, and while ``torch.compile`` traces. One contextvar read: this runs in every adapted layer
+        at every generated token.
+        """
+        if torch.compiler.is_compiling() or self.merged_task is not None:
+            return None
+        context = _CONTEXTS.get().get(id(self), _NOTHING)
+        if context.disabled or context.call is None:
+            return None
+        return context.call.eval_steps
 
     def call_store(self) -> Optional[dict[Any, Any]]:
         """Scratch space of this context's call in progress (``None`` outside a call)."""
