@@ -131,7 +131,7 @@ def per_example(model, tokenizer, rows, task_to_id, max_length, adapter: bool = 
     every row (eval mode)."""
     model.eval()
     collate = PolyDataCollator(tokenizer)
-    pooled, cls, logits, ratios = [], [], [], defaultdict(list)
+    pooled, cls, logits, ratios, prefix_attn = [], [], [], defaultdict(list), []
     net = model.get_base_model() if hasattr(model, "get_base_model") else model
     hooks = [net.classifier.register_forward_pre_hook(lambda m, a: pooled.append(a[0].detach().clone())),
              net.bert.pooler.dense.register_forward_pre_hook(lambda m, a: cls.append(a[0].detach().clone()))]
@@ -152,15 +152,28 @@ def per_example(model, tokenizer, rows, task_to_id, max_length, adapter: bool = 
             batch.pop("labels")
             current_mask[0] = batch["attention_mask"].float()
             if adapter:
-                out = model(**batch, task_ids=task_ids).logits
+                out = model(**batch, task_ids=task_ids, output_attentions=True)
             else:
                 with model.disable_adapter():
-                    out = model(**batch, task_ids=task_ids).logits
-            logits.append(out.float())
+                    out = model(**batch, task_ids=task_ids, output_attentions=True)
+            logits.append(out.logits.float())
+            # share of the [CLS] token's attention on the question prefix (the tokens up to the first "?"),
+            # which is the same for every example of a task: per layer, mean over heads
+            qmark = tokenizer.convert_tokens_to_ids("?")
+            is_q = batch["input_ids"] == qmark
+            end = torch.where(is_q.any(1), is_q.float().argmax(1), torch.zeros_like(is_q[:, 0], dtype=torch.long))
+            pos = torch.arange(batch["input_ids"].shape[1])[None, :]
+            prefix = ((pos >= 1) & (pos <= end[:, None])).float()
+            sentence = ((pos > end[:, None]) & (batch["attention_mask"] > 0)
+                        & (batch["input_ids"] != tokenizer.sep_token_id)).float()
+            cls_rows = torch.stack([a[:, :, 0, :].mean(1) for a in out.attentions], 1)  # (b, layers, seq)
+            prefix_attn.append(torch.stack([(cls_rows * prefix[:, None, :]).sum(-1),
+                                            (cls_rows * sentence[:, None, :]).sum(-1)], -1))  # (b, layers, 2)
     finally:
         for h in hooks:
             h.remove()
-    result = {"logits": torch.cat(logits), "pooled": torch.cat(pooled), "cls": torch.cat(cls)}
+    result = {"logits": torch.cat(logits), "pooled": torch.cat(pooled), "cls": torch.cat(cls),
+              "prefix_attn": torch.cat(prefix_attn)}
     if adapter:
         result["ratio"] = torch.stack([torch.cat(v) for v in ratios.values()], 1)  # (n, n_layers)
     return result
@@ -232,6 +245,9 @@ def diagnose(model, base_stats, data, max_length) -> dict[str, Any]:
             "cls_spread_rel": spread(ex["cls"][idx]) / max(spread(base_stats["cls"][bidx]), 1e-12),
             "update_ratio": float(ex["ratio"][idx].mean()),
             "update_ratio_max_layer": float(ex["ratio"][idx].mean(0).max()),
+            # per layer: [share of [CLS]'s attention on the question prefix, on the sentence]
+            "cls_attention_prefix_sentence": ex["prefix_attn"][idx].mean(0).tolist(),
+            "cls_attention_prefix_sentence_base": base_stats["prefix_attn"][idx].mean(0).tolist(),
         }
     collapsed = collapsed_tasks(probs, names, labels.tolist())
     return {"per_task": per_task, "collapsed": collapsed, "router": router_state(model, len(tasks)),
@@ -257,6 +273,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     base = claims.Base(claims.default_model_path())
+    base.model.set_attn_implementation("eager")  # attention weights for the prefix measurement
     data = claims.load_data(base.tokenizer, args.suite_seed, 400, 40, 16, 50, validation=args.validation)
     recipe = claims.Recipe(steps=args.steps, lr=args.lr, router_lr=args.router_lr, warmup_ratio=args.warmup_ratio)
     config, _ = claims.method_config(args.method, recipe, len(data.tasks), data.tasks)
