@@ -17,6 +17,7 @@ update against the base layer's output, and the routing weights. One JSON line p
 
     python benchmarks/diagnose.py --method poly --path loop --seed 0 --steps 300
     python benchmarks/diagnose.py --method poly --path trainer --clip 0 --order loop --seed 0
+    python benchmarks/diagnose.py --summary      # the table of every run in the log
 """
 
 from __future__ import annotations
@@ -255,6 +256,35 @@ def diagnose(model, base_stats, data, max_length) -> dict[str, Any]:
             "mean_accuracy": float(np.mean([v["accuracy"] for v in per_task.values()]))}
 
 
+def summary(path: str) -> str:
+    """A Markdown table of the runs in the log ``path``: one row per configuration, validation accuracy mean ± std
+    over its seeds (sample std), and per seed the collapsed tasks (same answer for every example) and the
+    squeezed ones (within-task spread of the pooled representation below half the base model's)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                r = json.loads(line)
+                key = (r["method"], r["path"], r["order"], r["clip"], r["steps"], r["lr"], r["router_lr"], r["suite_seed"])
+                groups[key].append(r)
+    out = ["| method | path | steps | lr | router lr | seeds | val accuracy | per seed | collapsed tasks per seed | "
+           "squeezed tasks per seed | update / base output | grad norm > 1 |",
+           "| --- | --- | ---: | ---: | ---: | --- | --- | --- | --- | --- | --- | --- |"]
+    for (method, path_, order, clip, steps, lr, router_lr, _), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        acc = np.array([r["mean_accuracy"] for r in runs])
+        std = f" ± {acc.std(ddof=1):.3f}" if len(acc) > 1 else ""
+        name = path_ + (" (loop order)" if order == "loop" else "") + ("" if clip is None else f" clip {clip:g}")
+        contracted = [sum(v["pooled_spread_rel"] < 0.5 for v in r["per_task"].values()) for r in runs]
+        ratio = np.mean([np.mean([v["update_ratio"] for v in r["per_task"].values()]) for r in runs])
+        clipped = max(r["grad_norm_share_clipped_at_1"] for r in runs)
+        out.append(f"| {method} | {name} | {steps} | {lr:g} | {router_lr:g} | {','.join(str(r['seed']) for r in runs)} | "
+                   f"{acc.mean():.3f}{std} | {', '.join(f'{a:.3f}' for a in acc)} | "
+                   f"{', '.join(str(len(r['collapsed'])) for r in runs)} | {', '.join(map(str, contracted))} | "
+                   f"{ratio:.2f} | {clipped:.0%} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="poly", choices=["poly", "mhr", "lora-params", "lora-rank"])
@@ -270,7 +300,11 @@ def main(argv=None) -> int:
     p.add_argument("--validation", type=int, default=40)
     p.add_argument("--tag", default="")
     p.add_argument("--log", default=os.path.join(HERE, "results", "diagnose.jsonl"))
+    p.add_argument("--summary", action="store_true", help="print the table of the runs in --log and exit")
     args = p.parse_args(argv)
+    if args.summary:
+        print(summary(args.log))
+        return 0
     torch.set_num_threads(1)
     base = claims.Base(claims.default_model_path())
     base.model.set_attn_implementation("eager")  # attention weights for the prefix measurement
