@@ -284,3 +284,8 @@ def routed_logits(run: str, model_dir: str, batch: dict, task: int) -> torch.Ten
     model = PolyModel.from_pretrained(base, os.path.join(run, "adapter"))
     with torch.no_grad():
         return model(**batch, task_ids=[task] * batch["input_ids"].shape[0]).logits
+
+
+#: command-line flags of a quick ``polytropon train`` on the tiny data (small rank and skills, quiet)
+FAST_TRAIN = ["--batch-size", "16", "--lr", "1e-2", "--router-lr", "5e-2", "--n-skills", "2", "--r", "4", "--quiet",
+              "--baseline-epochs", "5"]

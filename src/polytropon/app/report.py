@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["MEAN_METRICS", "format_table", "means", "print_run_summary"]
+__all__ = ["MEAN_METRICS", "format_table", "means", "collapse_warning", "print_run_summary"]
 
 #: The metrics whose unweighted mean over tasks goes into ``metrics.json`` and ``eval --json``.
 MEAN_METRICS = ("accuracy", "exact_match", "loss")
@@ -54,6 +54,18 @@ def means(per_task: PerTask) -> dict[str, float]:
     return {m: mean_metric(per_task, m) for m in MEAN_METRICS}
 
 
+def collapse_warning(name: str, collapsed: Sequence[str], n_tasks: int) -> str | None:
+    """One warning line naming the tasks ``name`` answers the same way for every eval example, or ``None``.
+
+    ``collapsed`` comes from :func:`polytropon.toolkit.diagnostics.collapsed_tasks`; ``n_tasks`` is the number
+    of evaluated tasks.
+    """
+    if not collapsed:
+        return None
+    return (f"warning: {name} collapsed on {len(collapsed)} of {n_tasks} tasks (every eval example answered the "
+            f"same): {', '.join(collapsed)}")
+
+
 def print_run_summary(
     table: str,
     metric: str,
@@ -64,10 +76,12 @@ def print_run_summary(
     seconds: dict[str, float],
     notes: Sequence[str] = (),
     quiet: bool = False,
+    warnings: Sequence[str] = (),
 ) -> None:
     """The end of ``polytropon train``: the per-task table, the means (Poly's difference to each baseline),
-    ``notes`` (e.g. the routing recovery), where the outputs are, the time; with ``quiet`` the table (with its
-    caption) and the means only.
+    ``warnings`` (e.g. :func:`collapse_warning`; printed even with ``quiet``), ``notes`` (e.g. the routing
+    recovery), where the outputs are, the time; with ``quiet`` the table (with its caption), the means and the
+    warnings only.
 
     ``paths`` has ``adapter``, ``metrics`` and ``routing``; ``seconds`` has ``total`` and ``train``
     (and ``lora_train`` when a LoRA baseline trained).
@@ -84,6 +98,8 @@ def print_run_summary(
     parts = [f"{name} {mean_metric(per_task, metric):.3f}" for name, per_task in baselines] + [f"poly {p:.3f}"]
     gains = ", ".join(f"{p - mean_metric(per_task, metric):+.3f} vs {name}" for name, per_task in baselines)
     print(f"mean {metric}: " + "  ".join(parts) + (f"  ({gains})" if gains else ""))
+    for warning in warnings:
+        print(warning)
     if quiet:
         return
     for note in notes:

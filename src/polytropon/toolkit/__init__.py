@@ -6,6 +6,7 @@
 * :mod:`.priors` -- the Indian Buffet Process prior on learned allocations;
 * :mod:`.analysis` -- read-outs of the learned routing (allocation matrices, task similarity);
 * :mod:`.recovery` -- how well a learned allocation matches a known task x skill structure;
+* :mod:`.diagnostics` -- the tasks a trained model answers the same way for every example (collapse);
 * :mod:`.plots` -- figures of them (needs matplotlib and scipy, imported on demand).
 
 The toolkit builds on the tuner's public surface only; the tuner never imports it.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from polytropon.app.cli import main
+from tests.helpers import FAST_TRAIN
 
-FAST = ["--batch-size", "16", "--lr", "1e-2", "--router-lr", "5e-2", "--n-skills", "2", "--r", "4", "--quiet", "--baseline-epochs", "5"]
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +16,6 @@ def trained_run(tiny_bert, tiny_data, tmp_path_factory):
     train, evaluation = tiny_data
     out = str(tmp_path_factory.mktemp("runs") / "run")
     code = main(["train", "--model", tiny_bert, "--data", train, "--eval-data", evaluation, "--output-dir", out,
-                 "--max-steps", "12", "--save-steps", "6", *FAST])
+                 "--max-steps", "12", "--save-steps", "6", *FAST_TRAIN])
     assert code == 0
     return out

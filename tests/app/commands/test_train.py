@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import assert_one_line_error, make_rows, run_cli, write_jsonl
+from tests.helpers import FAST_TRAIN, assert_one_line_error, make_rows, run_cli, write_jsonl
 
 
 def test_train_writes_adapter_metrics_plot(trained_run):
@@ -84,6 +84,27 @@ def test_train_learns_tiny_tasks(tiny_bert, tiny_data, tmp_path, capsys):
     assert metrics["poly"]["mean"]["accuracy"] >= 0.8
     assert metrics["poly"]["mean"]["accuracy"] > metrics["baseline"]["mean"]["accuracy"] + 0.2
     assert "head-only" in stdout and "poly" in stdout
+    assert "collapsed" not in stdout and metrics["poly"]["collapsed"] == []
+
+
+def test_train_warns_of_collapsed_tasks_for_poly_and_the_lora_baseline(tiny_bert, tiny_data, tmp_path, capsys):
+    # every eval example of "animal" is the same sentence with alternating labels: any model answers them alike
+    train, _ = tiny_data
+    rows = [r for r in make_rows(8, seed=2) if r["task"] == "color"]
+    rows += [{"task": "animal", "input": "the big red cat runs", "target": "yes" if i % 2 else "no"} for i in range(8)]
+    evaluation = write_jsonl(str(tmp_path / "eval.jsonl"), rows)
+    out = str(tmp_path / "run")
+    code, stdout, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train, "--eval-data", evaluation,
+                                "--output-dir", out, "--max-steps", "4", "--save-steps", "1000", "--lora-baseline",
+                                *FAST_TRAIN)
+    assert code == 0, err
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert "animal" in metrics["poly"]["collapsed"] and "animal" in metrics["lora"]["collapsed"]
+    warnings = [line for line in stdout.splitlines() if line.startswith("warning:")]
+    assert [w.split()[1] for w in warnings] == ["poly", "lora"]
+    for line, name in zip(warnings, ("poly", "lora")):
+        assert "animal" in line and "of 2 tasks" in line
+        assert ("color" in line) == ("color" in metrics[name]["collapsed"])
 
 
 # --------------------------------------------------------------------------- bad input

@@ -43,7 +43,7 @@ from ..defaults import (
     model_path,
     portable_model_ref,
 )
-from ..report import format_table, means, print_run_summary
+from ..report import collapse_warning, format_table, means, print_run_summary
 from ..runs import (
     ADAPTER_SUBDIR,
     CHECKPOINT_SUBDIR,
@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
     metric = "accuracy" if plan.head == "classification" else "exact_match"
     metrics = run_metrics(args, data, plan, metric, poly_metrics, baselines, lora, routing, recovery)
+    warnings = record_collapses(args, model, tokenizer, data, plan, lora, metrics)
     metrics.update(
         train=training_summary(trainer, result, losses),
         adapter={"config": poly_config.to_dict(), "trainable_parameters": model.get_nb_trainable_parameters()[0],
@@ -195,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
     table = format_table(data.tasks, baselines + [("poly", poly_metrics)], metric)
     paths = {"adapter": adapter_dir, "metrics": os.path.join(output_dir, METRICS_FILE), "routing": plot_path}
     notes = [recovery_line(recovery)] if recovery is not None else []
-    print_run_summary(table, metric, len(data.eval), poly_metrics, baselines, paths, seconds, notes, args.quiet)
+    print_run_summary(table, metric, len(data.eval), poly_metrics, baselines, paths, seconds, notes, args.quiet,
+                      warnings)
     return 0
 
 
@@ -520,6 +522,54 @@ def evaluate(
     if lora is not None:
         baselines.append((LORA_NAME, lora.per_task))
     return poly, baselines
+
+
+def record_collapses(
+    args: argparse.Namespace, model: Any, tokenizer: Any, data: TrainData, plan: Plan, lora: LoraBaseline | None,
+    metrics: dict[str, Any],
+) -> list[str]:
+    """Find the eval tasks Poly (and the LoRA baseline) answer the same for every example, store them in
+    ``metrics`` (``poly.collapsed``, ``lora.collapsed``) and return one warning line per collapsed model."""
+    collapsed = {"poly": collapsed_eval_tasks(args, model, tokenizer, data, plan)}
+    metrics["poly"]["collapsed"] = collapsed["poly"]
+    if lora is not None:
+        collapsed[LORA_NAME] = metrics["lora"]["collapsed"] = lora_collapsed_tasks(lora)
+    lines = [collapse_warning(name, tasks, len(data.tasks)) for name, tasks in collapsed.items()]
+    return [line for line in lines if line is not None]
+
+
+def collapsed_eval_tasks(args: argparse.Namespace, model: Any, tokenizer: Any, data: TrainData, plan: Plan) -> list[str]:
+    """The eval tasks a classifier answers the same for every example (whose gold labels differ), by
+    :func:`polytropon.toolkit.diagnostics.collapsed_tasks`; ``[]`` for language-model heads."""
+    if plan.head != "classification":
+        return []
+    import torch
+
+    from ...toolkit.diagnostics import collapsed_tasks
+    from ..data import PolyDataCollator, encode_rows
+
+    was_training = model.training
+    model.eval()
+    collate = PolyDataCollator(tokenizer)
+    device = next(model.parameters()).device
+    answers: list[int] = []
+    with torch.no_grad():
+        for start in range(0, len(data.eval), args.eval_batch_size):
+            chunk = data.eval[start : start + args.eval_batch_size]
+            batch = collate(encode_rows(chunk, tokenizer, plan.head, plan.task_to_id, plan.label_to_id, args.max_length))
+            batch.pop("labels")
+            answers += model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).tolist()
+    model.train(was_training)
+    return collapsed_tasks(answers, [r.task for r in data.eval], [r.target for r in data.eval])
+
+
+def lora_collapsed_tasks(lora: LoraBaseline) -> list[str]:
+    """The collapsed tasks the LoRA baseline's own run recorded in its ``metrics.json`` (``[]`` if none)."""
+    import json
+
+    path = os.path.join(os.path.dirname(lora.adapter_dir), METRICS_FILE)
+    with open(path, encoding="utf-8") as fh:
+        return list(json.load(fh)["poly"].get("collapsed", []))
 
 
 def head_only_metrics(args: argparse.Namespace, tokenizer: Any, data: TrainData, plan: Plan) -> dict[str, dict[str, float]]:
