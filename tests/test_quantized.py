@@ -173,7 +173,7 @@ def test_merging_into_a_quantized_weight_is_refused(kind, base_dir):
     before = eval_logits(model, batch)
     with pytest.raises(TypeError, match=r"cannot merge a task into layer 'model\.layers\.0\.self_attn\.q_proj': its base weight is") as info:
         model.merge_adapter(1)
-    assert f"`{DOCUMENTED_MERGE_ERROR}`" in (pathlib.Path(__file__).resolve().parents[2] / "docs" / "errors.md").read_text()
+    assert f"`{DOCUMENTED_MERGE_ERROR}`" in (pathlib.Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
     documented = DOCUMENTED_MERGE_ERROR.replace("<path>", "model.layers.0.self_attn.q_proj")
     assert re.fullmatch(re.escape(documented).replace(re.escape("<type> (<dtype>)"), r"\w+ \(torch\.\w+\)"), str(info.value))
     assert model.merged_task is None
