@@ -1,4 +1,10 @@
-"""merge_adapter / unmerge_adapter / merge_and_unload / unload on random non-zero Poly and MHR adapters."""
+"""merge_adapter / unmerge_adapter / merge_and_unload / unload on random non-zero Poly and MHR adapters.
+
+The merge API of whole models, across the two kinds of base layer: what the facade checks (task ids, the merged
+task, adapters changed while merged), what ``merge_and_unload`` / ``unload`` hand back (the saved heads too) and
+``generate`` while merged. One layer's ``PolyLayer.merge`` / ``unmerge`` against the loop reference is tested in
+tests/test_layer.py.
+"""
 
 from __future__ import annotations
 
