@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import randomize_ as randomize, small_llama as tiny_llama, small_t5 as tiny_t5
+from tests.helpers import SMALL_VOCAB as VOCAB, randomize_ as randomize, small_llama as tiny_llama, small_t5 as tiny_t5
 from polytropon import PolyConfig, get_peft_model
 from polytropon.toolkit.plots import plot_allocation, plot_routing, plot_task_hierarchy
 
@@ -94,8 +94,6 @@ def test_plot_errors(tmp_path):
 
 def test_trained_routing_recovers_the_task_hierarchy(tmp_path):
     """The papers' interpretability claim on a synthetic suite: tasks {0, 1} and {2, 3} share a rule."""
-    from tests.helpers import SMALL_VOCAB as VOCAB
-
     from polytropon import param_groups
 
     previous = torch.get_num_threads()
