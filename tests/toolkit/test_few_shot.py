@@ -18,7 +18,6 @@ from polytropon import (
 )
 
 
-
 # ---------------------------------------------------------------------- MHR-z
 def test_freeze_skills_trains_only_router_logits(randomize_, routers, small_bert_cls, small_inputs):
     model = get_peft_model(small_bert_cls(), PolyConfig(n_tasks=3, init_weights=False))

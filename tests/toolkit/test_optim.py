@@ -9,7 +9,6 @@ from tests.helpers import SMALL_VOCAB as VOCAB
 from polytropon import PolyConfig, get_peft_model, param_groups
 
 
-
 def _sequences(n: int, gen: torch.Generator, length: int = 8):
     """Synthetic multi-task LM data: task t continues an arithmetic sequence with step (1, 5, 11)[t]."""
     task = torch.randint(0, 3, (n,), generator=gen)

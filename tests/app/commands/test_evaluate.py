@@ -8,7 +8,6 @@ import os
 import pytest
 
 
-
 def test_eval_on_saved_run(trained_run, tiny_data, capsys, tmp_path, assert_one_line_error, run_cli):
     _, evaluation = tiny_data
     out_json = str(tmp_path / "m.json")

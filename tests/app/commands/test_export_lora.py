@@ -6,7 +6,6 @@ import json
 import os
 
 
-
 def test_export_lora_reproduces_the_routed_task(trained_run, tiny_bert, capsys, tmp_path, routed_logits, run_cli):
     import peft
     import torch

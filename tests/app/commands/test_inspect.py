@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 
-
 def test_inspect_saved_run(trained_run, capsys, tmp_path, run_cli):
     plot = str(tmp_path / "r.png")
     code, out, err = run_cli(capsys, "inspect", trained_run, "--plot", plot)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 
-
 def test_merge_reproduces_the_routed_task(trained_run, tiny_bert, capsys, tmp_path, routed_logits, run_cli):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -6,7 +6,6 @@ import json
 import os
 
 
-
 def test_suite_command_writes_jsonl_that_train_accepts(tmp_path, capsys, assert_one_line_error, run_cli):
     from polytropon.app.data import load_jsonl
 

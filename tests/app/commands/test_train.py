@@ -9,7 +9,6 @@ import shutil
 import pytest
 
 
-
 def test_train_writes_adapter_metrics_plot(trained_run):
     files = set(os.listdir(trained_run))
     assert {"adapter", "metrics.json", "routing.png", "plots", "run.json", "checkpoints"} <= files
