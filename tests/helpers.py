@@ -2,8 +2,17 @@
 adapters, tiny model folders with tokenizers and multi-task JSONL data for the CLI, and the small-vocabulary models of
 the research-toolkit and deploy tests.
 
-``tests/conftest.py`` provides what a test needs set up (model folders, data files, a trained run) as fixtures built
-from these functions; tests import the builders themselves from here (never from ``conftest``).
+How tests reach these helpers (the rule):
+
+* **take builders as fixtures.** ``tests/conftest.py`` provides every commonly used builder as a fixture of the same
+  name that returns the function itself (``tiny_llama``, ``small_llama``, ``batch_inputs``, ``randomize_``,
+  ``poly_model``, ``run_cli``, ...): ``def test_x(tiny_llama): model = tiny_llama(seed=1)``. It also provides what
+  must be set up once (model folders, data files; ``tests/app/commands/conftest.py``: a trained run).
+* **import from here only what pytest needs while collecting**: values in ``parametrize`` lists and decorators
+  (``ARCHS``, ``KINDS``, ``MODELS``, ``SMALL_MODELS``, a builder passed as a parameter), and constants such as
+  ``VOCAB``. A fixture is not available before the tests exist. Module-level helper functions of a test file that
+  build models are the other exception still found in some files: they import the builders they call.
+* never ``import conftest``.
 """
 
 from __future__ import annotations

@@ -5,29 +5,40 @@ import os
 
 import pytest
 import torch
-from tests.helpers import batch_inputs, randomize_, tiny_bert_cls, tiny_llama
 from safetensors.torch import load_file, save_file
 
 from polytropon import PolyConfig, PolyModel, get_peft_model
 from polytropon import checkpoint as ckpt
 
 
-def trained(seed=1, **kw):
-    cfg = dict(n_tasks=3, n_skills=3, n_splits=2, init_weights=False, modules_to_save=["lm_head"])
-    cfg.update(kw)
-    model = get_peft_model(tiny_llama(), PolyConfig(**cfg))
-    randomize_(model, seed)
-    with torch.no_grad():
-        model.model.lm_head.modules_to_save["default"].weight.normal_()
-    return model.eval()
+@pytest.fixture
+def trained(randomize_, tiny_llama):
+    """The factory ``trained(...)`` below, built from the shared builders (fixtures)."""
+
+    def trained(seed=1, **kw):
+        cfg = dict(n_tasks=3, n_skills=3, n_splits=2, init_weights=False, modules_to_save=["lm_head"])
+        cfg.update(kw)
+        model = get_peft_model(tiny_llama(), PolyConfig(**cfg))
+        randomize_(model, seed)
+        with torch.no_grad():
+            model.model.lm_head.modules_to_save["default"].weight.normal_()
+        return model.eval()
+
+    return trained
 
 
-def logits(model, task_ids=(0, 2, 1, 1)):
-    with torch.no_grad():
-        return model(**batch_inputs("llama"), task_ids=list(task_ids)).logits
+@pytest.fixture
+def logits(batch_inputs):
+    """The factory ``logits(...)`` below, built from the shared builders (fixtures)."""
+
+    def logits(model, task_ids=(0, 2, 1, 1)):
+        with torch.no_grad():
+            return model(**batch_inputs("llama"), task_ids=list(task_ids)).logits
+
+    return logits
 
 
-def test_round_trip_restores_outputs_and_modules_to_save(tmp_dir):
+def test_round_trip_restores_outputs_and_modules_to_save(tmp_dir, logits, trained, tiny_llama):
     model = trained()
     model.save_pretrained(tmp_dir)
     assert sorted(os.listdir(tmp_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -43,14 +54,14 @@ def test_round_trip_restores_outputs_and_modules_to_save(tmp_dir):
     assert any(p.requires_grad for p in trainable.parameters())
 
 
-def test_config_records_resolved_fields(tmp_dir):
+def test_config_records_resolved_fields(tmp_dir, trained):
     trained().save_pretrained(tmp_dir)
     data = json.loads(open(os.path.join(tmp_dir, "adapter_config.json")).read())
     assert data["peft_type"] == "POLY" and data["task_type"] == "CAUSAL_LM"
     assert data["target_modules"] == ["q_proj", "v_proj"]
 
 
-def test_non_default_adapters_go_to_subfolders_and_load_adapter(tmp_dir):
+def test_non_default_adapters_go_to_subfolders_and_load_adapter(tmp_dir, logits, trained, randomize_, tiny_llama):
     model = trained()
     model.add_adapter("second", PolyConfig(n_tasks=2, init_weights=False, target_modules=["o_proj"]))
     randomize_(model, 7)
@@ -64,7 +75,7 @@ def test_non_default_adapters_go_to_subfolders_and_load_adapter(tmp_dir):
     torch.testing.assert_close(logits(loaded, (1, 0, 1, 0)), logits(model, (1, 0, 1, 0)), rtol=0, atol=0)
 
 
-def test_sequence_classification_round_trip_keeps_head(tmp_dir):
+def test_sequence_classification_round_trip_keeps_head(tmp_dir, batch_inputs, randomize_, tiny_bert_cls):
     model = get_peft_model(tiny_bert_cls(), PolyConfig(n_tasks=2, init_weights=False))
     randomize_(model)
     with torch.no_grad():
@@ -100,7 +111,7 @@ def assert_unchanged(model, before):
         ("bin_only", FileNotFoundError, "pickled weights are never loaded"),
     ],
 )
-def test_bad_checkpoints_raise_and_leave_model_unchanged(tmp_dir, damage, error, pattern):
+def test_bad_checkpoints_raise_and_leave_model_unchanged(tmp_dir, damage, error, pattern, trained, tiny_llama):
     trained().save_pretrained(tmp_dir)
     weights = os.path.join(tmp_dir, "adapter_model.safetensors")
     config = os.path.join(tmp_dir, "adapter_config.json")
@@ -146,7 +157,7 @@ def test_bad_checkpoints_raise_and_leave_model_unchanged(tmp_dir, damage, error,
     assert_unchanged(host, before)
 
 
-def test_checkpoint_for_another_model_is_rejected(tmp_dir):
+def test_checkpoint_for_another_model_is_rejected(tmp_dir, trained):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     trained().save_pretrained(tmp_dir)
@@ -155,12 +166,12 @@ def test_checkpoint_for_another_model_is_rejected(tmp_dir):
         PolyModel.from_pretrained(wider, tmp_dir)
 
 
-def test_missing_directory(tmp_dir):
+def test_missing_directory(tmp_dir, tiny_llama):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         PolyModel.from_pretrained(tiny_llama(), os.path.join(tmp_dir, "nowhere"))
 
 
-def test_interrupted_save_keeps_previous_checkpoint(tmp_dir, monkeypatch):
+def test_interrupted_save_keeps_previous_checkpoint(tmp_dir, monkeypatch, trained, randomize_, tiny_llama):
     model = trained()
     model.save_pretrained(tmp_dir)
     good = {name: open(os.path.join(tmp_dir, name), "rb").read() for name in os.listdir(tmp_dir)}
@@ -180,7 +191,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_dir, monkeypatch):
     PolyModel.from_pretrained(tiny_llama(), tmp_dir)  # still loads
 
 
-def test_save_into_a_file_path_is_rejected(tmp_dir):
+def test_save_into_a_file_path_is_rejected(tmp_dir, trained):
     path = os.path.join(tmp_dir, "file")
     open(path, "w").write("x")
     with pytest.raises(ValueError, match="expected a directory"):

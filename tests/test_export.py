@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from tests.helpers import ARCHS, KINDS, poly_model, randomise_routing as randomise, rel_diff, small_bert_cls as tiny_bert_classifier, tokens
+from tests.helpers import ARCHS, KINDS
 
 from polytropon import PolyConfig, get_peft_model
 
@@ -30,7 +30,7 @@ def peft_logits(directory, fresh_base, ids):
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
-def test_peft_lora_reproduces_each_task(tmp_path, arch, kind):
+def test_peft_lora_reproduces_each_task(tmp_path, arch, kind, poly_model, rel_diff, tokens):
     build, _ = ARCHS[arch]
     model = poly_model(arch, kind)
     ids = tokens()
@@ -45,7 +45,7 @@ def test_peft_lora_reproduces_each_task(tmp_path, arch, kind):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_exported_files_follow_peft_lora_format(tmp_path, arch):
+def test_exported_files_follow_peft_lora_format(tmp_path, arch, poly_model):
     build, targets = ARCHS[arch]
     model = poly_model(arch, "mhr")
     model.export_lora(tmp_path, 1)
@@ -65,28 +65,28 @@ def test_exported_files_follow_peft_lora_format(tmp_path, arch):
     assert isinstance(parsed, peft.LoraConfig) and parsed.r == 4
 
 
-def test_classifier_exports_with_its_head(tmp_path):
+def test_classifier_exports_with_its_head(tmp_path, randomise_routing, rel_diff, small_bert_cls, tokens):
     torch.manual_seed(0)
     config = PolyConfig(r=4, n_tasks=3, n_skills=2, n_splits=2, init_weights=False)
-    model = randomise(get_peft_model(tiny_bert_classifier(), config)).eval()
+    model = randomise_routing(get_peft_model(small_bert_cls(), config)).eval()
     ids = tokens()
     model.export_lora(tmp_path, 2)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["task_type"] == "SEQ_CLS" and saved["modules_to_save"] == ["classifier"]
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert torch.equal(tensors["base_model.model.classifier.weight"], model.classifier.modules_to_save["default"].weight)
-    lora = peft.PeftModel.from_pretrained(tiny_bert_classifier(), str(tmp_path)).eval()
+    lora = peft.PeftModel.from_pretrained(small_bert_cls(), str(tmp_path)).eval()
     with torch.no_grad():
         ours = model(input_ids=ids, task_ids=[2, 2, 2]).logits
         theirs = lora(input_ids=ids).logits
     assert rel_diff(theirs, ours) < TOL
 
 
-def test_export_while_merged_and_of_a_named_adapter(tmp_path):
+def test_export_while_merged_and_of_a_named_adapter(tmp_path, poly_model, randomise_routing, rel_diff, tokens):
     build, _ = ARCHS["llama-linear"]
     model = poly_model("llama-linear", "poly")
     model.add_adapter("other", PolyConfig(r=2, n_tasks=2, n_skills=2, init_weights=False, target_modules=["q_proj"]))
-    randomise(model, seed=7)
+    randomise_routing(model, seed=7)
     ids = tokens()
     model.merge_adapter(0)  # the export is a delta: merging does not change it
     model.export_lora(tmp_path / "default0", 0)
@@ -99,7 +99,7 @@ def test_export_while_merged_and_of_a_named_adapter(tmp_path):
 
 
 @pytest.mark.parametrize("bad,error", [(3, ValueError), (-1, ValueError), (1.5, TypeError), ("0", TypeError)])
-def test_bad_task_id_writes_nothing(tmp_path, bad, error):
+def test_bad_task_id_writes_nothing(tmp_path, bad, error, poly_model):
     model = poly_model("gpt2-conv1d", "poly")
     target = tmp_path / "out"
     with pytest.raises(error, match="task_id"):
@@ -107,7 +107,7 @@ def test_bad_task_id_writes_nothing(tmp_path, bad, error):
     assert not target.exists()
 
 
-def test_unknown_adapter_and_file_target_raise(tmp_path):
+def test_unknown_adapter_and_file_target_raise(tmp_path, poly_model):
     model = poly_model("gpt2-conv1d", "poly")
     with pytest.raises(ValueError, match="unknown adapter 'nope'"):
         model.export_lora(tmp_path / "x", 0, adapter_name="nope")
@@ -118,7 +118,7 @@ def test_unknown_adapter_and_file_target_raise(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
-def test_export_by_task_name(tmp_path):
+def test_export_by_task_name(tmp_path, poly_model, rel_diff, tokens):
     build, _ = ARCHS["gpt2-conv1d"]
     model = poly_model("gpt2-conv1d", "mhr", task_names=["a", "b", "c"])
     ids = tokens()
@@ -131,7 +131,7 @@ def test_export_by_task_name(tmp_path):
 
 # ---------------------------------------------------------------------- every task at once
 @pytest.mark.parametrize("arch,kind", CASES)
-def test_export_all_tasks_each_equals_the_routed_task(tmp_path, arch, kind):
+def test_export_all_tasks_each_equals_the_routed_task(tmp_path, arch, kind, poly_model, rel_diff, tokens):
     build, _ = ARCHS[arch]
     model = poly_model(arch, kind, n_tasks=4)
     ids = tokens()
@@ -149,7 +149,7 @@ def test_export_all_tasks_each_equals_the_routed_task(tmp_path, arch, kind):
     assert min(rel_diff(outputs[i], outputs[j]) for i in range(4) for j in range(i)) > 1e-3  # the tasks differ
 
 
-def test_export_all_names_and_lora_modules_argument(tmp_path):
+def test_export_all_names_and_lora_modules_argument(tmp_path, poly_model):
     model = poly_model("llama-linear", "poly", task_names=["qa", "sum.v2", "mt"])
     model.peft_config["default"].base_model_name_or_path = "org/tiny-llama"
     out = tmp_path / "my loras"  # a space: the argument quotes each name=path
@@ -178,7 +178,7 @@ def test_export_all_names_and_lora_modules_argument(tmp_path):
     (dict(names=["a", "..", "d"]), ValueError, "task 1 is named '..'"),
     (dict(adapter_name="other"), ValueError, "unknown adapter 'other'"),
 ])
-def test_export_all_bad_input_writes_nothing(tmp_path, call, error, message):
+def test_export_all_bad_input_writes_nothing(tmp_path, call, error, message, poly_model):
     model = poly_model("llama-linear", "poly")
     with pytest.raises(error) as info:
         model.export_lora_all(tmp_path / "out", **call)
@@ -186,7 +186,7 @@ def test_export_all_bad_input_writes_nothing(tmp_path, call, error, message):
     assert os.listdir(tmp_path) == []
 
 
-def test_export_all_refuses_a_non_empty_directory_and_fails_atomically(tmp_path, monkeypatch):
+def test_export_all_refuses_a_non_empty_directory_and_fails_atomically(tmp_path, monkeypatch, poly_model):
     import polytropon.export as export
 
     model = poly_model("llama-linear", "mhr")

@@ -130,3 +130,46 @@ def test_disabled_and_inactive_layers_run_base_only():
     state.disabled = False
     state.active_adapter = "missing"
     torch.testing.assert_close(layer(x), base)
+
+
+# --------------------------------------------------------------------------- merge / unmerge of one layer
+# (PolyModel.merge_adapter / merge_and_unload over whole models: tests/test_merge.py)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_merged_layer_computes_the_task_alone_and_unmerge_restores_the_weight(kind):
+    torch.manual_seed(2)
+    base = nn.Linear(16, 24) if kind == "linear" else Conv1D(24, 16)
+    if kind == "conv1d":
+        nn.init.normal_(base.weight, std=0.2)
+    layer, state = make_layer(base, n_splits=2)
+    w_in_out = (base.weight.T if kind == "linear" else base.weight).detach().clone()
+    before = base.weight.detach().clone()
+    x = torch.randn(3, 5, 16)
+    expected = reference(x, w_in_out, base.bias.detach(), layer.adapters["default"], torch.tensor([2, 2, 2]))
+    layer.merge("default", 2)
+    state.merged_task = ("default", 2)
+    assert layer.merged == ("default", 2)
+    assert (base.weight - before).abs().max() > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)  # the base layer alone
+    with pytest.raises(ValueError, match=r"layer 'layer' already has task 2 of adapter 'default' merged"):
+        layer.merge("default", 1)
+    with torch.no_grad():
+        layer.adapters["default"].poly_lora_B.add_(1.0)  # an optimizer step while merged: unmerge still exact
+    layer.unmerge()
+    state.merged_task = None
+    assert layer.merged is None
+    torch.testing.assert_close(base.weight.detach(), before, rtol=0, atol=1e-6)
+    layer.unmerge()  # nothing merged: nothing happens
+    torch.testing.assert_close(base.weight.detach(), before, rtol=0, atol=1e-6)
+
+
+def test_unmerge_puts_a_bfloat16_weight_back_bit_for_bit():
+    layer, _ = make_layer(nn.Linear(16, 16).to(torch.bfloat16), n_splits=2)
+    before = layer.base_layer.weight.detach().clone()
+    for task in (0, 1, 2, 0):
+        layer.merge("default", task)
+        assert not torch.equal(layer.base_layer.weight, before)
+        layer.unmerge()
+        assert torch.equal(layer.base_layer.weight, before)

@@ -1,11 +1,17 @@
-"""merge_adapter / unmerge_adapter / merge_and_unload / unload on random non-zero Poly and MHR adapters."""
+"""merge_adapter / unmerge_adapter / merge_and_unload / unload on random non-zero Poly and MHR adapters.
+
+The merge API of whole models, across the two kinds of base layer: what the facade checks (task ids, the merged
+task, adapters changed while merged), what ``merge_and_unload`` / ``unload`` hand back (the saved heads too) and
+``generate`` while merged. One layer's ``PolyLayer.merge`` / ``unmerge`` against the loop reference is tested in
+tests/test_layer.py.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from tests.helpers import ARCHS, KINDS, poly_model, randomise_routing as randomise, rel_diff, small_bert_cls as tiny_bert_classifier, tokens
+from tests.helpers import ARCHS, KINDS
 
 from polytropon import PolyConfig, PolyLayer, get_peft_model
 from polytropon.modules_to_save import ModulesToSave
@@ -25,7 +31,7 @@ def logits(model, ids, task_ids=None):
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
-def test_merged_output_equals_routed_output(arch, kind):
+def test_merged_output_equals_routed_output(arch, kind, poly_model, rel_diff, tokens):
     model = poly_model(arch, kind)
     ids = tokens()
     with model.disable_adapter():
@@ -42,7 +48,7 @@ def test_merged_output_equals_routed_output(arch, kind):
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
-def test_unmerge_restores_weights_and_routing(arch, kind):
+def test_unmerge_restores_weights_and_routing(arch, kind, poly_model, rel_diff, tokens):
     model = poly_model(arch, kind)
     ids = tokens()
     before = base_weights(model)
@@ -59,7 +65,7 @@ def test_unmerge_restores_weights_and_routing(arch, kind):
         torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
 
 
-def test_unmerge_restores_weights_after_adapter_changes_while_merged():
+def test_unmerge_restores_weights_after_adapter_changes_while_merged(poly_model):
     model = poly_model("llama-linear", "mhr")
     before = base_weights(model)
     model.merge_adapter(2)
@@ -73,7 +79,7 @@ def test_unmerge_restores_weights_after_adapter_changes_while_merged():
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
-def test_merge_and_unload_returns_plain_model_with_task(arch, kind):
+def test_merge_and_unload_returns_plain_model_with_task(arch, kind, poly_model, rel_diff, tokens):
     model = poly_model(arch, kind)
     ids = tokens()
     routed = logits(model, ids, [2, 2, 2])
@@ -86,7 +92,7 @@ def test_merge_and_unload_returns_plain_model_with_task(arch, kind):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_unload_returns_the_base_model(arch):
+def test_unload_returns_the_base_model(arch, poly_model, tokens):
     build, _ = ARCHS[arch]
     reference = build(0)
     model = poly_model(arch, "mhr")
@@ -98,10 +104,10 @@ def test_unload_returns_the_base_model(arch):
     torch.testing.assert_close(logits(plain, ids), logits(reference, ids), rtol=0, atol=1e-5)
 
 
-def test_merge_and_unload_keeps_the_trained_head():
+def test_merge_and_unload_keeps_the_trained_head(randomise_routing, rel_diff, small_bert_cls, tokens):
     torch.manual_seed(0)
     config = PolyConfig(r=4, n_tasks=2, n_skills=2, n_splits=2, init_weights=False)
-    model = randomise(get_peft_model(tiny_bert_classifier(), config)).eval()
+    model = randomise_routing(get_peft_model(small_bert_cls(), config)).eval()
     ids = tokens()
     with torch.no_grad():
         routed = model(input_ids=ids, task_ids=[1, 1, 1]).logits
@@ -112,7 +118,7 @@ def test_merge_and_unload_keeps_the_trained_head():
 
 
 @pytest.mark.parametrize("bad", [3, 7, -1])
-def test_out_of_range_task_id_raises_without_change(bad):
+def test_out_of_range_task_id_raises_without_change(bad, poly_model):
     model = poly_model("gpt2-conv1d", "poly")
     before = base_weights(model)
     with pytest.raises(ValueError, match=f"task_id {bad} is out of range"):
@@ -127,7 +133,7 @@ def test_out_of_range_task_id_raises_without_change(bad):
 
 
 @pytest.mark.parametrize("bad", [1.0, "1", True, None, torch.tensor([1, 2]), torch.tensor(1.0)])
-def test_non_integer_task_id_raises_type_error_without_change(bad):
+def test_non_integer_task_id_raises_type_error_without_change(bad, poly_model):
     model = poly_model("llama-linear", "poly")
     before = base_weights(model)
     with pytest.raises(TypeError, match="task_id must be an int"):
@@ -137,7 +143,7 @@ def test_non_integer_task_id_raises_type_error_without_change(bad):
         assert torch.equal(value, before[key])
 
 
-def test_bad_task_id_while_merged_keeps_the_merged_task():
+def test_bad_task_id_while_merged_keeps_the_merged_task(poly_model):
     model = poly_model("llama-linear", "mhr")
     model.merge_adapter(0)
     merged = base_weights(model)
@@ -149,7 +155,7 @@ def test_bad_task_id_while_merged_keeps_the_merged_task():
 
 
 @pytest.mark.parametrize("task_id", [np.int64(1), torch.tensor(1)])
-def test_integer_like_task_ids_are_accepted(task_id):
+def test_integer_like_task_ids_are_accepted(task_id, poly_model, rel_diff, tokens):
     model = poly_model("llama-linear", "poly")
     ids = tokens()
     routed = logits(model, ids, [1, 1, 1])
@@ -158,7 +164,7 @@ def test_integer_like_task_ids_are_accepted(task_id):
     assert rel_diff(logits(model, ids), routed) < TOL
 
 
-def test_task_ids_of_another_task_raise_while_merged():
+def test_task_ids_of_another_task_raise_while_merged(poly_model, tokens):
     model = poly_model("gpt2-conv1d", "mhr")
     ids = tokens()
     model.merge_adapter(1)
@@ -169,7 +175,7 @@ def test_task_ids_of_another_task_raise_while_merged():
     assert model.merged_task == 1
 
 
-def test_merging_another_task_replaces_the_merged_one():
+def test_merging_another_task_replaces_the_merged_one(poly_model, rel_diff, tokens):
     model = poly_model("llama-linear", "mhr")
     ids = tokens()
     routed2 = logits(model, ids, [2, 2, 2])
@@ -186,7 +192,7 @@ def test_merging_another_task_replaces_the_merged_one():
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_disable_adapter_while_merged_gives_base_outputs(arch):
+def test_disable_adapter_while_merged_gives_base_outputs(arch, poly_model, rel_diff, tokens):
     build, _ = ARCHS[arch]
     reference = build(0)
     model = poly_model(arch, "mhr")
@@ -200,7 +206,7 @@ def test_disable_adapter_while_merged_gives_base_outputs(arch):
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
-def test_generate_while_merged_equals_routed_generate(arch, kind):
+def test_generate_while_merged_equals_routed_generate(arch, kind, poly_model, tokens):
     model = poly_model(arch, kind)
     prompt = tokens(batch=2, length=5)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
@@ -211,7 +217,7 @@ def test_generate_while_merged_equals_routed_generate(arch, kind):
     assert torch.equal(model.generate(input_ids=prompt, task_ids=[1, 1], **kwargs), routed)
 
 
-def test_merge_uses_eval_routing_in_training_mode():
+def test_merge_uses_eval_routing_in_training_mode(poly_model, rel_diff, tokens):
     model = poly_model("llama-linear", "mhr")
     ids = tokens()
     routed = logits(model, ids, [0, 0, 0])  # eval mode
@@ -221,7 +227,7 @@ def test_merge_uses_eval_routing_in_training_mode():
     assert rel_diff(logits(model, ids), routed) < TOL
 
 
-def test_adapter_added_to_an_eval_model_routes_deterministically():
+def test_adapter_added_to_an_eval_model_routes_deterministically(poly_model, rel_diff, tokens):
     # regression: a new adapter used to start in training mode and sample its routes at inference
     model = poly_model("llama-linear", "poly")
     model.add_adapter("other", PolyConfig(r=2, n_tasks=2, n_skills=2, init_weights=False, target_modules=["q_proj"]))
@@ -235,7 +241,7 @@ def test_adapter_added_to_an_eval_model_routes_deterministically():
     assert rel_diff(logits(model, ids), routed) < TOL
 
 
-def test_merge_by_task_name():
+def test_merge_by_task_name(poly_model, rel_diff, tokens):
     model = poly_model("llama-linear", "mhr", task_names=["qa", "sum", "tr"])
     ids = tokens()
     routed = logits(model, ids, [2, 2, 2])

@@ -1,73 +1,15 @@
+"""PolyModel, the facade: PEFT's adapter management (add / set / delete / disable), attribute fall-through,
+parameter counts, saved-module copies, deep copies. Planning and injection: tests/test_injection.py."""
+
 import copy
 
 import pytest
 import torch
-from tests.helpers import MODELS, batch_inputs, output_tensor, randomize_, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
-from polytropon import PolyConfig, PolyLayer, PolyModel, get_peft_model
-
-
-def adapted_names(model):
-    return sorted(name for name, module in model.named_modules() if isinstance(module, PolyLayer))
+from polytropon import PolyConfig, PolyLayer, get_peft_model
 
 
-@pytest.mark.parametrize(
-    "kind,leaves,count",
-    [("llama", {"q_proj", "v_proj"}, 4), ("gpt2", {"c_attn"}, 2), ("t5", {"q", "v"}, 12), ("bert", {"query", "value"}, 4)],
-)
-def test_default_targets_per_architecture(kind, leaves, count):
-    # t5: 2 encoder blocks x (self) + 2 decoder blocks x (self + cross), each q and v
-    names = adapted_names(get_peft_model(MODELS[kind](), PolyConfig(n_tasks=2)))
-    assert {n.rsplit(".", 1)[1] for n in names} == leaves
-    assert len(names) == count
-
-
-def test_list_targets_match_last_components_and_regex_matches_full_name():
-    model = get_peft_model(tiny_llama(), PolyConfig(target_modules=["self_attn.o_proj", "up_proj"]))
-    assert adapted_names(model) == sorted(
-        f"model.model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.o_proj", "mlp.up_proj")
-    )
-    model = get_peft_model(tiny_llama(), PolyConfig(target_modules=r"model\.layers\.1\.self_attn\.(q|k)_proj"))
-    assert adapted_names(model) == ["model.model.layers.1.self_attn.k_proj", "model.model.layers.1.self_attn.q_proj"]
-
-
-def test_exclude_modules():
-    model = get_peft_model(tiny_llama(), PolyConfig(target_modules=["q_proj"], exclude_modules=["layers.0.self_attn.q_proj"]))
-    assert adapted_names(model) == ["model.model.layers.1.self_attn.q_proj"]
-
-
-def test_targets_matching_nothing_raise_and_leave_model_unchanged():
-    base = tiny_llama()
-    before = [n for n, _ in base.named_modules()]
-    with pytest.raises(ValueError, match="nonexistent"):
-        get_peft_model(base, PolyConfig(target_modules=["nonexistent"]))
-    assert [n for n, _ in base.named_modules()] == before
-    assert all(p.requires_grad for p in base.parameters())
-
-
-def test_n_splits_must_divide_widths_named_in_error():
-    with pytest.raises(ValueError, match=r"n_splits=3.*in_features=32.*q_proj"):
-        get_peft_model(tiny_llama(), PolyConfig(target_modules=["q_proj"], n_splits=3))
-
-
-def test_unsupported_layer_type_is_a_type_error_naming_module():
-    with pytest.raises(TypeError, match=r"embed_tokens.*Embedding"):
-        get_peft_model(tiny_llama(), PolyConfig(target_modules=["embed_tokens"]))
-
-
-def test_only_adapters_train_and_counts():
-    model = get_peft_model(tiny_llama(), PolyConfig(target_modules=["q_proj", "v_proj"], n_tasks=3, n_skills=4, n_splits=2, r=4))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(("poly_lora" in n) or ("module_logits" in n) for n in trainable)
-    # per layer: A (2,4,16,4) + B (2,4,4,out/2) + logits (3, 8); q_proj out 32, v_proj out 16 (2 kv heads * 8)
-    per_q = 2 * 4 * 16 * 4 + 2 * 4 * 4 * 16 + 3 * 8
-    per_v = 2 * 4 * 16 * 4 + 2 * 4 * 4 * 8 + 3 * 8
-    n_trainable, n_total = model.get_nb_trainable_parameters()
-    assert n_trainable == 2 * (per_q + per_v)
-    assert n_total == sum(p.numel() for p in model.parameters())
-
-
-def test_print_trainable_parameters(capsys):
+def test_print_trainable_parameters(capsys, tiny_llama):
     model = get_peft_model(tiny_llama(), PolyConfig())
     model.print_trainable_parameters()
     out = capsys.readouterr().out
@@ -75,7 +17,7 @@ def test_print_trainable_parameters(capsys):
     assert f"trainable params: {trainable:,d}" in out and f"all params: {total:,d}" in out
 
 
-def test_attribute_fallthrough_and_base_model():
+def test_attribute_fallthrough_and_base_model(tiny_llama):
     base = tiny_llama()
     model = get_peft_model(base, PolyConfig())
     assert model.config is base.config
@@ -84,31 +26,7 @@ def test_attribute_fallthrough_and_base_model():
         model.no_such_attribute
 
 
-def test_task_type_is_inferred():
-    assert get_peft_model(tiny_llama(), PolyConfig()).peft_config["default"].task_type == "CAUSAL_LM"
-    assert get_peft_model(tiny_gpt2(), PolyConfig()).peft_config["default"].task_type == "CAUSAL_LM"
-    assert get_peft_model(tiny_t5(), PolyConfig()).peft_config["default"].task_type == "SEQ_2_SEQ_LM"
-    assert get_peft_model(tiny_bert_cls(), PolyConfig()).peft_config["default"].task_type == "SEQ_CLS"
-    from transformers import BertConfig, BertModel
-
-    bare = BertModel(BertConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
-    assert get_peft_model(bare, PolyConfig()).peft_config["default"].task_type == "FEATURE_EXTRACTION"
-
-
-def test_seq_cls_trains_the_classifier_head_like_peft():
-    model = get_peft_model(tiny_bert_cls(), PolyConfig(n_tasks=2))
-    assert model.peft_config["default"].modules_to_save == ["classifier", "score"]
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "model.classifier.modules_to_save.default.weight" in trainable
-    assert "model.classifier.original_module.weight" not in trainable
-
-
-def test_modules_to_save_name_matching_nothing_is_rejected():
-    with pytest.raises(ValueError, match="lm_headx"):
-        get_peft_model(tiny_llama(), PolyConfig(modules_to_save=["lm_headx"]))
-
-
-def test_add_set_delete_disable_adapters():
+def test_add_set_delete_disable_adapters(batch_inputs, randomize_, tiny_llama):
     base = tiny_llama()
     inputs = batch_inputs("llama")
     with torch.no_grad():
@@ -145,16 +63,7 @@ def test_add_set_delete_disable_adapters():
         model.add_adapter("other", PolyConfig())
 
 
-def test_new_adapter_is_not_trainable_until_set():
-    model = get_peft_model(tiny_llama(), PolyConfig())
-    model.add_adapter("b", PolyConfig())
-    assert not any(p.requires_grad for n, p in model.named_parameters() if ".b." in n)
-    model.set_adapter("b")
-    assert all(p.requires_grad for n, p in model.named_parameters() if ".b." in n)
-    assert not any(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
-
-
-def test_modules_to_save_copy_is_used_and_original_kept():
+def test_modules_to_save_copy_is_used_and_original_kept(batch_inputs, tiny_llama):
     base = tiny_llama()
     model = get_peft_model(base, PolyConfig(modules_to_save=["lm_head"]))
     head = model.model.lm_head
@@ -169,7 +78,7 @@ def test_modules_to_save_copy_is_used_and_original_kept():
     assert model.model.lm_head.weight is head.modules_to_save["default"].weight
 
 
-def test_pickle_free_deepcopy_keeps_routing_shared():
+def test_pickle_free_deepcopy_keeps_routing_shared(batch_inputs, tiny_llama):
     model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=2))
     clone = copy.deepcopy(model)
     layers = [m for m in clone.modules() if isinstance(m, PolyLayer)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -12,8 +13,6 @@ from torch import nn
 from polytropon import PolyConfig, PolyModel, get_peft_model
 from polytropon.modules_to_save import ModulesToSave
 from polytropon.routing import RoutingState
-
-from tests.helpers import batch_inputs, tiny_bert_cls
 
 
 def randomised(module: nn.Module, seed: int) -> nn.Module:
@@ -84,7 +83,7 @@ def test_attribute_reads_see_the_module_that_runs():
     assert wrapped.weight is wrapped.original_module.weight
 
 
-def test_only_the_copies_train():
+def test_only_the_copies_train(tiny_bert_cls):
     model = get_peft_model(tiny_bert_cls(), PolyConfig(n_tasks=2, n_skills=2, r=2))
     head = model.get_base_model().classifier
     assert isinstance(head, ModulesToSave)
@@ -92,19 +91,25 @@ def test_only_the_copies_train():
     assert not any(p.requires_grad for p in head.original_module.parameters())
 
 
-def two_adapter_classifier() -> PolyModel:
-    """A BERT classifier (SEQ_CLS: ``classifier`` is saved) with adapters ``default`` and ``other``, each with
-    random non-zero skills, routers and head copy."""
-    config = dict(n_tasks=2, n_skills=2, r=2, init_weights=False)
-    model = get_peft_model(tiny_bert_cls(), PolyConfig(**config))
-    model.add_adapter("other", PolyConfig(**config))
-    head = model.get_base_model().classifier
-    for i, name in enumerate(("default", "other")):
-        randomised(head.modules_to_save[name], seed=20 + i)
-    return model.eval()
+@pytest.fixture
+def two_adapter_classifier(tiny_bert_cls):
+    """A factory of the model below."""
+
+    def two_adapter_classifier() -> PolyModel:
+        """A BERT classifier (SEQ_CLS: ``classifier`` is saved) with adapters ``default`` and ``other``, each with
+        random non-zero skills, routers and head copy."""
+        config = dict(n_tasks=2, n_skills=2, r=2, init_weights=False)
+        model = get_peft_model(tiny_bert_cls(), PolyConfig(**config))
+        model.add_adapter("other", PolyConfig(**config))
+        head = model.get_base_model().classifier
+        for i, name in enumerate(("default", "other")):
+            randomised(head.modules_to_save[name], seed=20 + i)
+        return model.eval()
+
+    return two_adapter_classifier
 
 
-def test_switching_adapters_switches_the_head():
+def test_switching_adapters_switches_the_head(batch_inputs, two_adapter_classifier):
     model = two_adapter_classifier()
     head = model.get_base_model().classifier
     inputs = batch_inputs("bert", batch=3)
@@ -122,7 +127,7 @@ def test_switching_adapters_switches_the_head():
     assert not torch.allclose(plain, logits_other)
 
 
-def test_each_adapter_saves_its_own_copy(tmp_path):
+def test_each_adapter_saves_its_own_copy(tmp_path, batch_inputs, tiny_bert_cls, two_adapter_classifier):
     model = two_adapter_classifier()
     head = model.get_base_model().classifier
     model.save_pretrained(str(tmp_path))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers import batch_inputs, randomize_, tiny_llama
 
 from polytropon import PolyConfig, get_peft_model
 from polytropon.router import PolyRouter, _SampledRouting, presample, relaxed_bernoulli_rsample
@@ -63,7 +62,7 @@ def test_output_grads_may_be_missing():
     assert routers[1].module_logits.grad.abs().sum() > 0
 
 
-def test_training_call_samples_every_layer_in_one_node(monkeypatch):
+def test_training_call_samples_every_layer_in_one_node(monkeypatch, batch_inputs, randomize_, tiny_llama):
     model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, n_splits=2, init_weights=False))
     randomize_(model)
     calls = []
@@ -88,7 +87,7 @@ def test_training_call_samples_every_layer_in_one_node(monkeypatch):
 
 
 @pytest.mark.parametrize("hard", [False, True])
-def test_presample_skips_routers_that_keep_their_own_path(hard):
+def test_presample_skips_routers_that_keep_their_own_path(hard, tiny_llama):
     model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, hard_routing=hard))
     model.train()
     routers = [m for m in model.modules() if isinstance(m, PolyRouter)]

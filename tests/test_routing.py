@@ -2,20 +2,19 @@
 
 import pytest
 import torch
-from tests.helpers import batch_inputs, randomize_, tiny_llama
 
 from polytropon import PolyConfig, get_peft_model
 from polytropon.routing import RoutingState, check_task_ids
 
 
 @pytest.fixture
-def model():
+def model(randomize_, tiny_llama):
     m = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, init_weights=False))
     randomize_(m)
     return m
 
 
-def test_list_and_tensor_task_ids_are_equivalent(model):
+def test_list_and_tensor_task_ids_are_equivalent(model, batch_inputs):
     inputs = batch_inputs("llama")
     with torch.no_grad():
         a = model(**inputs, task_ids=[0, 2, 1, 2]).logits
@@ -42,7 +41,7 @@ def test_list_and_tensor_task_ids_are_equivalent(model):
         ("0", TypeError, "str"),
     ],
 )
-def test_bad_task_ids_are_rejected(model, task_ids, error, pattern):
+def test_bad_task_ids_are_rejected(model, task_ids, error, pattern, batch_inputs):
     inputs = batch_inputs("llama")
     with pytest.raises(error, match=pattern):
         model(**inputs, task_ids=task_ids)
@@ -51,13 +50,13 @@ def test_bad_task_ids_are_rejected(model, task_ids, error, pattern):
         model(**inputs, task_ids=[0, 1, 2, 0])
 
 
-def test_bad_task_ids_rejected_in_generate(model):
+def test_bad_task_ids_rejected_in_generate(model, batch_inputs):
     with pytest.raises(ValueError, match="task id 5"):
         model.generate(input_ids=batch_inputs("llama")["input_ids"], task_ids=[0, 5, 0, 0], max_new_tokens=2)
 
 
 @pytest.mark.parametrize("n_ids", [2, 3, 5, 8])
-def test_a_length_other_than_the_batch_or_one_is_an_error(model, n_ids):
+def test_a_length_other_than_the_batch_or_one_is_an_error(model, n_ids, batch_inputs):
     inputs = batch_inputs("llama", batch=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=rf"got {n_ids} task_ids for a batch of 4 examples"):
@@ -65,7 +64,7 @@ def test_a_length_other_than_the_batch_or_one_is_an_error(model, n_ids):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_single_id_routes_the_whole_batch(model):
+def test_a_single_id_routes_the_whole_batch(model, batch_inputs):
     inputs = batch_inputs("llama", batch=4)
     with torch.no_grad():
         single = model(**inputs, task_ids=[2]).logits
@@ -75,7 +74,7 @@ def test_a_single_id_routes_the_whole_batch(model):
     torch.testing.assert_close(scalar_tensor, full, rtol=0, atol=0)
 
 
-def test_each_example_uses_its_own_task(model):
+def test_each_example_uses_its_own_task(model, batch_inputs):
     inputs = batch_inputs("llama", batch=3)
     with torch.no_grad():
         mixed = model(**inputs, task_ids=[2, 0, 1]).logits

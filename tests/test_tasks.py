@@ -13,7 +13,6 @@ from polytropon import PolyConfig, get_peft_model
 from polytropon.routing import UNKNOWN_TASK
 from polytropon.tasks import grow_tasks, resolve_task_names, task_index, task_names_of
 
-from tests.helpers import randomize_, tiny_llama
 
 NAMED = PolyConfig(n_tasks=3, task_names=["qa", "nli", "sum"])
 
@@ -45,17 +44,23 @@ def test_unknown_tasks_map_to_the_unknown_id_only_when_allowed():
     assert resolve_task_names([3], NAMED) == [3]  # out-of-range ids are rejected later, by check_task_ids
 
 
-def adapted(poly_type: str = "poly", n_tasks: int = 3):
-    n_skills = n_tasks if poly_type == "private" else 2
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=n_tasks, n_skills=n_skills, n_splits=2, r=2, init_weights=False,
-                                                    poly_type=poly_type))
-    randomize_(model)
-    config = model.peft_config["default"]
-    return config, [(path, layer.adapters["default"]) for path, layer in model.poly_layers()]
+@pytest.fixture
+def adapted(randomize_, tiny_llama):
+    """``adapted(poly_type="poly", n_tasks=3) -> (config, [(path, adapter)])``: a tiny Llama's random non-zero adapter."""
+
+    def adapted(poly_type: str = "poly", n_tasks: int = 3):
+        n_skills = n_tasks if poly_type == "private" else 2
+        model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=n_tasks, n_skills=n_skills, n_splits=2, r=2, init_weights=False,
+                                                        poly_type=poly_type))
+        randomize_(model)
+        config = model.peft_config["default"]
+        return config, [(path, layer.adapters["default"]) for path, layer in model.poly_layers()]
+
+    return adapted
 
 
 @pytest.mark.parametrize("init", ["uniform", "average", 1])
-def test_grow_tasks_keeps_trained_rows_and_starts_new_ones_as_asked(init):
+def test_grow_tasks_keeps_trained_rows_and_starts_new_ones_as_asked(init, adapted):
     config, adapters = adapted()
     before = [adapter.poly_router.module_logits.detach().clone() for _, adapter in adapters]
     new_config = grow_tasks(config, adapters, 2, init=init)
@@ -69,7 +74,7 @@ def test_grow_tasks_keeps_trained_rows_and_starts_new_ones_as_asked(init):
             torch.testing.assert_close(row, want, rtol=0, atol=1e-7)
 
 
-def test_grow_tasks_by_name_extends_the_names():
+def test_grow_tasks_by_name_extends_the_names(adapted):
     config, adapters = adapted()
     config = dataclasses.replace(config, task_names=["qa", "nli", "sum"])
     new_config = grow_tasks(config, adapters, ["mt"], init="nli")
@@ -78,7 +83,7 @@ def test_grow_tasks_by_name_extends_the_names():
         assert torch.equal(adapter.poly_router.module_logits[3], adapter.poly_router.module_logits[1])
 
 
-def test_grow_tasks_of_a_private_adapter_adds_one_skill_per_task():
+def test_grow_tasks_of_a_private_adapter_adds_one_skill_per_task(adapted):
     config, adapters = adapted(poly_type="private")
     skills_before = [adapter.poly_lora_A.detach().clone() for _, adapter in adapters]
     new_config = grow_tasks(config, adapters, 1, init=0)
@@ -93,7 +98,7 @@ def test_grow_tasks_of_a_private_adapter_adds_one_skill_per_task():
     [(True, "uniform", TypeError, "True"), (0, "uniform", ValueError, "0"), (1, "zebra", ValueError, "zebra"),
      (["mt"], "uniform", ValueError, "task_names")],
 )
-def test_bad_growth_changes_nothing(tasks, init, exc, match):
+def test_bad_growth_changes_nothing(tasks, init, exc, match, adapted):
     config, adapters = adapted()
     before = [adapter.poly_router.module_logits for _, adapter in adapters]
     with pytest.raises(exc, match=match):

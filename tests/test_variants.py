@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from tests.helpers import SMALL_MODELS as MODELS, small_inputs as inputs, output_tensor as logits, randomize_ as randomize, small_llama as tiny_llama, small_t5 as tiny_t5
+from tests.helpers import SMALL_MODELS as MODELS
 from polytropon import FixedRouter, PolyConfig, PolyModel, PolyRouter, get_peft_model, routing_weights
 from polytropon.checkpoint import WEIGHTS_NAME
 from polytropon.variants import block_of, router_groups, unique_routers
@@ -19,9 +19,15 @@ def _routers(model, adapter="default"):
     return unique_routers([layer.adapters[adapter].poly_router for _, layer in model.poly_layers()])
 
 
-def _run(model, kind, task_ids, **kw):
-    with torch.no_grad():
-        return logits(model(**inputs(kind, **kw), task_ids=task_ids))
+@pytest.fixture
+def _run(output_tensor, small_inputs):
+    """The factory ``_run(...)`` below, built from the shared builders (fixtures)."""
+
+    def _run(model, kind, task_ids, **kw):
+        with torch.no_grad():
+            return output_tensor(model(**small_inputs(kind, **kw), task_ids=task_ids))
+
+    return _run
 
 
 # ---------------------------------------------------------------------- config
@@ -95,12 +101,12 @@ def test_allocation_accepts_a_tensor():
 
 
 # ---------------------------------------------------------------------- PEFT compatibility
-def test_seeded_init_matches_peft():
+def test_seeded_init_matches_peft(small_llama):
     """Building routers per group must keep PEFT's order of random draws for the default config."""
     from peft import PolyConfig as PeftPolyConfig
     from peft import get_peft_model as peft_get_peft_model
 
-    ours_base, base = tiny_llama(), tiny_llama()  # (building a model reseeds)
+    ours_base, base = small_llama(), small_llama()  # (building a model reseeds)
     torch.manual_seed(7)
     ours = get_peft_model(ours_base, PolyConfig(n_tasks=3, n_splits=2, init_weights=False))
     torch.manual_seed(7)
@@ -117,12 +123,12 @@ def test_seeded_init_matches_peft():
     "extra",
     [dict(), dict(router_granularity="block"), dict(router_temperature=0.3), dict(task_names=["a", "b", "c"], unknown_task="average")],
 )
-def test_peft_loads_compatible_variants_with_equal_outputs(tmp_path, kind, extra):
+def test_peft_loads_compatible_variants_with_equal_outputs(tmp_path, kind, extra, _run, output_tensor, randomize_, small_inputs):
     from peft import PeftModel
 
     make = MODELS[kind]
     model = get_peft_model(make(), PolyConfig(n_tasks=3, n_skills=3, n_splits=2, **extra))
-    randomize(model)
+    randomize_(model)
     assert model.peft_config["default"].peft_compatible
     model.save_pretrained(str(tmp_path))
     task_ids = torch.tensor([0, 2, 1, 2])
@@ -131,7 +137,7 @@ def test_peft_loads_compatible_variants_with_equal_outputs(tmp_path, kind, extra
         warnings.simplefilter("ignore")  # non-default fields: PEFT warns that it ignores them
         theirs = PeftModel.from_pretrained(make(), str(tmp_path)).eval()
     with torch.no_grad():
-        got = logits(theirs(**inputs(kind), task_ids=task_ids))
+        got = output_tensor(theirs(**small_inputs(kind), task_ids=task_ids))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -148,11 +154,11 @@ def test_peft_loads_compatible_variants_with_equal_outputs(tmp_path, kind, extra
     ],
 )
 @pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_variants_round_trip_through_polytropon(tmp_path, kind, extra):
+def test_variants_round_trip_through_polytropon(tmp_path, kind, extra, _run, randomize_):
     extra = dict(extra)  # shared between parametrized cases
     cfg = PolyConfig(n_tasks=3, n_skills=extra.pop("n_skills", 3), n_splits=2, **extra)
     model = get_peft_model(MODELS[kind](), cfg)
-    randomize(model)
+    randomize_(model)
     if cfg.hard_routing:  # logits away from 0 so that several skills are active or not
         with torch.no_grad():
             for router in _routers(model):
@@ -174,9 +180,9 @@ def test_variants_round_trip_through_polytropon(tmp_path, kind, extra):
 
 
 # ---------------------------------------------------------------------- fixed allocations
-def test_private_routing_uses_one_skill_per_task():
-    model = get_peft_model(tiny_llama(), PolyConfig(poly_type="private", n_tasks=3, n_skills=3, n_splits=2))
-    randomize(model)
+def test_private_routing_uses_one_skill_per_task(_run, randomize_, small_llama):
+    model = get_peft_model(small_llama(), PolyConfig(poly_type="private", n_tasks=3, n_skills=3, n_splits=2))
+    randomize_(model)
     for weights in routing_weights(model).values():
         torch.testing.assert_close(weights, torch.eye(3)[:, None, :].expand(3, 2, 3), atol=0, rtol=0)
     model.eval()
@@ -193,22 +199,22 @@ def test_private_routing_uses_one_skill_per_task():
     )
 
 
-def test_shared_routing_gives_every_task_the_same_output():
-    model = get_peft_model(tiny_llama(), PolyConfig(poly_type="shared", n_tasks=4, n_skills=1))
-    randomize(model)
+def test_shared_routing_gives_every_task_the_same_output(_run, output_tensor, randomize_, small_inputs, small_llama):
+    model = get_peft_model(small_llama(), PolyConfig(poly_type="shared", n_tasks=4, n_skills=1))
+    randomize_(model)
     out = _run(model.eval(), "llama", [0, 1, 2, 3], seed=0)
-    same_input = {k: v[:1].expand(4, -1) for k, v in inputs("llama").items()}
+    same_input = {k: v[:1].expand(4, -1) for k, v in small_inputs("llama").items()}
     with torch.no_grad():
-        out = logits(model(**same_input, task_ids=[0, 1, 2, 3]))
+        out = output_tensor(model(**same_input, task_ids=[0, 1, 2, 3]))
     for t in range(1, 4):
         torch.testing.assert_close(out[t], out[0], atol=0, rtol=0)
     for weights in routing_weights(model).values():
         assert torch.equal(weights, torch.ones(4, 1, 1))
 
 
-def test_fixed_allocation_is_normalised_and_not_trained():
+def test_fixed_allocation_is_normalised_and_not_trained(small_llama):
     allocation = [[1, 0, 1, 0], [0, 0, 0, 2], [0.1, 0.2, 0.3, 0.4]]
-    model = get_peft_model(tiny_llama(), PolyConfig(poly_type="fixed", n_tasks=3, n_skills=4, allocation=allocation))
+    model = get_peft_model(small_llama(), PolyConfig(poly_type="fixed", n_tasks=3, n_skills=4, allocation=allocation))
     expected = torch.tensor([[0.5, 0, 0.5, 0], [0, 0, 0, 1], [0.1, 0.2, 0.3, 0.4]])
     model.train()
     for _, layer in model.poly_layers():
@@ -242,10 +248,10 @@ def test_hard_routing_forward_is_binary_and_passes_gradients():
     assert grad is not None and grad.abs().sum() > 0 and torch.isfinite(grad).all()
 
 
-def test_hard_routing_trains_end_to_end():
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=2, hard_routing=True, init_weights=False))
+def test_hard_routing_trains_end_to_end(small_inputs, small_llama):
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=2, hard_routing=True, init_weights=False))
     model.train()
-    out = model(**inputs("llama"), task_ids=[0, 1, 0, 1], labels=inputs("llama")["input_ids"])
+    out = model(**small_inputs("llama"), task_ids=[0, 1, 0, 1], labels=small_inputs("llama")["input_ids"])
     out.loss.backward()
     grads = [r.module_logits.grad for r in _routers(model)]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
@@ -281,8 +287,8 @@ def test_block_of_paths():
 
 
 @pytest.mark.parametrize("granularity, n_routers", [("module", 12), ("block", 4), ("model", 1)])
-def test_router_granularity_shares_routers(granularity, n_routers):
-    model = get_peft_model(tiny_t5(), PolyConfig(n_tasks=3, router_granularity=granularity))
+def test_router_granularity_shares_routers(granularity, n_routers, small_t5):
+    model = get_peft_model(small_t5(), PolyConfig(n_tasks=3, router_granularity=granularity))
     assert len(_routers(model)) == n_routers  # t5: q, v in 2 encoder blocks, self- and cross-attention q, v in 2 decoder blocks
     logits_params = n_routers * 3 * 4
     skills = sum(p.numel() for n, p in model.named_parameters() if "poly_lora" in n)
@@ -290,48 +296,48 @@ def test_router_granularity_shares_routers(granularity, n_routers):
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_shared_router_runs_once_per_call(training):
-    model = get_peft_model(tiny_llama(layers=3), PolyConfig(n_tasks=3, router_granularity="model"))
+def test_shared_router_runs_once_per_call(training, small_inputs, small_llama):
+    model = get_peft_model(small_llama(layers=3), PolyConfig(n_tasks=3, router_granularity="model"))
     (router,) = _routers(model)
     calls = []
     for name in ("_sample", "_eval"):  # the two routing computations (training sample, eval weights)
         original = getattr(router, name)
         setattr(router, name, lambda ids, original=original: (calls.append(1), original(ids))[1])
     model.train(training)
-    model(**inputs("llama"), task_ids=[0, 1, 2, 0])
+    model(**small_inputs("llama"), task_ids=[0, 1, 2, 0])
     assert len(calls) == 1  # 6 adapted layers, one routing computation
-    model(**inputs("llama"), task_ids=[0, 1, 2, 0])
+    model(**small_inputs("llama"), task_ids=[0, 1, 2, 0])
     assert len(calls) == 2  # the next call computes again
     assert model.routing.call_store() is None  # nothing kept once the call is over
 
 
-def test_shared_router_uses_one_sample_per_call_in_training():
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, router_granularity="model", init_weights=False))
+def test_shared_router_uses_one_sample_per_call_in_training(small_inputs, small_llama):
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=3, router_granularity="model", init_weights=False))
     (router,) = _routers(model)
     seen = []
     router.register_forward_hook(lambda module, args, out: seen.append(out))
     model.train()
-    model(**inputs("llama"), task_ids=[0, 1, 2, 0])
+    model(**small_inputs("llama"), task_ids=[0, 1, 2, 0])
     assert len(seen) == 4 and all(w is seen[0] for w in seen)
 
 
-def test_loading_untied_router_copies_into_a_shared_router_is_refused(tmp_path):
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3))  # one router per module
-    randomize(model)
+def test_loading_untied_router_copies_into_a_shared_router_is_refused(tmp_path, randomize_, small_llama):
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=3))  # one router per module
+    randomize_(model)
     model.save_pretrained(str(tmp_path))
     cfg = PolyConfig.from_pretrained(str(tmp_path))
     cfg.router_granularity = "block"
-    base = tiny_llama()
+    base = small_llama()
     with pytest.raises(ValueError, match="different values"):
         PolyModel.from_pretrained(base, str(tmp_path), config=cfg)
     assert not any("Poly" in type(m).__name__ for m in base.modules())  # base untouched
 
 
-def test_activation_checkpointing_needs_per_module_routers():
+def test_activation_checkpointing_needs_per_module_routers(small_inputs, small_llama):
     """Per-module routers train under checkpointing; shared routers refuse it with a clear error."""
-    x = inputs("llama")["input_ids"]
+    x = small_inputs("llama")["input_ids"]
     for granularity, adapter_mode in (("module", True), ("block", True), ("block", False)):
-        base = tiny_llama()
+        base = small_llama()
         base.gradient_checkpointing_enable()
         model = get_peft_model(base, PolyConfig(n_tasks=3, init_weights=False, router_granularity=granularity))
         model.train()
@@ -349,13 +355,13 @@ def test_activation_checkpointing_needs_per_module_routers():
 @pytest.mark.parametrize(
     "extra", [dict(poly_type="private", n_skills=3), dict(poly_type="fixed", n_skills=2, allocation=[[1, 0], [0, 1], [1, 1]])]
 )
-def test_peft_refuses_fixed_allocation_checkpoints(tmp_path, extra):
+def test_peft_refuses_fixed_allocation_checkpoints(tmp_path, extra, small_llama):
     """docs/research.md: PEFT cannot load these variants, and says so instead of computing something else."""
     from peft import PeftModel
 
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, **extra))
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=3, **extra))
     assert not model.peft_config["default"].peft_compatible
     model.save_pretrained(str(tmp_path))
     with warnings.catch_warnings(), pytest.raises(ValueError, match="poly_type"):
         warnings.simplefilter("ignore")
-        PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+        PeftModel.from_pretrained(small_llama(), str(tmp_path))

@@ -11,7 +11,6 @@ import pytest
 
 from polytropon.app.cli import COMMANDS, build_parser
 
-from tests.helpers import assert_one_line_error, run_cli
 
 MINIMAL_ARGV = {
     "train": [],
@@ -60,7 +59,7 @@ def test_export_lora_takes_one_task_or_all_tasks():
         (["train", "--eval-data", "e.jsonl"], "--eval-data needs --data"),
     ],
 )
-def test_usage_errors_are_one_line(argv, fragment, capsys):
+def test_usage_errors_are_one_line(argv, fragment, capsys, assert_one_line_error, run_cli):
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, fragment)
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tests.helpers import tiny_bert_cls
 
 from polytropon import PolyConfig, get_peft_model
 
@@ -18,7 +17,7 @@ def conflicting_tasks(n, gen):
     return ids, tasks, high ^ tasks
 
 
-def test_training_reduces_loss_and_learns_task_dependent_labels():
+def test_training_reduces_loss_and_learns_task_dependent_labels(tiny_bert_cls):
     torch.manual_seed(0)
     base = tiny_bert_cls(num_labels=2)
     frozen = {n: p.clone() for n, p in base.named_parameters()}
@@ -53,12 +52,10 @@ def test_training_reduces_loss_and_learns_task_dependent_labels():
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_activation_checkpointing_gives_the_same_gradients(reentrant):
+def test_activation_checkpointing_gives_the_same_gradients(reentrant, batch_inputs, randomize_, tiny_llama):
     """Checkpointed layers are recomputed inside backward(), after the call: they still get the task ids and
     the call's routing samples (drawn before the model ran), with either of torch's checkpoint modes."""
     import copy
-
-    from tests.helpers import batch_inputs, randomize_, tiny_llama
 
     plain = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, n_splits=2, init_weights=False))
     randomize_(plain)

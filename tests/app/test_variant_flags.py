@@ -15,7 +15,6 @@ from polytropon.app.commands.train import Plan, TrainData, plot_run_routing
 from polytropon.app.comparison import lora_baseline_args, routing_allocations, routing_recovery
 from polytropon.app.defaults import DEFAULT_MODEL_ID, apply_run_defaults, default_model_path, model_path, portable_model_ref
 
-from tests.helpers import assert_one_line_error, make_rows, run_cli
 
 FAST = ["--batch-size", "8", "--r", "4", "--quiet", "--no-baseline", "--max-steps", "2"]
 
@@ -26,10 +25,16 @@ def write_json(path, value) -> str:
     return str(path)
 
 
-def train(capsys, tiny_bert, tiny_data, out, *extra: str) -> tuple[int, str, str]:
-    train_file, eval_file = tiny_data
-    return run_cli(capsys, "train", "--model", tiny_bert, "--data", train_file, "--eval-data", eval_file,
-                   "--output-dir", str(out), *FAST, *extra)
+@pytest.fixture
+def train(run_cli):
+    """The factory ``train(...)`` below, built from the shared builders (fixtures)."""
+
+    def train(capsys, tiny_bert, tiny_data, out, *extra: str) -> tuple[int, str, str]:
+        train_file, eval_file = tiny_data
+        return run_cli(capsys, "train", "--model", tiny_bert, "--data", train_file, "--eval-data", eval_file,
+                       "--output-dir", str(out), *FAST, *extra)
+
+    return train
 
 
 def saved_config(run_dir) -> dict:
@@ -57,7 +62,7 @@ def saved_config(run_dir) -> dict:
         (["--poly-type", "mhr"], ["--poly-type", "invalid choice"]),
     ],
 )
-def test_bad_variant_combinations_are_one_line_errors(flags, fragments, tiny_bert, tiny_data, tmp_path, capsys):
+def test_bad_variant_combinations_are_one_line_errors(flags, fragments, tiny_bert, tiny_data, tmp_path, capsys, assert_one_line_error, run_cli):
     alloc = write_json(tmp_path / "alloc.json", [[1, 0], [0, 1]])
     flags = [alloc if f == "ALLOC" else f for f in flags]
     train_file, eval_file = tiny_data
@@ -80,14 +85,14 @@ def test_bad_variant_combinations_are_one_line_errors(flags, fragments, tiny_ber
         ("nonsense", ["expected a JSON matrix"]),
     ],
 )
-def test_bad_allocation_files(allocation, fragments, tiny_bert, tiny_data, tmp_path, capsys):
+def test_bad_allocation_files(allocation, fragments, tiny_bert, tiny_data, tmp_path, capsys, train, assert_one_line_error):
     alloc = write_json(tmp_path / "alloc.json", allocation)
     code, _, err = train(capsys, tiny_bert, tiny_data, tmp_path / "run", "--poly-type", "fixed", "--allocation", alloc)
     assert_one_line_error(code, err, "alloc.json", *fragments)
     assert not (tmp_path / "run").exists()
 
 
-def test_allocation_that_is_not_json(tiny_bert, tiny_data, tmp_path, capsys):
+def test_allocation_that_is_not_json(tiny_bert, tiny_data, tmp_path, capsys, train, assert_one_line_error):
     bad = tmp_path / "alloc.json"
     bad.write_text("{not json")
     code, _, err = train(capsys, tiny_bert, tiny_data, tmp_path / "run", "--poly-type", "fixed", "--allocation", str(bad))
@@ -100,7 +105,7 @@ def test_allocation_that_is_not_json(tiny_bert, tiny_data, tmp_path, capsys):
 # --------------------------------------------------------------------------- each variant trains and is saved
 
 
-def test_fixed_allocation_by_task_name_and_as_matrix(tiny_bert, tiny_data, tmp_path, capsys):
+def test_fixed_allocation_by_task_name_and_as_matrix(tiny_bert, tiny_data, tmp_path, capsys, train, assert_one_line_error):
     by_name = write_json(tmp_path / "by_name.json", {"color": [1, 2], "animal": [0]})
     code, _, err = train(capsys, tiny_bert, tiny_data, tmp_path / "a", "--poly-type", "fixed", "--allocation", by_name)
     assert code == 0, err
@@ -116,7 +121,7 @@ def test_fixed_allocation_by_task_name_and_as_matrix(tiny_bert, tiny_data, tmp_p
     assert_one_line_error(code, err, "rows have 2 skills but --n-skills is 3")
 
 
-def test_private_shared_and_learned_variants_record_their_config(tiny_bert, tiny_data, tmp_path, capsys):
+def test_private_shared_and_learned_variants_record_their_config(tiny_bert, tiny_data, tmp_path, capsys, train, assert_one_line_error, make_rows, run_cli):
     assert train(capsys, tiny_bert, tiny_data, tmp_path / "private", "--poly-type", "private")[0] == 0
     config = saved_config(tmp_path / "private")
     assert (config["poly_type"], config["n_skills"], config["n_tasks"]) == ("private", 2, 2)
@@ -144,7 +149,7 @@ def test_private_shared_and_learned_variants_record_their_config(tiny_bert, tiny
     assert_one_line_error(code, err, "unknown task 'zebra'")
 
 
-def test_trainer_loss_adds_the_weighted_ibp_prior(tiny_bert):
+def test_trainer_loss_adds_the_weighted_ibp_prior(tiny_bert, make_rows):
     """PolyTrainer.compute_loss = task loss + weight * ibp_loss(model, alpha), on random non-zero router logits."""
     from polytropon import PolyConfig, get_peft_model
     from polytropon.app.data import PolyDataCollator, encode_rows, rows_from_dicts
@@ -176,7 +181,7 @@ def test_trainer_loss_adds_the_weighted_ibp_prior(tiny_bert):
 # --------------------------------------------------------------------------- LoRA baseline, recovery, quiet, data
 
 
-def test_lora_baseline_has_polys_trainable_budget_and_is_saved(tiny_bert, tiny_data, tmp_path, capsys):
+def test_lora_baseline_has_polys_trainable_budget_and_is_saved(tiny_bert, tiny_data, tmp_path, capsys, run_cli):
     train_file, eval_file = tiny_data
     out = tmp_path / "run"
     code, stdout, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train_file, "--eval-data", eval_file,
@@ -282,7 +287,7 @@ def test_run_routing_plot_is_aligned_on_a_known_structure(tiny_bert, tmp_path):
     assert Plan  # the plan type is importable beside TrainData
 
 
-def test_quiet_prints_only_the_table_and_logs_to_the_run(tiny_bert, tiny_data, tmp_path, capsys):
+def test_quiet_prints_only_the_table_and_logs_to_the_run(tiny_bert, tiny_data, tmp_path, capsys, train):
     code, out, err = train(capsys, tiny_bert, tiny_data, tmp_path / "run", "--logging-steps", "1")
     assert code == 0, err
     lines = out.strip().splitlines()
@@ -294,7 +299,7 @@ def test_quiet_prints_only_the_table_and_logs_to_the_run(tiny_bert, tiny_data, t
     assert [entry["step"] for entry in log if "loss" in entry] == [1, 2]
 
 
-def test_data_in_other_formats_with_other_column_names(tiny_bert, tmp_path, capsys):
+def test_data_in_other_formats_with_other_column_names(tiny_bert, tmp_path, capsys, assert_one_line_error, make_rows, run_cli):
     import pandas as pd
 
     rename = {"task": "job", "input": "sentence", "target": "answer"}
@@ -311,7 +316,7 @@ def test_data_in_other_formats_with_other_column_names(tiny_bert, tmp_path, caps
     assert_one_line_error(code, err, "eval.parquet", "missing column(s) task, input, target")
 
 
-def test_default_model_is_recorded_by_its_public_id_and_found_offline(tiny_data, tmp_path, capsys):
+def test_default_model_is_recorded_by_its_public_id_and_found_offline(tiny_data, tmp_path, capsys, run_cli):
     folder = default_model_path()
     assert portable_model_ref(folder) == DEFAULT_MODEL_ID == portable_model_ref(DEFAULT_MODEL_ID)
     assert model_path(DEFAULT_MODEL_ID) == folder and model_path("other/model") == "other/model"

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from tests.helpers import batch_inputs, randomize_, tiny_llama
 
 from polytropon import PolyConfig, PolyModel, collapse_to_average, get_peft_model
 from polytropon.checkpoint import check_adapter_name
@@ -52,7 +51,7 @@ def files_under(root) -> set[str]:
 
 
 @pytest.fixture
-def saved(tmp_path):
+def saved(tmp_path, randomize_, tiny_llama):
     model = get_peft_model(tiny_llama(), config())
     randomize_(model)
     model.save_pretrained(tmp_path / "ckpt")
@@ -67,7 +66,7 @@ def test_the_rule_names_what_is_allowed():
 
 
 @pytest.mark.parametrize("name,error,pattern", BAD + [("/abs/path", ValueError, "not a valid adapter name")])
-def test_invalid_names_are_refused_everywhere_before_any_change(name, error, pattern, saved, tmp_path):
+def test_invalid_names_are_refused_everywhere_before_any_change(name, error, pattern, saved, tmp_path, batch_inputs, randomize_, tiny_llama):
     base = tiny_llama()
     with pytest.raises(error, match=pattern):
         get_peft_model(base, config(), adapter_name=name)
@@ -90,7 +89,7 @@ def test_invalid_names_are_refused_everywhere_before_any_change(name, error, pat
         model(**batch_inputs("llama"), task_ids=[0, 1, 0, 1])
 
 
-def test_valid_names_save_into_their_own_folder_and_load_back(tmp_path):
+def test_valid_names_save_into_their_own_folder_and_load_back(tmp_path, batch_inputs, randomize_, tiny_llama):
     model = get_peft_model(tiny_llama(), config())
     for name in ("task-1", "lora_v2"):
         model.add_adapter(name, config(n_tasks=3))
@@ -113,7 +112,7 @@ def test_valid_names_save_into_their_own_folder_and_load_back(tmp_path):
         torch.testing.assert_close(fresh(**inputs, task_ids=[2, 0, 1]).logits, model(**inputs, task_ids=[2, 0, 1]).logits, rtol=0, atol=0)
 
 
-def test_an_absolute_path_as_name_writes_nothing_outside(tmp_path):
+def test_an_absolute_path_as_name_writes_nothing_outside(tmp_path, tiny_llama):
     outside = tmp_path / "outside"
     outside.mkdir()
     model = get_peft_model(tiny_llama(), config())
@@ -126,7 +125,7 @@ def test_an_absolute_path_as_name_writes_nothing_outside(tmp_path):
     assert files_under(tmp_path) == {os.path.join("save", "adapter_config.json"), os.path.join("save", "adapter_model.safetensors")}
 
 
-def test_an_adapter_folder_linking_outside_is_refused_before_writing(tmp_path):
+def test_an_adapter_folder_linking_outside_is_refused_before_writing(tmp_path, tiny_llama):
     outside = tmp_path / "outside"
     outside.mkdir()
     save = tmp_path / "save"
@@ -144,7 +143,7 @@ def test_an_adapter_folder_linking_outside_is_refused_before_writing(tmp_path):
     assert files_under(save) == {"adapter_config.json", "adapter_model.safetensors"} and files_under(outside) == set()
 
 
-def test_written_files_replace_links_instead_of_following_them(tmp_path):
+def test_written_files_replace_links_instead_of_following_them(tmp_path, randomize_, tiny_llama):
     """A file in the target directory that links elsewhere is replaced by the new file; its target is untouched."""
     outside = tmp_path / "outside"
     outside.mkdir()

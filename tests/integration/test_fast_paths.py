@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-from tests.helpers import poly_model, rel_diff, small_gpt2 as tiny_gpt2, small_llama as tiny_llama, tokens
 
 from polytropon import PolyConfig, get_peft_model
 from polytropon.kernels import RoutedLowRank, RoutedPoly, base_linear, mix_factors
@@ -19,20 +18,26 @@ TOL = 1e-5
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def pair(tmp_path, n_splits: int = 2, n_tasks: int = 4):
-    """Our model and PEFT's Poly on identical copies of a tiny Llama, with identical random adapters."""
-    base = tiny_llama()
-    torch.manual_seed(3)
-    config = PolyConfig(r=4, n_tasks=n_tasks, n_skills=3, n_splits=n_splits, init_weights=False, target_modules=TARGETS)
-    ours = get_peft_model(copy.deepcopy(base), config)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if "module_logits" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path), is_trainable=True)
-    return ours, theirs
+@pytest.fixture
+def pair(small_llama):
+    """The factory ``pair(...)`` below, built from the shared builders (fixtures)."""
+
+    def pair(tmp_path, n_splits: int = 2, n_tasks: int = 4):
+        """Our model and PEFT's Poly on identical copies of a tiny Llama, with identical random adapters."""
+        base = small_llama()
+        torch.manual_seed(3)
+        config = PolyConfig(r=4, n_tasks=n_tasks, n_skills=3, n_splits=n_splits, init_weights=False, target_modules=TARGETS)
+        ours = get_peft_model(copy.deepcopy(base), config)
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for name, p in ours.named_parameters():
+                if "module_logits" in name:
+                    p.copy_(torch.randn(p.shape, generator=g))
+        ours.save_pretrained(tmp_path)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path), is_trainable=True)
+        return ours, theirs
+
+    return pair
 
 
 def adapter_grads(model) -> dict[str, torch.Tensor]:
@@ -103,7 +108,7 @@ def test_routed_poly_gradcheck(as_view, n_splits):
 
 
 @pytest.mark.parametrize("n_splits", [1, 2])
-def test_training_step_matches_peft(tmp_path, n_splits):
+def test_training_step_matches_peft(tmp_path, n_splits, pair, rel_diff, tokens):
     ours, theirs = pair(tmp_path, n_splits)
     ours.train()
     theirs.train()
@@ -123,7 +128,7 @@ def test_training_step_matches_peft(tmp_path, n_splits):
 
 
 @pytest.mark.parametrize("task_ids", [[2, 2, 2], [0, 3, 1], [1, 1, 0]], ids=["one-task", "all-distinct", "repeats"])
-def test_eval_outputs_match_peft_without_and_with_autograd(tmp_path, task_ids):
+def test_eval_outputs_match_peft_without_and_with_autograd(tmp_path, task_ids, pair, rel_diff, tokens):
     ours, theirs = pair(tmp_path)
     ours.eval()
     theirs.eval()
@@ -146,7 +151,7 @@ def test_eval_outputs_match_peft_without_and_with_autograd(tmp_path, task_ids):
         assert rel_diff(mine[key], ref[key]) < 1e-4, key
 
 
-def test_cache_follows_task_ids_and_weight_updates(tmp_path):
+def test_cache_follows_task_ids_and_weight_updates(tmp_path, pair, rel_diff, tokens):
     ours, theirs = pair(tmp_path)
     ours.eval()
     theirs.eval()
@@ -164,7 +169,7 @@ def test_cache_follows_task_ids_and_weight_updates(tmp_path):
 
 
 @pytest.mark.parametrize("task_ids", [[1, 1], [3, 0]])
-def test_cached_generation_matches_peft(tmp_path, task_ids):
+def test_cached_generation_matches_peft(tmp_path, task_ids, pair, rel_diff, tokens):
     ours, theirs = pair(tmp_path)
     ours.eval()
     theirs.eval()
@@ -180,11 +185,11 @@ def test_cached_generation_matches_peft(tmp_path, task_ids):
         assert rel_diff(got, expected) < TOL
 
 
-def test_conv1d_training_gradients_match_plain_autograd():
+def test_conv1d_training_gradients_match_plain_autograd(rel_diff, small_gpt2, tokens):
     """GPT-2's Conv1D returns a view: the update must not go in place on it, and gradients stay exact."""
     torch.manual_seed(0)
     config = PolyConfig(r=4, n_tasks=3, n_skills=3, n_splits=2, init_weights=False, target_modules=["c_attn", "c_fc"])
-    model = get_peft_model(tiny_gpt2(), config).train()
+    model = get_peft_model(small_gpt2(), config).train()
     with torch.no_grad():  # GPT-2 starts with zero biases: give them values, so a lost bias would show
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
@@ -223,7 +228,7 @@ def test_conv1d_training_gradients_match_plain_autograd():
 
 @pytest.mark.parametrize("arch", ["llama-linear", "gpt2-conv1d"])
 @pytest.mark.parametrize("length", [1, 8, 20], ids=["one-token", "few-rows", "many-rows"])
-def test_eval_layouts_by_rows_per_example_match_each_task_merged(arch, length):
+def test_eval_layouts_by_rows_per_example_match_each_task_merged(arch, length, poly_model, rel_diff, tokens):
     """Every eval layout -- plain for a few rows per example, transposed with the base GEMM accumulated into the
     update for many -- equals each example run alone with its task merged into the weights (with a bias: GPT-2)."""
     model = poly_model(arch, "mhr")

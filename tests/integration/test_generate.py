@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tests.helpers import MODELS, batch_inputs, randomize_
+from tests.helpers import MODELS
 
 from polytropon import PolyConfig, get_peft_model
 
@@ -15,10 +15,16 @@ STRATEGIES = {
 }
 
 
-def build(kind):
-    model = get_peft_model(MODELS[kind](), PolyConfig(n_tasks=3, n_splits=2, init_weights=False))
-    randomize_(model, seed=5)
-    return model.eval()
+@pytest.fixture
+def build(randomize_):
+    """The factory ``build(...)`` below, built from the shared builders (fixtures)."""
+
+    def build(kind):
+        model = get_peft_model(MODELS[kind](), PolyConfig(n_tasks=3, n_splits=2, init_weights=False))
+        randomize_(model, seed=5)
+        return model.eval()
+
+    return build
 
 
 def generate(model, inputs, task_ids, strategy):
@@ -31,7 +37,7 @@ def generate(model, inputs, task_ids, strategy):
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "beam_multi", "sample_multi"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
-def test_batch_equals_each_example_alone(kind, strategy):
+def test_batch_equals_each_example_alone(kind, strategy, build, batch_inputs):
     model = build(kind)
     inputs = batch_inputs(kind, batch=3, length=6)
     inputs.pop("decoder_input_ids", None)
@@ -57,7 +63,7 @@ def test_batch_equals_each_example_alone(kind, strategy):
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_task_ids_change_beam_search_output(kind):
+def test_task_ids_change_beam_search_output(kind, build, batch_inputs):
     model = build(kind)
     inputs = batch_inputs(kind, batch=1, length=6)
     inputs.pop("decoder_input_ids", None)
@@ -65,13 +71,13 @@ def test_task_ids_change_beam_search_output(kind):
     assert not torch.allclose(scores[0], scores[1], atol=1e-4)
 
 
-def test_generate_without_task_ids_is_rejected_before_running():
+def test_generate_without_task_ids_is_rejected_before_running(build, batch_inputs):
     model = build("llama")
     with pytest.raises(ValueError, match="task_ids are required"):
         model.generate(**batch_inputs("llama", batch=2), max_new_tokens=2)
 
 
-def test_task_ids_length_must_fit_the_batch_in_generate():
+def test_task_ids_length_must_fit_the_batch_in_generate(build, batch_inputs):
     model = build("llama")
     with pytest.raises(ValueError, match="2 task_ids for a batch of 3"):
         model.generate(**batch_inputs("llama", batch=3), task_ids=[0, 1], max_new_tokens=2)

@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from tests.helpers import SMALL_VOCAB as VOCAB, poly_model, small_llama as tiny_llama
+from tests.helpers import SMALL_VOCAB as VOCAB
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("peft")
@@ -85,7 +85,7 @@ def own_loglikelihood(model, tokenizer, context: str, continuation: str, **call)
 
 
 @pytest.mark.parametrize("kind", ["poly", "mhr"])
-def test_hflm_on_the_poly_model_inside_task_context(task_dir, kind):
+def test_hflm_on_the_poly_model_inside_task_context(task_dir, kind, poly_model):
     model = poly_model("llama-linear", kind, n_tasks=3)
     tokenizer = tiny_tokenizer()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
@@ -105,15 +105,15 @@ def test_hflm_on_the_poly_model_inside_task_context(task_dir, kind):
 
 
 @pytest.fixture
-def base_dir(tmp_path):
+def base_dir(tmp_path, small_llama):
     """The base model and tokenizer saved locally, for the harness's ``pretrained=<path>`` (and ``peft=``) route."""
     path = tmp_path / "base"
-    tiny_llama(0).save_pretrained(path)
+    small_llama(0).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 
 
-def test_hflm_peft_route_with_a_poly_adapter_fails_without_task_ids(task_dir, base_dir, tmp_path):
+def test_hflm_peft_route_with_a_poly_adapter_fails_without_task_ids(task_dir, base_dir, tmp_path, poly_model):
     model = poly_model("llama-linear", "poly")
     model.save_pretrained(tmp_path / "poly")
     lm = HFLM(pretrained=str(base_dir), peft=str(tmp_path / "poly"), device="cpu", batch_size=2)
@@ -123,7 +123,7 @@ def test_hflm_peft_route_with_a_poly_adapter_fails_without_task_ids(task_dir, ba
 
 
 @pytest.mark.parametrize("kind", ["poly", "mhr"])
-def test_hflm_peft_route_with_a_task_exported_as_lora(task_dir, base_dir, tmp_path, kind):
+def test_hflm_peft_route_with_a_task_exported_as_lora(task_dir, base_dir, tmp_path, kind, poly_model):
     model = poly_model("llama-linear", kind)
     tokenizer = tiny_tokenizer()
     manifest = model.export_lora_all(tmp_path / "loras")

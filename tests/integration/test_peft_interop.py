@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tests.helpers import MODELS, batch_inputs, output_tensor, randomize_
+from tests.helpers import MODELS
 
 import peft
 from polytropon import PolyConfig, PolyModel, get_peft_model
@@ -20,7 +20,7 @@ def randomize_heads_(model, saved_attr):
 
 @pytest.mark.parametrize("n_splits", [1, 4])
 @pytest.mark.parametrize("kind", ["llama", "t5", "bert"])
-def test_our_checkpoint_loads_in_peft(tmp_dir, kind, n_splits):
+def test_our_checkpoint_loads_in_peft(tmp_dir, kind, n_splits, batch_inputs, output_tensor, randomize_):
     ours = get_peft_model(MODELS[kind](), PolyConfig(n_tasks=3, n_skills=3, n_splits=n_splits, init_weights=False))
     randomize_(ours)
     randomize_heads_(ours, "classifier")
@@ -37,7 +37,7 @@ def test_our_checkpoint_loads_in_peft(tmp_dir, kind, n_splits):
 
 @pytest.mark.parametrize("n_splits", [1, 4])
 @pytest.mark.parametrize("kind", ["llama", "t5", "bert"])
-def test_peft_checkpoint_loads_in_ours(tmp_dir, kind, n_splits):
+def test_peft_checkpoint_loads_in_ours(tmp_dir, kind, n_splits, batch_inputs, output_tensor, randomize_):
     config = peft.PolyConfig(
         task_type=TASK_TYPES[kind], n_tasks=3, n_skills=3, n_splits=n_splits, init_weights=False,
         target_modules={"llama": ["q_proj", "v_proj", "down_proj"], "t5": ["q", "v", "wo"], "bert": ["query", "value", "intermediate.dense"]}[kind],
@@ -66,7 +66,7 @@ def test_same_seed_gives_peft_identical_initial_weights():
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
 
-def test_training_step_matches_peft_under_the_same_seed():
+def test_training_step_matches_peft_under_the_same_seed(batch_inputs):
     """Same sampled routing, same loss, same gradients: the training path is PEFT's method exactly."""
     torch.manual_seed(0)
     ours = get_peft_model(MODELS["llama"]().train(), PolyConfig(n_tasks=3, n_splits=2, init_weights=False))
@@ -90,7 +90,7 @@ def test_training_step_matches_peft_under_the_same_seed():
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_greedy_generation_equals_peft(tmp_dir, kind):
+def test_greedy_generation_equals_peft(tmp_dir, kind, batch_inputs, randomize_):
     ours = get_peft_model(MODELS[kind](), PolyConfig(n_tasks=3, n_splits=2, init_weights=False))
     randomize_(ours)
     ours.eval().save_pretrained(tmp_dir)

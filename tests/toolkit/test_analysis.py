@@ -5,16 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import randomize_ as randomize, small_llama as tiny_llama, small_t5 as tiny_t5
 from polytropon import PolyConfig, allocation_matrix, get_peft_model, routing_weights, task_similarity
 from polytropon.variants import unique_routers
 
 
-def _model(**kw):
-    kw.setdefault("n_tasks", 3)
-    model = get_peft_model(tiny_llama(), PolyConfig(**kw))
-    randomize(model)
-    return model
+@pytest.fixture
+def _model(randomize_, small_llama):
+    """The factory ``_model(...)`` below, built from the shared builders (fixtures)."""
+
+    def _model(**kw):
+        kw.setdefault("n_tasks", 3)
+        model = get_peft_model(small_llama(), PolyConfig(**kw))
+        randomize_(model)
+        return model
+
+    return _model
 
 
 def _expected_weights(logits: torch.Tensor, n_splits: int, n_skills: int) -> torch.Tensor:
@@ -22,7 +27,7 @@ def _expected_weights(logits: torch.Tensor, n_splits: int, n_skills: int) -> tor
     return probs / probs.sum(-1, keepdim=True)
 
 
-def test_routing_weights_are_the_routers_eval_weights():
+def test_routing_weights_are_the_routers_eval_weights(_model):
     model = _model(n_splits=2, n_skills=3, task_names=["a", "b", "c"])
     model.train()  # read-outs are deterministic whatever the mode
     weights = routing_weights(model)
@@ -41,7 +46,7 @@ def test_routing_weights_are_the_routers_eval_weights():
         routing_weights(model, adapter_name="nope")
 
 
-def test_allocation_matrix_averages_splits_and_distinct_routers():
+def test_allocation_matrix_averages_splits_and_distinct_routers(_model):
     model = _model(n_splits=2, n_skills=4, router_granularity="block")
     per_layer = routing_weights(model)
     routers = unique_routers([layer.adapters["default"].poly_router for _, layer in model.poly_layers()])
@@ -56,13 +61,13 @@ def test_allocation_matrix_averages_splits_and_distinct_routers():
         allocation_matrix(model, layer="model.embed_tokens")
 
 
-def test_private_allocation_and_similarity():
-    model = get_peft_model(tiny_t5(), PolyConfig(poly_type="private", n_tasks=4, n_skills=4))
+def test_private_allocation_and_similarity(small_t5):
+    model = get_peft_model(small_t5(), PolyConfig(poly_type="private", n_tasks=4, n_skills=4))
     assert torch.equal(allocation_matrix(model), torch.eye(4))
     torch.testing.assert_close(task_similarity(model), torch.eye(4))
 
 
-def test_task_similarity_is_cosine_of_routing_features():
+def test_task_similarity_is_cosine_of_routing_features(_model):
     model = _model(n_splits=2)
     with torch.no_grad():  # tasks 0 and 2 route identically everywhere
         for _, layer in model.poly_layers():
@@ -85,7 +90,7 @@ def test_task_similarity_is_cosine_of_routing_features():
     "extra",
     [dict(), dict(router_granularity="block", n_splits=2), dict(hard_routing=True), dict(poly_type="fixed", allocation=[[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 1, 1]])],
 )
-def test_load_snapshot_reads_a_checkpoint_without_the_base_model(tmp_path, extra):
+def test_load_snapshot_reads_a_checkpoint_without_the_base_model(tmp_path, extra, _model):
     from polytropon.toolkit.analysis import load_snapshot, snapshot
 
     model = _model(**extra)
@@ -99,13 +104,13 @@ def test_load_snapshot_reads_a_checkpoint_without_the_base_model(tmp_path, extra
     torch.testing.assert_close(task_similarity(snap), task_similarity(model), atol=1e-6, rtol=1e-6)
 
 
-def test_load_snapshot_of_a_peft_checkpoint(tmp_path):
+def test_load_snapshot_of_a_peft_checkpoint(tmp_path, small_llama):
     from peft import PolyConfig as PeftPolyConfig
     from peft import get_peft_model as peft_get_peft_model
 
     from polytropon.toolkit.analysis import load_snapshot
 
-    theirs = peft_get_peft_model(tiny_llama(), PeftPolyConfig(task_type="CAUSAL_LM", n_tasks=3, n_splits=2))
+    theirs = peft_get_peft_model(small_llama(), PeftPolyConfig(task_type="CAUSAL_LM", n_tasks=3, n_splits=2))
     with torch.no_grad():
         for name, param in theirs.named_parameters():
             if "module_logits" in name:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import routers, small_inputs as inputs, output_tensor as logits, randomize_ as randomize, small_bert_cls as tiny_bert_cls, small_gpt2 as tiny_gpt2, small_llama as tiny_llama
+from tests.helpers import small_bert_cls as tiny_bert_cls, small_gpt2 as tiny_gpt2, small_llama as tiny_llama
 from polytropon import (
     PolyConfig,
     PolyModel,
@@ -18,17 +18,16 @@ from polytropon import (
 )
 
 
-
 # ---------------------------------------------------------------------- MHR-z
-def test_freeze_skills_trains_only_router_logits():
-    model = get_peft_model(tiny_bert_cls(), PolyConfig(n_tasks=3, init_weights=False))
-    randomize(model)
+def test_freeze_skills_trains_only_router_logits(randomize_, routers, small_bert_cls, small_inputs):
+    model = get_peft_model(small_bert_cls(), PolyConfig(n_tasks=3, init_weights=False))
+    randomize_(model)
     n_logits = sum(r.module_logits.numel() for r in routers(model))
     assert freeze_skills(model) == n_logits
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     model.train()
-    out = model(**inputs("bert"), task_ids=[0, 1, 2, 0], labels=torch.tensor([0, 1, 2, 1]))
+    out = model(**small_inputs("bert"), task_ids=[0, 1, 2, 0], labels=torch.tensor([0, 1, 2, 1]))
     out.loss.backward()
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -36,16 +35,16 @@ def test_freeze_skills_trains_only_router_logits():
     assert unfreeze_skills(model) > n_logits
 
 
-def test_mhr_z_few_shot_on_new_task_keeps_old_rows():
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, task_names=["a", "b", "c"], init_weights=False))
-    randomize(model)
+def test_mhr_z_few_shot_on_new_task_keeps_old_rows(randomize_, routers, small_inputs, small_llama):
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=3, task_names=["a", "b", "c"], init_weights=False))
+    randomize_(model)
     add_tasks(model, ["new"], init="average")
     freeze_skills(model)
     old_rows = [r.module_logits[:3].detach().clone() for r in routers(model)]
     new_row = [r.module_logits[3].detach().clone() for r in routers(model)]
     optimizer = torch.optim.Adam(param_groups(model, lr=1e-3, router_lr=1e-1))
     model.train()
-    x = inputs("llama")["input_ids"]
+    x = small_inputs("llama")["input_ids"]
     for _ in range(3):
         loss = model(input_ids=x, labels=x, task_ids=["new"]).loss
         optimizer.zero_grad()
@@ -56,11 +55,11 @@ def test_mhr_z_few_shot_on_new_task_keeps_old_rows():
         assert not torch.equal(r.module_logits[3], new)
 
 
-def test_freeze_skills_errors():
-    fixed = get_peft_model(tiny_llama(), PolyConfig(poly_type="shared", n_skills=1, n_tasks=2))
+def test_freeze_skills_errors(small_llama):
+    fixed = get_peft_model(small_llama(), PolyConfig(poly_type="shared", n_skills=1, n_tasks=2))
     with pytest.raises(ValueError, match="fixed allocation"):
         freeze_skills(fixed)
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=2))
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=2))
     model.add_adapter("other", PolyConfig(n_tasks=2))
     with pytest.raises(ValueError, match="'other' is not trainable"):
         freeze_skills(model, "other")
@@ -69,14 +68,14 @@ def test_freeze_skills_errors():
 # ---------------------------------------------------------------------- MHR-mu
 @pytest.mark.parametrize("make, kind", [(tiny_llama, "llama"), (tiny_gpt2, "gpt2"), (tiny_bert_cls, "bert")])
 @pytest.mark.parametrize("n_splits", [1, 2])
-def test_collapse_to_average_equals_uniform_routing(make, kind, n_splits):
+def test_collapse_to_average_equals_uniform_routing(make, kind, n_splits, randomize_, small_inputs):
     model = get_peft_model(make(), PolyConfig(n_tasks=3, n_splits=n_splits, unknown_task="average"))
-    randomize(model)
+    randomize_(model)
     model.eval()
 
     def features(task_ids):  # last hidden states: O(1) values for every architecture (BERT's logits are ~1e-2)
         with torch.no_grad():
-            return model(**inputs(kind), task_ids=task_ids, output_hidden_states=True).hidden_states[-1]
+            return model(**small_inputs(kind), task_ids=task_ids, output_hidden_states=True).hidden_states[-1]
 
     average = features([99])  # unknown task: uniform routing
     known = features([1])
@@ -93,29 +92,29 @@ def test_collapse_to_average_equals_uniform_routing(make, kind, n_splits):
     assert not any("module_logits" in n for n in trainable)
 
 
-def test_collapsed_adapter_saves_loads_and_trains(tmp_path):
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, n_splits=2))
-    randomize(model)
+def test_collapsed_adapter_saves_loads_and_trains(tmp_path, output_tensor, randomize_, small_inputs, small_llama):
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=3, n_splits=2))
+    randomize_(model)
     collapse_to_average(model, new_adapter_name="mu")
     model.train()
-    x = inputs("llama")["input_ids"]
+    x = small_inputs("llama")["input_ids"]
     loss = model(input_ids=x, labels=x, task_ids=[0]).loss
     loss.backward()
     grads = [layer.adapters["mu"].poly_lora_B.grad for _, layer in model.poly_layers()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
     model.eval()
     model.save_pretrained(str(tmp_path), selected_adapters=["mu"])
-    loaded = PolyModel.from_pretrained(tiny_llama(), str(tmp_path / "mu"))
+    loaded = PolyModel.from_pretrained(small_llama(), str(tmp_path / "mu"))
     with torch.no_grad():
         torch.testing.assert_close(
-            logits(loaded(**inputs("llama"), task_ids=[0])), logits(model(**inputs("llama"), task_ids=[0])),
+            output_tensor(loaded(**small_inputs("llama"), task_ids=[0])), output_tensor(model(**small_inputs("llama"), task_ids=[0])),
             atol=1e-6, rtol=1e-6,
         )
     with pytest.raises(ValueError, match="already exists"):
         collapse_to_average(model, adapter_name="default", new_adapter_name="mu")
 
 
-def test_collapsed_adapter_exports_as_a_peft_lora(tmp_path):
+def test_collapsed_adapter_exports_as_a_peft_lora(tmp_path, output_tensor, randomize_, small_inputs, small_llama):
     """MHR-mu through the LoRA export: PEFT's LoRA computes what the collapsed adapter computes."""
     if not hasattr(PolyModel, "export_lora"):
         pytest.skip("PolyModel.export_lora is not on this branch yet")
@@ -123,17 +122,17 @@ def test_collapsed_adapter_exports_as_a_peft_lora(tmp_path):
 
     from peft import PeftModel
 
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, n_splits=2))
-    randomize(model)
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=3, n_splits=2))
+    randomize_(model)
     collapse_to_average(model, new_adapter_name="mu")
     model.eval()
     model.export_lora(str(tmp_path), 0, adapter_name="mu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lora = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+        lora = PeftModel.from_pretrained(small_llama(), str(tmp_path)).eval()
     with torch.no_grad():
-        expected = logits(model(**inputs("llama"), task_ids=[0]))
-        torch.testing.assert_close(logits(lora(**inputs("llama"))), expected, atol=1e-5, rtol=1e-5)
+        expected = output_tensor(model(**small_inputs("llama"), task_ids=[0]))
+        torch.testing.assert_close(output_tensor(lora(**small_inputs("llama"))), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_few_shot_example_workflow(tmp_path):

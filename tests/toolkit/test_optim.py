@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import routers, SMALL_VOCAB as VOCAB, small_bert_cls as tiny_bert_cls, small_llama as tiny_llama
+from tests.helpers import SMALL_VOCAB as VOCAB
 from polytropon import PolyConfig, get_peft_model, param_groups
-
 
 
 def _sequences(n: int, gen: torch.Generator, length: int = 8):
@@ -21,8 +20,8 @@ def _sequences(n: int, gen: torch.Generator, length: int = 8):
 
 # ---------------------------------------------------------------------- param_groups
 @pytest.mark.parametrize("granularity", ["module", "model"])
-def test_param_groups_split_router_logits_from_skills(granularity):
-    model = get_peft_model(tiny_bert_cls(), PolyConfig(n_tasks=3, router_granularity=granularity))
+def test_param_groups_split_router_logits_from_skills(granularity, routers, small_bert_cls):
+    model = get_peft_model(small_bert_cls(), PolyConfig(n_tasks=3, router_granularity=granularity))
     groups = param_groups(model, lr=1e-4, router_lr=1e-2, weight_decay=0.1)
     assert [g["name"] for g in groups] == ["skills", "router"]
     skills, router = groups
@@ -36,22 +35,22 @@ def test_param_groups_split_router_logits_from_skills(granularity):
     torch.optim.AdamW(groups)  # accepted as is
 
 
-def test_param_groups_leave_out_empty_groups_and_check_rates():
-    fixed = get_peft_model(tiny_llama(), PolyConfig(poly_type="shared", n_skills=1, n_tasks=2))
+def test_param_groups_leave_out_empty_groups_and_check_rates(small_llama):
+    fixed = get_peft_model(small_llama(), PolyConfig(poly_type="shared", n_skills=1, n_tasks=2))
     assert [g["name"] for g in param_groups(fixed, 1e-3, 1e-2)] == ["skills"]
     with pytest.raises(ValueError, match="router_lr"):
         param_groups(fixed, 1e-3, -1.0)
     with pytest.raises(ValueError, match="lr"):
         param_groups(fixed, float("nan"), 1.0)
-    frozen = get_peft_model(tiny_llama(), PolyConfig(n_tasks=2, inference_mode=True))
+    frozen = get_peft_model(small_llama(), PolyConfig(n_tasks=2, inference_mode=True))
     with pytest.raises(ValueError, match="no trainable parameters"):
         param_groups(frozen, 1e-3, 1e-2)
 
 
-def test_training_with_param_groups_reduces_loss():
+def test_training_with_param_groups_reduces_loss(routers, small_llama):
     torch.manual_seed(0)
     model = get_peft_model(
-        tiny_llama(), PolyConfig(n_tasks=3, n_skills=4, r=4, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+        small_llama(), PolyConfig(n_tasks=3, n_skills=4, r=4, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
     )
     optimizer = torch.optim.AdamW(param_groups(model, lr=5e-2, router_lr=2e-1))
     eval_x, eval_t = _sequences(48, torch.Generator().manual_seed(99))
@@ -79,10 +78,10 @@ def test_training_with_param_groups_reduces_loss():
     assert moved > 0.05  # the router group trained (init is within +-1e-3)
 
 
-def test_param_groups_with_hf_trainer(tmp_path):
+def test_param_groups_with_hf_trainer(tmp_path, routers, small_llama):
     from transformers import Trainer, TrainingArguments
 
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3))
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=3))
     gen = torch.Generator().manual_seed(0)
     x, t = _sequences(8, gen)
     data = [{"input_ids": x[i], "labels": x[i], "task_ids": t[i]} for i in range(8)]

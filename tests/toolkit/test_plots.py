@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import randomize_ as randomize, small_llama as tiny_llama, small_t5 as tiny_t5
+from tests.helpers import SMALL_VOCAB as VOCAB
 from polytropon import PolyConfig, get_peft_model
 from polytropon.toolkit.plots import plot_allocation, plot_routing, plot_task_hierarchy
 
@@ -29,12 +29,12 @@ def _is_png(path) -> bool:
 
 
 @pytest.mark.parametrize("n_splits", [1, 2], ids=["poly", "mhr"])
-def test_plot_routing_writes_pngs_of_the_models_routing(tmp_path, n_splits):
+def test_plot_routing_writes_pngs_of_the_models_routing(tmp_path, n_splits, randomize_, small_llama):
     from scipy.cluster.hierarchy import linkage
     from scipy.spatial.distance import squareform
 
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=5, n_skills=4, n_splits=n_splits, task_names=list("abcde")))
-    randomize(model)
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=5, n_skills=4, n_splits=n_splits, task_names=list("abcde")))
+    randomize_(model)
     figures = plot_routing(model, tmp_path / "figs")
     for name in ("allocation", "task_hierarchy"):
         path = tmp_path / "figs" / f"{name}.png"
@@ -61,8 +61,8 @@ def _routing_features(model):
     return out
 
 
-def test_hierarchy_groups_tasks_with_the_same_routing(tmp_path):
-    model = get_peft_model(tiny_t5(), PolyConfig(n_tasks=4, n_skills=4))
+def test_hierarchy_groups_tasks_with_the_same_routing(tmp_path, small_t5):
+    model = get_peft_model(small_t5(), PolyConfig(n_tasks=4, n_skills=4))
     with torch.no_grad():  # tasks {0, 2} use skills 0-1, tasks {1, 3} use skills 2-3
         for _, layer in model.poly_layers():
             logits = layer.adapters["default"].poly_router.module_logits
@@ -73,11 +73,11 @@ def test_hierarchy_groups_tasks_with_the_same_routing(tmp_path):
     assert figure.linkage[-1, 2] > 5 * figure.linkage[0, 2]  # the last merge joins two distant clusters
 
 
-def test_hierarchy_of_tasks_routed_alike_draws_without_warnings(tmp_path):
+def test_hierarchy_of_tasks_routed_alike_draws_without_warnings(tmp_path, small_t5):
     """Every task with the same routing: every merge at distance 0, a flat tree drawn over the full axis."""
     import warnings
 
-    model = get_peft_model(tiny_t5(), PolyConfig(n_tasks=3, n_skills=4))
+    model = get_peft_model(small_t5(), PolyConfig(n_tasks=3, n_skills=4))
     with torch.no_grad():
         for _, layer in model.poly_layers():
             layer.adapters["default"].poly_router.module_logits.copy_(torch.tensor([[2.0, -1, 0.5, 3]] * 3))
@@ -87,16 +87,16 @@ def test_hierarchy_of_tasks_routed_alike_draws_without_warnings(tmp_path):
     assert np.allclose(figure.linkage[:, 2], 0.0) and _is_png(figure.path)
 
 
-def test_plot_allocation_of_one_layer_and_fixed_variant(tmp_path):
-    model = get_peft_model(tiny_llama(), PolyConfig(poly_type="fixed", n_tasks=2, n_skills=3, allocation=[[1, 1, 0], [0, 0, 1]]))
+def test_plot_allocation_of_one_layer_and_fixed_variant(tmp_path, small_llama):
+    model = get_peft_model(small_llama(), PolyConfig(poly_type="fixed", n_tasks=2, n_skills=3, allocation=[[1, 1, 0], [0, 0, 1]]))
     path = next(p for p, _ in model.poly_layers())
     figure = plot_allocation(model, tmp_path / "layer.png", layer=path)
     np.testing.assert_allclose(figure.allocation, [[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     assert _is_png(tmp_path / "layer.png") and figure.labels == ["task 0", "task 1"]
 
 
-def test_plot_errors(tmp_path):
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=1))
+def test_plot_errors(tmp_path, small_llama):
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=1))
     with pytest.raises(ValueError, match="at least 2 tasks"):
         plot_task_hierarchy(model, tmp_path / "t.png")
     with pytest.raises(ValueError, match=".png"):
@@ -106,10 +106,8 @@ def test_plot_errors(tmp_path):
     assert set(plot_routing(model, tmp_path / "one")) == {"allocation"}  # one task: no hierarchy
 
 
-def test_trained_routing_recovers_the_task_hierarchy(tmp_path):
+def test_trained_routing_recovers_the_task_hierarchy(tmp_path, small_llama):
     """The papers' interpretability claim on a synthetic suite: tasks {0, 1} and {2, 3} share a rule."""
-    from tests.helpers import SMALL_VOCAB as VOCAB
-
     from polytropon import param_groups
 
     previous = torch.get_num_threads()
@@ -117,7 +115,7 @@ def test_trained_routing_recovers_the_task_hierarchy(tmp_path):
     try:
         torch.manual_seed(0)
         model = get_peft_model(
-            tiny_llama(), PolyConfig(n_tasks=4, n_skills=4, r=4, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+            small_llama(), PolyConfig(n_tasks=4, n_skills=4, r=4, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
         )
         steps = torch.tensor([5, 5, 11, 11])  # task t continues an arithmetic sequence with step steps[t]
         optimizer = torch.optim.AdamW(param_groups(model, lr=5e-2, router_lr=0.3))
@@ -139,9 +137,9 @@ def test_trained_routing_recovers_the_task_hierarchy(tmp_path):
     assert min(sim[0, 1], sim[2, 3]) > max(sim[0, 2], sim[0, 3], sim[1, 2], sim[1, 3]) + 0.2  # measured: 0.95+ vs 0.42-
 
 
-def test_plot_routing_from_a_checkpoint_directory(tmp_path):
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, n_splits=2, router_granularity="block", task_names=["x", "y", "z"]))
-    randomize(model)
+def test_plot_routing_from_a_checkpoint_directory(tmp_path, randomize_, small_llama):
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=3, n_splits=2, router_granularity="block", task_names=["x", "y", "z"]))
+    randomize_(model)
     model.save_pretrained(str(tmp_path / "adapter"))
     from_disk = plot_routing(tmp_path / "adapter", tmp_path / "figs")
     live = plot_routing(model, tmp_path / "figs-live")

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from tests.helpers import randomize_ as randomize, small_llama as tiny_llama
 from polytropon import PolyConfig, get_peft_model, ibp_loss
 from polytropon.toolkit.priors import ibp_log_prior
 from polytropon.variants import unique_routers
@@ -40,9 +39,9 @@ def test_ibp_log_prior_prefers_sparse_or_shared_skills():
         ibp_log_prior(diffuse, alpha=0.0)
 
 
-def test_ibp_loss_over_model_routers():
-    model = get_peft_model(tiny_llama(), PolyConfig(n_tasks=3, n_skills=4, n_splits=2, router_granularity="block"))
-    randomize(model)
+def test_ibp_loss_over_model_routers(randomize_, small_llama):
+    model = get_peft_model(small_llama(), PolyConfig(n_tasks=3, n_skills=4, n_splits=2, router_granularity="block"))
+    randomize_(model)
     routers = _routers(model)
     manual = []
     for r in routers:
@@ -55,7 +54,7 @@ def test_ibp_loss_over_model_routers():
     loss.backward()
     assert all(r.module_logits.grad is not None and r.module_logits.grad.abs().sum() > 0 for r in routers)
     assert all(p.grad is None for n, p in model.named_parameters() if "poly_lora" in n)
-    fixed = get_peft_model(tiny_llama(), PolyConfig(poly_type="private", n_tasks=2, n_skills=2))
+    fixed = get_peft_model(small_llama(), PolyConfig(poly_type="private", n_tasks=2, n_skills=2))
     with pytest.raises(ValueError, match="no learned router"):
         ibp_loss(fixed)
     with pytest.raises(ValueError, match="reduction"):

@@ -7,23 +7,34 @@ import copy
 import pytest
 import torch
 
-from tests.helpers import small_inputs as inputs, output_tensor as logits, randomize_ as randomize, small_bert_cls as tiny_bert_cls, small_llama as tiny_llama, small_t5 as tiny_t5
 from polytropon import PolyConfig, PolyModel, add_tasks, get_peft_model, set_task_names
 from polytropon.variants import unique_routers
 
 NAMES = ["sst2", "qnli", "mnli"]
 
 
-def _model(make=tiny_llama, **kw):
-    kw.setdefault("n_tasks", 3)
-    model = get_peft_model(make(), PolyConfig(**kw))
-    randomize(model)
-    return model.eval()
+@pytest.fixture
+def _model(randomize_, small_llama):
+    """The factory ``_model(...)`` below, built from the shared builders (fixtures)."""
+
+    def _model(make=None, **kw):
+        kw.setdefault("n_tasks", 3)
+        model = get_peft_model((make or small_llama)(), PolyConfig(**kw))
+        randomize_(model)
+        return model.eval()
+
+    return _model
 
 
-def _run(model, task_ids, kind="llama"):
-    with torch.no_grad():
-        return logits(model(**inputs(kind), task_ids=task_ids))
+@pytest.fixture
+def _run(output_tensor, small_inputs):
+    """The factory ``_run(...)`` below, built from the shared builders (fixtures)."""
+
+    def _run(model, task_ids, kind="llama"):
+        with torch.no_grad():
+            return output_tensor(model(**small_inputs(kind), task_ids=task_ids))
+
+    return _run
 
 
 def _routers(model, adapter="default"):
@@ -35,14 +46,14 @@ def _snapshot(model):
 
 
 # ---------------------------------------------------------------------- names
-def test_task_names_map_to_ids():
+def test_task_names_map_to_ids(_model, _run):
     model = _model(task_names=NAMES)
     expected = _run(model, [0, 1, 2, 1])
     torch.testing.assert_close(_run(model, ["sst2", "qnli", "mnli", "qnli"]), expected, atol=0, rtol=0)
     torch.testing.assert_close(_run(model, ["sst2", 1, "mnli", 1]), expected, atol=0, rtol=0)
 
 
-def test_unknown_name_lists_known_names():
+def test_unknown_name_lists_known_names(_model, _run):
     model = _model(task_names=NAMES)
     with pytest.raises(ValueError, match=r"'cola'.*sst2.*qnli.*mnli"):
         _run(model, ["sst2", "cola", "sst2", "sst2"])
@@ -51,7 +62,7 @@ def test_unknown_name_lists_known_names():
         _run(unnamed, ["sst2"] * 4)
 
 
-def test_merge_adapter_accepts_a_name():
+def test_merge_adapter_accepts_a_name(_model, _run):
     model = _model(task_names=NAMES)
     expected = _run(model, [2] * 4)
     model.merge_adapter("mnli")
@@ -63,15 +74,15 @@ def test_merge_adapter_accepts_a_name():
     assert model.routing.merged_task is None
 
 
-def test_task_names_are_saved_and_restored(tmp_path):
+def test_task_names_are_saved_and_restored(tmp_path, _model, _run, small_llama):
     model = _model(task_names=NAMES)
     model.save_pretrained(str(tmp_path))
-    loaded = PolyModel.from_pretrained(tiny_llama(), str(tmp_path))
+    loaded = PolyModel.from_pretrained(small_llama(), str(tmp_path))
     assert loaded.peft_config["default"].task_names == NAMES
     torch.testing.assert_close(_run(loaded, ["qnli"] * 4), _run(model, [1] * 4), atol=1e-6, rtol=1e-6)
 
 
-def test_set_task_names_validates():
+def test_set_task_names_validates(_model, _run):
     model = _model()
     with pytest.raises(ValueError, match="task_names"):
         set_task_names(model, ["a", "b"])
@@ -81,16 +92,22 @@ def test_set_task_names_validates():
 
 
 # ---------------------------------------------------------------------- unknown-task fallback
-def _uniform_task_output(model, task_ids):
-    """Outputs with every router row of task 0 set to zero logits (uniform weights = average of skills)."""
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for router in _routers(clone):
-            router.module_logits[0] = 0.0
-    return _run(clone, task_ids)
+@pytest.fixture
+def _uniform_task_output(_run):
+    """The factory ``_uniform_task_output(...)`` below, built from the shared builders (fixtures)."""
+
+    def _uniform_task_output(model, task_ids):
+        """Outputs with every router row of task 0 set to zero logits (uniform weights = average of skills)."""
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            for router in _routers(clone):
+                router.module_logits[0] = 0.0
+        return _run(clone, task_ids)
+
+    return _uniform_task_output
 
 
-def test_unknown_task_average_fallback_at_eval():
+def test_unknown_task_average_fallback_at_eval(_model, _run, _uniform_task_output):
     model = _model(task_names=NAMES, unknown_task="average", n_splits=2)
     out = _run(model, ["sst2", "cola", 2, 7])  # an unknown name and an id >= n_tasks
     expected_known = _run(model, [0, 0, 2, 2])
@@ -104,11 +121,11 @@ def test_unknown_task_average_fallback_at_eval():
         _run(model, [-2, 0, 0, 0])
 
 
-def test_unknown_task_fallback_is_eval_only_and_opt_in():
+def test_unknown_task_fallback_is_eval_only_and_opt_in(_model, _run, small_inputs):
     model = _model(task_names=NAMES, unknown_task="average")
     model.train()
     with pytest.raises(ValueError, match="cola"):
-        model(**inputs("llama"), task_ids=["cola"] * 4)
+        model(**small_inputs("llama"), task_ids=["cola"] * 4)
     strict = _model(task_names=NAMES)
     with pytest.raises(ValueError, match="out of range"):
         _run(strict, [5, 0, 0, 0])
@@ -116,7 +133,7 @@ def test_unknown_task_fallback_is_eval_only_and_opt_in():
 
 # ---------------------------------------------------------------------- add_tasks
 @pytest.mark.parametrize("granularity", ["module", "block"])
-def test_add_tasks_keeps_trained_rows_and_outputs(granularity):
+def test_add_tasks_keeps_trained_rows_and_outputs(granularity, _model, _run):
     model = _model(task_names=NAMES, n_splits=2, router_granularity=granularity)
     before = _run(model, [0, 1, 2, 1])
     old_logits = [r.module_logits.detach().clone() for r in _routers(model)]
@@ -136,7 +153,7 @@ def test_add_tasks_keeps_trained_rows_and_outputs(granularity):
         assert len(_routers(model)) == 2  # still shared
 
 
-def test_add_tasks_init_options():
+def test_add_tasks_init_options(_model, _run):
     model = _model(unknown_task="average")
     add_tasks(model, 1, init="uniform")
     add_tasks(model, 1, init=1)
@@ -147,13 +164,13 @@ def test_add_tasks_init_options():
     torch.testing.assert_close(_run(model, [4] * 4), _run(model, [1] * 4), atol=0, rtol=0)
 
 
-def test_add_tasks_copy_of_existing_task_gives_its_outputs():
+def test_add_tasks_copy_of_existing_task_gives_its_outputs(_model, _run):
     model = _model(task_names=NAMES)
     add_tasks(model, ["qnli_copy"], init="qnli")
     torch.testing.assert_close(_run(model, ["qnli_copy"] * 4), _run(model, ["qnli"] * 4), atol=0, rtol=0)
 
 
-def test_add_tasks_uniform_equals_average_fallback():
+def test_add_tasks_uniform_equals_average_fallback(_model, _run):
     model = _model(unknown_task="average", n_splits=2)
     fallback = _run(model, [3] * 4)
     add_tasks(model, 1, init="uniform")
@@ -176,7 +193,7 @@ def test_add_tasks_uniform_equals_average_fallback():
         (["cola"], 1.5, TypeError, "init"),
     ],
 )
-def test_add_tasks_errors_change_nothing(tasks, init, exc, match):
+def test_add_tasks_errors_change_nothing(tasks, init, exc, match, _model):
     model = _model(task_names=NAMES)
     tensors, configs = _snapshot(model)
     with pytest.raises(exc, match=match):
@@ -186,13 +203,13 @@ def test_add_tasks_errors_change_nothing(tasks, init, exc, match):
     assert all(torch.equal(after[k], tensors[k]) for k in tensors)
 
 
-def test_add_tasks_by_name_needs_names():
+def test_add_tasks_by_name_needs_names(_model):
     model = _model()
     with pytest.raises(ValueError, match="no task_names"):
         add_tasks(model, ["cola"])
 
 
-def test_add_tasks_to_private_adds_skills():
+def test_add_tasks_to_private_adds_skills(_model, _run):
     model = _model(poly_type="private", n_skills=3, task_names=NAMES, init_weights=False)
     before = _run(model, [0, 1, 2, 0])
     old_a = {p: l.adapters["default"].poly_lora_A.detach().clone() for p, l in model.poly_layers()}
@@ -211,34 +228,34 @@ def test_add_tasks_to_private_adds_skills():
     torch.testing.assert_close(_run(model, ["qnli2"] * 4), _run(model, ["qnli"] * 4), atol=0, rtol=0)
 
 
-def test_add_tasks_to_private_uniform_starts_a_fresh_skill():
+def test_add_tasks_to_private_uniform_starts_a_fresh_skill(_model, _run, output_tensor, small_inputs):
     model = _model(poly_type="private", n_skills=3)  # init_weights=True: fresh skills start with B = 0
     add_tasks(model, 1, init="uniform")
     with torch.no_grad(), model.disable_adapter():
-        base = logits(model(**inputs("llama")))
+        base = output_tensor(model(**small_inputs("llama")))
     torch.testing.assert_close(_run(model, [3] * 4), base, atol=1e-6, rtol=1e-6)
 
 
-def test_add_tasks_to_fixed_grows_the_allocation(tmp_path):
-    model = _model(make=tiny_t5, poly_type="fixed", n_tasks=2, n_skills=2, allocation=[[1, 0], [1, 3]])
+def test_add_tasks_to_fixed_grows_the_allocation(tmp_path, _model, _run, small_t5):
+    model = _model(make=small_t5, poly_type="fixed", n_tasks=2, n_skills=2, allocation=[[1, 0], [1, 3]])
     before = _run(model, [0, 1, 0, 1], kind="t5")
     add_tasks(model, 2, init="average")
     add_tasks(model, 1, init="uniform")
     assert model.peft_config["default"].allocation == [[1, 0], [1, 3], [0.625, 0.375], [0.625, 0.375], [0.5, 0.5]]
     torch.testing.assert_close(_run(model, [0, 1, 0, 1], kind="t5"), before, atol=0, rtol=0)
     model.save_pretrained(str(tmp_path))
-    loaded = PolyModel.from_pretrained(tiny_t5(), str(tmp_path))
+    loaded = PolyModel.from_pretrained(small_t5(), str(tmp_path))
     torch.testing.assert_close(_run(loaded, [2, 3, 4, 1], kind="t5"), _run(model, [2, 3, 4, 1], kind="t5"), atol=1e-6, rtol=1e-6)
 
 
-def test_add_tasks_then_save_and_load(tmp_path):
-    model = _model(make=tiny_bert_cls, task_names=NAMES)
+def test_add_tasks_then_save_and_load(tmp_path, _model, _run, small_bert_cls):
+    model = _model(make=small_bert_cls, task_names=NAMES)
     add_tasks(model, ["cola"], init="sst2")
     with torch.no_grad():
         for router in _routers(model):
             router.module_logits[3] += 0.5
     model.save_pretrained(str(tmp_path))
-    loaded = PolyModel.from_pretrained(tiny_bert_cls(), str(tmp_path))
+    loaded = PolyModel.from_pretrained(small_bert_cls(), str(tmp_path))
     assert loaded.peft_config["default"].n_tasks == 4
     torch.testing.assert_close(
         _run(loaded, ["cola", "sst2", "mnli", "cola"], kind="bert"),
@@ -246,7 +263,7 @@ def test_add_tasks_then_save_and_load(tmp_path):
     )
 
 
-def test_add_tasks_keeps_trainability_and_device():
+def test_add_tasks_keeps_trainability_and_device(_model):
     model = _model()
     add_tasks(model, 2)
     for router in _routers(model):
@@ -256,7 +273,7 @@ def test_add_tasks_keeps_trainability_and_device():
     )
 
 
-def test_model_methods_delegate_to_the_toolkit():
+def test_model_methods_delegate_to_the_toolkit(_model):
     model = _model(task_names=NAMES)
     assert model.add_tasks(["cola"], init="qnli") == [3]
     cola, qnli = model.routing_weights("cola"), model.routing_weights(1)

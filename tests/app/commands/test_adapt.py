@@ -14,7 +14,6 @@ from polytropon.app.cli import main
 from polytropon.app.commands.adapt import take_shots
 from polytropon.app.data import rows_from_dicts
 
-from tests.helpers import assert_one_line_error, make_rows, run_cli, write_jsonl
 
 TRAIN = ["--batch-size", "16", "--r", "4", "--quiet", "--no-baseline", "--max-steps", "4"]
 NEW_NAMES = {"animal": "cat_check", "color": "red_check"}
@@ -48,7 +47,7 @@ def source_run(tiny_bert, tiny_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def new_tasks(tmp_path_factory):
+def new_tasks(tmp_path_factory, make_rows, write_jsonl):
     folder = tmp_path_factory.mktemp("new_tasks")
     files = []
     for name, n, seed in (("train.jsonl", 12, 3), ("eval.jsonl", 6, 4)):
@@ -57,10 +56,16 @@ def new_tasks(tmp_path_factory):
     return tuple(files)
 
 
-def adapt(capsys, source, new_tasks, out, mode, *extra: str) -> tuple[int, str, str]:
-    train, evaluation = new_tasks
-    return run_cli(capsys, "adapt", source, "--mode", mode, "--data", train, "--eval-data", evaluation, "--shots", "4",
-                   "--max-steps", "3", "--output-dir", str(out), "--quiet", *extra)
+@pytest.fixture
+def adapt(run_cli):
+    """The factory ``adapt(...)`` below, built from the shared builders (fixtures)."""
+
+    def adapt(capsys, source, new_tasks, out, mode, *extra: str) -> tuple[int, str, str]:
+        train, evaluation = new_tasks
+        return run_cli(capsys, "adapt", source, "--mode", mode, "--data", train, "--eval-data", evaluation, "--shots", "4",
+                       "--max-steps", "3", "--output-dir", str(out), "--quiet", *extra)
+
+    return adapt
 
 
 def tensors(run_dir) -> dict[str, torch.Tensor]:
@@ -68,7 +73,7 @@ def tensors(run_dir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("mode", ["mhr-z", "mhr-mu", "full", "lora"])
-def test_each_mode_writes_a_new_run_and_never_touches_the_source(mode, source_run, new_tasks, tmp_path, capsys):
+def test_each_mode_writes_a_new_run_and_never_touches_the_source(mode, source_run, new_tasks, tmp_path, capsys, adapt, run_cli):
     before = tree_digest(source_run)
     out = tmp_path / mode
     code, stdout, err = adapt(capsys, source_run, new_tasks, out, mode)
@@ -85,7 +90,7 @@ def test_each_mode_writes_a_new_run_and_never_touches_the_source(mode, source_ru
     assert code == 0 and "cat_check" in stdout, err
 
 
-def test_mhr_z_trains_only_the_new_tasks_routing(source_run, new_tasks, tmp_path, capsys):
+def test_mhr_z_trains_only_the_new_tasks_routing(source_run, new_tasks, tmp_path, capsys, adapt):
     out = tmp_path / "z"
     assert adapt(capsys, source_run, new_tasks, out, "mhr-z")[0] == 0
     old, new = tensors(source_run), tensors(out)
@@ -103,7 +108,7 @@ def test_mhr_z_trains_only_the_new_tasks_routing(source_run, new_tasks, tmp_path
     assert config["n_tasks"] == 4 and config["task_names"] == ["animal", "color", "cat_check", "red_check"]
 
 
-def test_mhr_mu_starts_every_task_from_the_average_of_the_skills(source_run, new_tasks, tmp_path, capsys):
+def test_mhr_mu_starts_every_task_from_the_average_of_the_skills(source_run, new_tasks, tmp_path, capsys, adapt):
     out = tmp_path / "mu"
     assert adapt(capsys, source_run, new_tasks, out, "mhr-mu", "--lr", "0", "--router-lr", "0")[0] == 0
     old, new = tensors(source_run), tensors(out)
@@ -121,7 +126,7 @@ def test_mhr_mu_starts_every_task_from_the_average_of_the_skills(source_run, new
     assert checked == 8  # 2 blocks x (query, value) x (A, B)
 
 
-def test_lora_starts_from_scratch_and_full_moves_the_skills(source_run, new_tasks, tmp_path, capsys):
+def test_lora_starts_from_scratch_and_full_moves_the_skills(source_run, new_tasks, tmp_path, capsys, adapt):
     assert adapt(capsys, source_run, new_tasks, tmp_path / "lora", "lora", "--lr", "0")[0] == 0
     fresh, old = tensors(tmp_path / "lora"), tensors(source_run)
     assert all(v.abs().max() == 0 for k, v in fresh.items() if k.endswith("poly_lora_B"))
@@ -133,7 +138,7 @@ def test_lora_starts_from_scratch_and_full_moves_the_skills(source_run, new_task
     assert moved
 
 
-def test_suite_run_adapts_to_the_held_out_tasks_by_default(tiny_bert, tmp_path, capsys):
+def test_suite_run_adapts_to_the_held_out_tasks_by_default(tiny_bert, tmp_path, capsys, assert_one_line_error, run_cli):
     source = tmp_path / "suite_run"
     code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--output-dir", str(source), "--max-steps", "1",
                            "--no-baseline", "--quiet", "--n-skills", "2", "--r", "2", "--max-length", "16")
@@ -160,7 +165,7 @@ def test_take_shots_balances_the_targets_per_task():
         ("a", "0", "yes"), ("a", "1", "yes"), ("a", "6", "no"), ("a", "7", "no"), ("b", "x", "yes")]
 
 
-def test_bad_input_is_one_line_and_writes_nothing(source_run, new_tasks, tiny_data, tmp_path, capsys):
+def test_bad_input_is_one_line_and_writes_nothing(source_run, new_tasks, tiny_data, tmp_path, capsys, assert_one_line_error, run_cli, write_jsonl):
     before = tree_digest(source_run)
     old_tasks = tiny_data[0]
     cases = [
@@ -188,7 +193,7 @@ def test_bad_input_is_one_line_and_writes_nothing(source_run, new_tasks, tiny_da
     assert tree_digest(source_run) == before
 
 
-def test_mhr_z_needs_learned_routing(tiny_bert, tiny_data, new_tasks, tmp_path, capsys):
+def test_mhr_z_needs_learned_routing(tiny_bert, tiny_data, new_tasks, tmp_path, capsys, adapt, assert_one_line_error):
     shared = train_source(tiny_bert, tiny_data, tmp_path / "shared", "--poly-type", "shared")
     capsys.readouterr()
     code, _, err = adapt(capsys, shared, new_tasks, tmp_path / "z", "mhr-z")

@@ -7,10 +7,8 @@ import os
 
 import pytest
 
-from tests.helpers import assert_one_line_error, run_cli, write_jsonl
 
-
-def test_eval_on_saved_run(trained_run, tiny_data, capsys, tmp_path):
+def test_eval_on_saved_run(trained_run, tiny_data, capsys, tmp_path, assert_one_line_error, run_cli):
     _, evaluation = tiny_data
     out_json = str(tmp_path / "m.json")
     code, out, err = run_cli(capsys, "eval", trained_run, "--data", evaluation, "--json", out_json)
@@ -27,13 +25,13 @@ def test_eval_on_saved_run(trained_run, tiny_data, capsys, tmp_path):
     assert_one_line_error(code, err, "exists")
 
 
-def test_unknown_task_in_eval_of_saved_adapter(trained_run, tmp_path, capsys):
+def test_unknown_task_in_eval_of_saved_adapter(trained_run, tmp_path, capsys, assert_one_line_error, run_cli, write_jsonl):
     evaluation = write_jsonl(str(tmp_path / "eval.jsonl"), [{"task": "weather", "input": "the red cat", "target": "no"}])
     code, _, err = run_cli(capsys, "eval", trained_run, "--data", evaluation)
     assert_one_line_error(code, err, "eval.jsonl:1:", "unknown task 'weather'")
 
 
-def test_unknown_eval_target_label(trained_run, tmp_path, capsys):
+def test_unknown_eval_target_label(trained_run, tmp_path, capsys, assert_one_line_error, run_cli, write_jsonl):
     evaluation = write_jsonl(str(tmp_path / "eval.jsonl"), [{"task": "animal", "input": "the red cat", "target": "maybe"}])
     code, _, err = run_cli(capsys, "eval", trained_run, "--data", evaluation)
     assert_one_line_error(code, err, "eval.jsonl:1:", "'maybe'")

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from tests.helpers import assert_one_line_error, routed_logits, run_cli
 
-
-def test_export_lora_reproduces_the_routed_task(trained_run, tiny_bert, capsys, tmp_path):
+def test_export_lora_reproduces_the_routed_task(trained_run, tiny_bert, capsys, tmp_path, routed_logits, run_cli):
     import peft
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -27,7 +25,7 @@ def test_export_lora_reproduces_the_routed_task(trained_run, tiny_bert, capsys, 
         torch.testing.assert_close(served(**batch).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_export_lora_rejects_bad_input(trained_run, capsys, tmp_path):
+def test_export_lora_rejects_bad_input(trained_run, capsys, tmp_path, assert_one_line_error, run_cli):
     out_dir = str(tmp_path / "out")
     code, _, err = run_cli(capsys, "export-lora", trained_run, "--task", "zebra", "--output", out_dir)
     assert_one_line_error(code, err, "unknown task 'zebra'", "animal, color")
@@ -42,7 +40,7 @@ def test_export_lora_rejects_bad_input(trained_run, capsys, tmp_path):
     assert not os.path.exists(out_dir)
 
 
-def test_export_lora_all_tasks_writes_one_lora_per_task_and_the_vllm_argument(trained_run, tiny_bert, capsys, tmp_path):
+def test_export_lora_all_tasks_writes_one_lora_per_task_and_the_vllm_argument(trained_run, tiny_bert, capsys, tmp_path, assert_one_line_error, routed_logits, run_cli):
     import peft
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 
-from tests.helpers import run_cli
 
-
-def test_inspect_saved_run(trained_run, capsys, tmp_path):
+def test_inspect_saved_run(trained_run, capsys, tmp_path, run_cli):
     plot = str(tmp_path / "r.png")
     code, out, err = run_cli(capsys, "inspect", trained_run, "--plot", plot)
     assert code == 0, err

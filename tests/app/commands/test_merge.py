@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 
-from tests.helpers import assert_one_line_error, routed_logits, run_cli
 
-
-def test_merge_reproduces_the_routed_task(trained_run, tiny_bert, capsys, tmp_path):
+def test_merge_reproduces_the_routed_task(trained_run, tiny_bert, capsys, tmp_path, routed_logits, run_cli):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -23,7 +21,7 @@ def test_merge_reproduces_the_routed_task(trained_run, tiny_bert, capsys, tmp_pa
         torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_merge_rejects_bad_input(trained_run, capsys, tmp_path):
+def test_merge_rejects_bad_input(trained_run, capsys, tmp_path, assert_one_line_error, run_cli):
     out_dir = str(tmp_path / "out")
     code, _, err = run_cli(capsys, "merge", trained_run, "--task", "zebra", "--output", out_dir)
     assert_one_line_error(code, err, "unknown task 'zebra'", "animal, color")

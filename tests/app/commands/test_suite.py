@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from tests.helpers import assert_one_line_error, run_cli
 
-
-def test_suite_command_writes_jsonl_that_train_accepts(tmp_path, capsys):
+def test_suite_command_writes_jsonl_that_train_accepts(tmp_path, capsys, assert_one_line_error, run_cli):
     from polytropon.app.data import load_jsonl
 
     out = tmp_path / "suite"

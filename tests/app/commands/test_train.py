@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import FAST_TRAIN, assert_one_line_error, make_rows, run_cli, write_jsonl
+from tests.helpers import FAST_TRAIN
 
 
 def test_train_writes_adapter_metrics_plot(trained_run):
@@ -45,7 +45,7 @@ def test_adapter_reloads_with_identical_predictions(trained_run, tiny_bert):
     assert torch.allclose(outs[0], outs[1])
 
 
-def test_resume_continues_from_last_checkpoint(trained_run, tmp_path, capsys):
+def test_resume_continues_from_last_checkpoint(trained_run, tmp_path, capsys, assert_one_line_error, run_cli):
     # Recreate what an interrupted run leaves on disk: checkpoint 6 only, no final outputs.
     run = str(tmp_path / "interrupted")
     shutil.copytree(trained_run, run)
@@ -70,7 +70,7 @@ def test_resume_continues_from_last_checkpoint(trained_run, tmp_path, capsys):
     assert_one_line_error(code, err, "already complete")
 
 
-def test_train_learns_tiny_tasks(tiny_bert, tiny_data, tmp_path, capsys):
+def test_train_learns_tiny_tasks(tiny_bert, tiny_data, tmp_path, capsys, run_cli):
     train, evaluation = tiny_data
     out = str(tmp_path / "learn")
     code, stdout, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train, "--eval-data", evaluation,
@@ -87,7 +87,8 @@ def test_train_learns_tiny_tasks(tiny_bert, tiny_data, tmp_path, capsys):
     assert "collapsed" not in stdout and metrics["poly"]["collapsed"] == []
 
 
-def test_train_warns_of_collapsed_tasks_for_poly_and_the_lora_baseline(tiny_bert, tiny_data, tmp_path, capsys):
+def test_train_warns_of_collapsed_tasks_for_poly_and_the_lora_baseline(tiny_bert, tiny_data, tmp_path, capsys, run_cli,
+                                                                       make_rows, write_jsonl):
     # every eval example of "animal" is the same sentence with alternating labels: any model answers them alike
     train, _ = tiny_data
     rows = [r for r in make_rows(8, seed=2) if r["task"] == "color"]
@@ -110,13 +111,13 @@ def test_train_warns_of_collapsed_tasks_for_poly_and_the_lora_baseline(tiny_bert
 # --------------------------------------------------------------------------- bad input
 
 
-def test_missing_data_file(tiny_bert, tmp_path, capsys):
+def test_missing_data_file(tiny_bert, tmp_path, capsys, assert_one_line_error, run_cli):
     code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "o"))
     assert_one_line_error(code, err, "nope.jsonl", "no such file")
     assert not os.path.exists(tmp_path / "o")
 
 
-def test_malformed_jsonl_names_file_and_line(tiny_bert, tmp_path, capsys):
+def test_malformed_jsonl_names_file_and_line(tiny_bert, tmp_path, capsys, assert_one_line_error, run_cli):
     path = tmp_path / "bad.jsonl"
     good = json.dumps({"task": "a", "input": "the cat", "target": "yes"})
     path.write_text(f"{good}\n{good}\n{{not json\n")
@@ -124,7 +125,7 @@ def test_malformed_jsonl_names_file_and_line(tiny_bert, tmp_path, capsys):
     assert_one_line_error(code, err, f"{path}:3:", "not valid JSON")
 
 
-def test_unknown_task_in_eval_data(tiny_bert, tiny_data, tmp_path, capsys):
+def test_unknown_task_in_eval_data(tiny_bert, tiny_data, tmp_path, capsys, assert_one_line_error, make_rows, run_cli, write_jsonl):
     train, _ = tiny_data
     rows = make_rows(2, seed=5) + [{"task": "weather", "input": "the red cat", "target": "no"}]
     evaluation = write_jsonl(str(tmp_path / "eval.jsonl"), rows)
@@ -133,7 +134,7 @@ def test_unknown_task_in_eval_data(tiny_bert, tiny_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "garbage"])
-def test_model_folder_that_does_not_load(kind, tiny_data, tmp_path, capsys):
+def test_model_folder_that_does_not_load(kind, tiny_data, tmp_path, capsys, assert_one_line_error, run_cli):
     train, _ = tiny_data
     folder = tmp_path / "model"
     if kind != "missing":
@@ -145,7 +146,7 @@ def test_model_folder_that_does_not_load(kind, tiny_data, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_output_dir_holding_something_else_is_never_touched(tiny_bert, tiny_data, tmp_path, capsys):
+def test_output_dir_holding_something_else_is_never_touched(tiny_bert, tiny_data, tmp_path, capsys, assert_one_line_error, run_cli):
     train, _ = tiny_data
     out = tmp_path / "precious"
     out.mkdir()
@@ -159,7 +160,7 @@ def test_output_dir_holding_something_else_is_never_touched(tiny_bert, tiny_data
     assert_one_line_error(code, err, "not a directory")
 
 
-def test_existing_run_is_not_overwritten(trained_run, tiny_bert, tiny_data, capsys):
+def test_existing_run_is_not_overwritten(trained_run, tiny_bert, tiny_data, capsys, assert_one_line_error, run_cli):
     train, _ = tiny_data
     before = open(os.path.join(trained_run, "metrics.json")).read()
     code, _, err = run_cli(capsys, "train", "--model", tiny_bert, "--data", train, "--output-dir", trained_run)
@@ -167,7 +168,7 @@ def test_existing_run_is_not_overwritten(trained_run, tiny_bert, tiny_data, caps
     assert open(os.path.join(trained_run, "metrics.json")).read() == before
 
 
-def test_causal_lm_head_is_inferred_and_evaluated(tiny_gpt2_dir, tiny_data, tmp_path, capsys):
+def test_causal_lm_head_is_inferred_and_evaluated(tiny_gpt2_dir, tiny_data, tmp_path, capsys, run_cli):
     train, evaluation = tiny_data
     out = str(tmp_path / "lm")
     code, stdout, err = run_cli(capsys, "train", "--model", tiny_gpt2_dir, "--data", train, "--eval-data", evaluation,
@@ -202,7 +203,7 @@ def test_run_routing_matches_the_saved_adapter(trained_run):
     assert {"allocation.png", "task_hierarchy.png"} <= set(os.listdir(os.path.join(trained_run, "plots")))
 
 
-def test_seq2seq_head_is_inferred_and_learns(tiny_t5_dir, tiny_data, tmp_path, capsys):
+def test_seq2seq_head_is_inferred_and_learns(tiny_t5_dir, tiny_data, tmp_path, capsys, run_cli):
     train, evaluation = tiny_data
     out = str(tmp_path / "t5")
     code, _, err = run_cli(capsys, "train", "--model", tiny_t5_dir, "--data", train, "--eval-data", evaluation,
