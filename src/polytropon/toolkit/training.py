@@ -32,7 +32,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..checkpoint import TRAINER_STATE_NAME, WEIGHTS_NAME, load_tensors
-from ..fsdp import copy_full_, gathered
+from ..fsdp import copy_full_, gathered, is_sharded
 from ..signature import bind_forward
 
 __all__ = [
@@ -306,6 +306,36 @@ class _PolyTrainerMixin:
             groups = param_groups(self.model, lr, router_lr, self.args.weight_decay)
             self.optimizer = torch.optim.AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
         return self.optimizer
+
+    # Checkpoints: the Trainer's own path (PolyModel.save_pretrained, model.load_state_dict) does the job, except
+    # for a model sharded by FSDP2, where the Trainer hands rank 0 a state dict still holding DTensor shards: then
+    # every rank gathers the adapter itself (a collective call) and resuming copies each tensor into its shards.
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_sharded(model):
+            super()._save(output_dir, state_dict=state_dict)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model.save_pretrained(output_dir, is_main_process=self.args.should_save)  # every rank gathers
+        if not self.args.should_save:
+            return
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not is_sharded(target):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_checkpoint(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        target = self.accelerator.unwrap_model(self.model)
+        if not is_sharded(target):
+            super()._load_best_model()
+            return
+        load_checkpoint(target, self.state.best_model_checkpoint)
 
 
 def _route_fused_lm_head(model: nn.Module) -> None:
