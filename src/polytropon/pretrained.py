@@ -12,7 +12,9 @@ always had. :func:`delegate_pretrained_attributes` puts back the behaviour of be
 
 * each name ``PreTrainedModel`` (or a mixin) adds to ``nn.Module`` and ``PolyModel`` does not define itself
   becomes a :class:`Delegated` attribute: read on an instance, it is the wrapped model's attribute (a value set
-  on the PolyModel instance itself still wins, as before); read on the class, it does not exist, as before;
+  on the PolyModel instance itself still wins, as before); read on the class, it does not exist, as before.
+  A wrapped plain ``nn.Module`` lacking ``tie_weights`` / ``is_activation_checkpointing`` (which the Trainer reads
+  from any ``PreTrainedModel``) gets a no-op / ``False`` (:data:`FALLBACKS`);
 * each ``nn.Module`` method ``PreTrainedModel`` overrides (``to``, ``cuda``, ``half``, ``float``, ``train``,
   ``eval``) is ``nn.Module``'s again, so moving or casting a PolyModel moves its adapters too;
 * ``__init_subclass__`` is ``nn.Module``'s (``PreTrainedModel``'s derives a ``config_class``; FSDP2 subclasses
@@ -27,9 +29,18 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
-__all__ = ["Delegated", "delegate_pretrained_attributes", "pretrained_only_names", "MODULE_METHODS_RESTORED"]
+__all__ = ["Delegated", "delegate_pretrained_attributes", "pretrained_only_names", "own_names", "MODULE_METHODS_RESTORED",
+           "FALLBACKS"]
 
 _MISSING = object()
+
+def _no_op(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+#: What a few names read when the wrapped model is a plain ``nn.Module`` without them: ``transformers.Trainer``
+#: reads them from every ``PreTrainedModel`` (DDP set-up, re-tying weights after loading a checkpoint).
+FALLBACKS: dict[str, Any] = {"tie_weights": _no_op, "is_activation_checkpointing": False, "is_gradient_checkpointing": False}
 
 #: ``nn.Module`` methods that ``PreTrainedModel`` overrides and a PolyModel takes from ``nn.Module`` again.
 MODULE_METHODS_RESTORED = ("to", "cuda", "half", "float", "train", "eval")
@@ -51,7 +62,10 @@ class Delegated:
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             raise AttributeError(f"type object {owner.__name__!r} has no attribute {self.name!r}")
-        return getattr(instance.get_submodule("model"), self.name)
+        wrapped = instance.get_submodule("model")
+        if self.name in FALLBACKS and not hasattr(wrapped, self.name):
+            return FALLBACKS[self.name]
+        return getattr(wrapped, self.name)
 
 
 def pretrained_only_names() -> list[str]:
