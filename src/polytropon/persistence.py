@@ -185,6 +185,12 @@ def _collect_adapters(
     if state_dict is not None:  # gathered by the caller (the HF Trainer under ZeRO-3/FSDP): no collective call
         if not is_main_process:
             return {}, {}, False
+        shards = [k for k, t in state_dict.items() if hasattr(t, "full_tensor")]  # DTensors: only this rank's shard
+        if shards:
+            raise ValueError(
+                f"the state_dict given to save_pretrained holds sharded tensors (DTensor), e.g. {shards[0]!r}: "
+                "call save_pretrained on every rank without state_dict (polytropon.PolyTrainer does this under FSDP2)"
+            )
         missing = [n for n in wanted if n not in state_dict]
         if missing:
             raise ValueError(f"state_dict lacks {len(missing)} trainable tensor(s), e.g. {missing[0]!r}")
