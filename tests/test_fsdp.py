@@ -168,7 +168,7 @@ def test_trainer_with_accelerate_fsdp2_equals_the_ddp_run(sharded_runs):
 
     # the Trainer's checkpoint (saved under FSDP on every rank) holds the full adapter and trainable state
     checkpoint = folder / "fsdp" / f"checkpoint-{trainer_worker.STEPS}"
-    state = load_file(str(checkpoint / "trainable_state.safetensors"))
+    state = load_file(str(checkpoint / "model.safetensors"))
     assert sorted(state) == names
     for name in names:
         torch.testing.assert_close(state[name], ranks[0]["fsdp"][name], rtol=0, atol=0)

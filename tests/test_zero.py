@@ -163,12 +163,13 @@ def test_poly_trainer_checkpoints_and_resumes_under_zero3(zero3_runs):
     checkpoint = out / "run" / "checkpoint-2"
     for rank in ranks:
         assert rank["sharded"]
-        assert {"adapter_config.json", "adapter_model.safetensors", "trainable_state.safetensors"} <= set(rank["files"])
-        assert not {"model.safetensors", "pytorch_model.bin"} & set(rank["files"])  # adapter-only
+        # adapter-only: PEFT's two files and model.safetensors, the trainable tensors (checked below)
+        assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= set(rank["files"])
+        assert "pytorch_model.bin" not in rank["files"]
         assert rank["state"] and all(t.numel() > 0 for t in rank["state"].values())
         for name, tensor in rank["state"].items():
             torch.testing.assert_close(rank["resumed"][name], tensor, rtol=0, atol=0)
-    at_step_2 = load_file(str(checkpoint / "trainable_state.safetensors"))
+    at_step_2 = load_file(str(checkpoint / "model.safetensors"))
     initial = {n: p.detach() for n, p in fsdp_worker.build_model(worker.GRANULARITY, 2).named_parameters() if p.requires_grad}
     assert sorted(at_step_2) == sorted(initial) == sorted(ranks[0]["state"])
     assert all(not torch.equal(at_step_2[n], initial[n]) and not torch.equal(at_step_2[n], ranks[0]["state"][n]) for n in initial)

@@ -8,6 +8,11 @@ An adapter saved in ``save_directory`` (a non-default adapter in ``save_director
                                    base_model.model.<module path>.poly_router.module_logits    (n_tasks, n_splits*n_skills)
                                    base_model.model.<saved module path>.<param>                modules_to_save copies
 
+A trainer's checkpoint (``save_pretrained`` called with ``is_main_process=``, as ``transformers.Trainer`` calls
+it) also holds ``model.safetensors`` (:data:`TRAINER_STATE_NAME`): every trainable tensor under the PolyModel's
+own parameter names (``model.layers.0.self_attn.q_proj.adapters.default.poly_lora_A``, ...), adapter-sized; PEFT
+ignores it.
+
 Weights are read from safetensors only; pickled ``.bin`` files are never loaded.
 
 Adapter names are identifiers (:func:`check_adapter_name`), and the one path built from a name -- an adapter's
@@ -26,6 +31,9 @@ from torch import nn
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+#: Written beside the adapter when a trainer saves (``save_pretrained(..., is_main_process=...)``): every trainable
+#: tensor under the model's own parameter names -- what ``transformers.Trainer`` loads to resume.
+TRAINER_STATE_NAME = "model.safetensors"
 KEY_PREFIX = "base_model.model."
 ADAPTER_KEYS = ("poly_lora_A", "poly_lora_B", "poly_router.module_logits")
 

@@ -10,6 +10,7 @@ whose role it is::
     merging a task into the base weights                   layer.py       (PolyLayer.merge / unmerge)
     one task as a PEFT LoRA adapter                        export.py      (export_task)
     the task axis: names, checks, new tasks                tasks.py       (resolve_task, grow_tasks)
+    being a transformers PreTrainedModel, reading as the wrapped model   pretrained.py
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from . import injection
 from .calls import CallPreparation, traced_call
@@ -30,8 +32,11 @@ from .export import export_task, export_tasks
 from .injection import InjectionPlan, plan_injection
 from .layer import PolyAdapter, PolyLayer
 from .modules_to_save import ModulesToSave
-from .persistence import adapter_state_dict, check_save_directory, load_adapter_tensors, read_checkpoint, save_adapters
+from .persistence import (
+    adapter_state_dict, check_save_directory, frozen_state_keys, load_adapter_tensors, read_checkpoint, save_adapters,
+)
 from .router import PolyRouter
+from .pretrained import delegate_pretrained_attributes, own_names
 from .quantized import check_mergeable
 from .routing import RoutingState, TaskIds, call_batch_size
 from .signature import bind_forward, forward_state
@@ -39,7 +44,7 @@ from .tasks import grow_tasks, resolve_task
 from .variants import eval_routing_weights
 
 
-class PolyModel(nn.Module):
+class PolyModel(PreTrainedModel):
     """A transformers model whose target layers carry Poly/MHR adapters (drop-in for PEFT's Poly model).
 
     Every call takes ``task_ids``: one task per example (a LongTensor ``(batch,)``, a list of ints or names),
@@ -53,10 +58,12 @@ class PolyModel(nn.Module):
             letters, digits, ``_`` and ``-``).
 
     Attribute reads that PolyModel does not define fall through to the wrapped model (``model.config``).
+    It is a ``transformers.PreTrainedModel`` (so ``transformers.Trainer`` saves it with :meth:`save_pretrained`)
+    whose ``PreTrainedModel`` attributes read the wrapped model's, as the fall-through did (:mod:`polytropon.pretrained`).
     """
 
     def __init__(self, model: nn.Module, config: PolyConfig, adapter_name: str = "default") -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not PreTrainedModel.__init__: see polytropon.pretrained
         check_adapter_name(adapter_name)
         plan = plan_injection(model, config)  # before any change to the model
         self.model = model
@@ -68,6 +75,9 @@ class PolyModel(nn.Module):
         self.set_adapter(adapter_name)
         self.training = model.training
         self.forward = bind_forward(self, type(self).forward)  # shows the wrapped model's parameters + task_ids
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super(PreTrainedModel, cls).__init_subclass__(**kwargs)  # not PreTrainedModel's (it derives a config_class)
 
     def __getstate__(self) -> dict[str, Any]:
         return forward_state(self.__dict__)
@@ -379,15 +389,29 @@ class PolyModel(nn.Module):
         written atomically. Under FSDP2 or DeepSpeed ZeRO-3 every rank calls it and rank 0 writes the gathered
         adapter (:func:`~polytropon.persistence.save_adapters`); ``state_dict=`` (already gathered, as the HF
         ``Trainer`` passes it) is used instead of the model's tensors, and ``is_main_process=False`` writes
-        nothing. ValueError, before anything is written: ``save_directory`` is a file, an unknown adapter, a
-        folder resolving outside ``save_directory``, or a tensor still only partly held by this process.
+        nothing. Called with ``is_main_process=`` (as ``transformers.Trainer`` calls it for ``save_model()`` and
+        every checkpoint), it also writes ``model.safetensors``: every trainable tensor under this model's own
+        parameter names, adapter-sized, which the Trainer loads back to resume and for ``load_best_model_at_end``
+        (:data:`~polytropon.checkpoint.TRAINER_STATE_NAME`). ValueError, before anything is written:
+        ``save_directory`` is a file, an unknown adapter, a folder resolving outside ``save_directory``, or a
+        tensor still only partly held by this process.
         """
         save_directory = check_save_directory(save_directory)
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_adapter(name)
         configs = {name: self.peft_config[name] for name in names}
-        save_adapters(self, save_directory, configs, kwargs.get("state_dict"), kwargs.get("is_main_process", True))
+        save_adapters(self, save_directory, configs, kwargs.get("state_dict"), kwargs.get("is_main_process", True),
+                      trainer_state="is_main_process" in kwargs)
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """State-dict keys a trainer's ``model.safetensors`` leaves out: the frozen base and inactive adapters.
+
+        ``transformers.Trainer`` compares the keys missing after it loads a checkpoint with this list and, when
+        they are the same, re-ties the weights instead of logging every frozen key as missing.
+        """
+        return frozen_state_keys(self)
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> None:
         """Load a saved adapter (ours or PEFT's) into this model under ``adapter_name``.
@@ -433,6 +457,9 @@ class PolyModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+
+delegate_pretrained_attributes(PolyModel, own_names(vars(PolyModel)))
 
 
 def get_peft_model(model: nn.Module, peft_config: PolyConfig, adapter_name: str = "default", **kwargs: Any) -> PolyModel:

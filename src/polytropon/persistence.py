@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import KEY_PREFIX, WEIGHTS_NAME, adapter_directory, load_tensors, save_tensors
+from .checkpoint import KEY_PREFIX, TRAINER_STATE_NAME, WEIGHTS_NAME, adapter_directory, load_tensors, save_tensors
 from .config import PolyConfig
 from . import zero
 from .fsdp import check_complete, gathered, is_sharded
@@ -120,15 +120,29 @@ def check_save_directory(save_directory: Union[str, os.PathLike]) -> str:
     return save_directory
 
 
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names (``model.named_parameters()``) of the trainable parameters: what a trainer's checkpoint must hold."""
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def frozen_state_keys(model: nn.Module) -> list[str]:
+    """Keys of ``model.state_dict()`` that :data:`~polytropon.checkpoint.TRAINER_STATE_NAME` does not hold
+    (the frozen base model, the inactive adapters): what loading that file leaves out, on purpose."""
+    saved = set(trainable_names(model))
+    return [key for key in model.state_dict() if key not in saved]
+
+
 def save_adapters(
     model: nn.Module,
     save_directory: str,
     configs: Mapping[str, PolyConfig],
     state_dict: Optional[Mapping[str, torch.Tensor]] = None,
     is_main_process: bool = True,
+    trainer_state: bool = False,
 ) -> None:
     """Write every adapter of ``configs`` of ``model`` (a ``PolyModel``): ``adapter_config.json`` +
-    ``adapter_model.safetensors`` each.
+    ``adapter_model.safetensors`` each; with ``trainer_state``, also
+    :data:`~polytropon.checkpoint.TRAINER_STATE_NAME` in ``save_directory``.
 
     ``"default"`` goes to ``save_directory``, any other adapter to ``save_directory/<name>``
     (:func:`~polytropon.checkpoint.adapter_directory`). Every folder and tensor is checked before the first
@@ -136,11 +150,13 @@ def save_adapters(
     rank calls this; the adapters' tensors are gathered in full (a collective call), rank 0 writes and all ranks
     return once the files are in place. ``state_dict`` (the whole model's, already gathered by the caller, as the
     HF ``Trainer`` passes it) is used instead of the model's own tensors, with no collective call; with
-    ``is_main_process=False`` nothing is written.
+    ``is_main_process=False`` nothing is written. ``trainer_state``: every trainable tensor under the model's own
+    parameter names (:func:`trainable_names`), the file ``transformers.Trainer`` reads back with
+    ``model.load_state_dict(..., strict=False)`` to resume or to load the best checkpoint.
     """
     directories = {name: adapter_directory(save_directory, name) for name in configs}
-    adapters, sharded = _collect_adapters(model, list(configs), state_dict, is_main_process)
-    for tensors in adapters.values():
+    adapters, trainable, sharded = _collect_adapters(model, list(configs), state_dict, is_main_process, trainer_state)
+    for tensors in [*adapters.values(), trainable]:
         check_complete(tensors)
     if is_main_process and (not sharded or torch.distributed.get_rank() == 0):
         for name, tensors in adapters.items():
@@ -148,26 +164,48 @@ def save_adapters(
             config = dataclasses.replace(configs[name], inference_mode=True)  # as PEFT writes it
             save_tensors(os.path.join(directories[name], WEIGHTS_NAME), tensors)
             config.save_pretrained(directories[name])
+        if trainer_state:
+            os.makedirs(save_directory, exist_ok=True)
+            save_tensors(os.path.join(save_directory, TRAINER_STATE_NAME), trainable)
     if sharded:
         torch.distributed.barrier()  # every rank returns once the files are in place
 
 
 def _collect_adapters(
-    model: nn.Module, names: list[str], state_dict: Optional[Mapping[str, torch.Tensor]], is_main_process: bool
-) -> tuple[dict[str, dict[str, torch.Tensor]], bool]:
-    """``({adapter: checkpoint tensors}, sharded)``: from ``state_dict`` when given, else the model's own tensors,
-    gathered from FSDP2 shards / ZeRO-3 partitions (a collective call) when the model is sharded."""
+    model: nn.Module,
+    names: list[str],
+    state_dict: Optional[Mapping[str, torch.Tensor]],
+    is_main_process: bool,
+    trainer_state: bool,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], bool]:
+    """``({adapter: checkpoint tensors}, {trainable parameter name: tensor}, sharded)``: from ``state_dict`` when
+    given, else the model's own tensors, gathered from FSDP2 shards / ZeRO-3 partitions (a collective call) when
+    the model is sharded. The trainable tensors are collected only with ``trainer_state``."""
+    wanted = trainable_names(model) if trainer_state else []
     if state_dict is not None:  # gathered by the caller (the HF Trainer under ZeRO-3/FSDP): no collective call
         if not is_main_process:
-            return {}, False
-        return {name: zero.adapter_tensors_from_state_dict(model, name, state_dict) for name in names}, False
-    zero3 = zero.partitioned(zero.adapter_parameters(model, names))
+            return {}, {}, False
+        shards = [k for k, t in state_dict.items() if hasattr(t, "full_tensor")]  # DTensors: only this rank's shard
+        if shards:
+            raise ValueError(
+                f"the state_dict given to save_pretrained holds sharded tensors (DTensor), e.g. {shards[0]!r}: "
+                "call save_pretrained on every rank without state_dict (polytropon.PolyTrainer does this under FSDP2)"
+            )
+        missing = [n for n in wanted if n not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict lacks {len(missing)} trainable tensor(s), e.g. {missing[0]!r}")
+        adapters = {name: zero.adapter_tensors_from_state_dict(model, name, state_dict) for name in names}
+        return adapters, {n: state_dict[n] for n in wanted}, False
+    params = dict(model.named_parameters())
+    zero3 = zero.partitioned(zero.adapter_parameters(model, names) + [params[n] for n in wanted])
+    zero3 = list({id(p): p for p in zero3}.values())
     sharded = is_sharded(model) or bool(zero3)
     with zero.gathered_parameters(zero3):  # ZeRO-3: every rank gathers the adapters' partitions (collective)
         held = {name: model.adapter_state_dict(name) for name in names}
-        for tensors in held.values():
+        trainable = {n: params[n] for n in wanted}
+        for tensors in [*held.values(), trainable]:
             check_complete(tensors)
         if not sharded:
-            return held, False
-        return {name: zero.copies(gathered(tensors)) for name, tensors in held.items()}, True
-
+            return held, trainable, False
+        return ({name: zero.copies(gathered(tensors)) for name, tensors in held.items()},
+                zero.copies(gathered(trainable)), True)

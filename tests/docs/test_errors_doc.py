@@ -293,7 +293,10 @@ API_CASES = [
     ("trainer-base", lambda e: _training().poly_trainer_class(dict), TypeError,
      "base must be a transformers.Trainer subclass, got <value>"),
     ("trainer-resume", lambda e: _training().load_checkpoint(e.model, str(e.not_empty)), ValueError,
-     "<checkpoint>: not a polytropon checkpoint (neither trainable_state.safetensors nor adapter_model.safetensors)"),
+     "<checkpoint>: not a polytropon checkpoint (neither model.safetensors nor adapter_model.safetensors)"),
+    ("trainer-save-state-dict",
+     lambda e: e.model.save_pretrained(str(e.root / "from-state-dict"), state_dict={}, is_main_process=True),
+     ValueError, "state_dict lacks <n> trainable tensor(s), e.g. '<name>'"),
     # 9. data
     ("data-json", lambda e: load_jsonl(write(e.root / "bad.jsonl", '{"task": "a", "input": "x", "target": "y"}\n{oops\n')),
      DataError, "<file>:<line>: not valid JSON (<reason>)"),

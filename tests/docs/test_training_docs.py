@@ -34,6 +34,10 @@ def test_every_snippet_runs(tmp_path, monkeypatch, capsys):
     for index, block in enumerate(snippets()):
         exec(compile(block, f"{DOC}:snippet{index}", "exec"), namespace)
     printed = capsys.readouterr().out
-    assert "adapter_model.safetensors" in printed and "'model.safetensors'" not in printed
+    assert "adapter_model.safetensors" in printed
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter" / "model.safetensors"))  # the Trainer's resume file: adapter only
+    assert saved and all(".adapters." in key for key in saved), sorted(saved)
     assert "no 'task_ids' column" in printed  # the collator's error, printed by its snippet
     assert "SFTConfig(packing=False)" in printed  # packing refused, naming the fix

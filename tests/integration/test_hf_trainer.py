@@ -2,9 +2,10 @@
 
 * the plain ``transformers.Trainer`` with default ``TrainingArguments`` keeps the ``task_ids`` column (and
   ``input_ids``) and trains: ``PolyModel.forward`` shows the wrapped model's parameters plus ``task_ids``;
-* ``polytropon.PolyTrainer`` (same script, one name changed) writes adapter-only checkpoints in PEFT's file
-  names, loadable by ``PolyModel.from_pretrained`` and ``peft.PeftModel.from_pretrained`` with equal outputs,
-  and resumes exactly;
+* and writes ``save_model()`` and every checkpoint adapter-only, in PEFT's file names, loadable by
+  ``PolyModel.from_pretrained`` and ``peft.PeftModel.from_pretrained`` with equal outputs (a PolyModel is a
+  ``PreTrainedModel``, so the Trainer calls its ``save_pretrained``), resumes exactly and loads the best checkpoint
+  at the end; ``polytropon.PolyTrainer`` (same script, one name changed) does the same;
 * PEFT's own Poly example (``Seq2SeqTrainer`` with ``predict_with_generate``, task ids made in the tokenize
   function, ``PeftConfig``/``PeftModel.from_pretrained`` to reload) on a tiny T5 and synthetic tasks.
 """
@@ -99,18 +100,111 @@ def test_plain_trainer_with_default_arguments_keeps_task_ids_and_trains(tmp_path
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_plain_trainer_resume_equals_an_uninterrupted_run(tmp_path):
-    """The plain Trainer checkpoints the whole model (it is not a PreTrainedModel/PeftModel) and resumes from it."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _assert_adapter_only(folder, model) -> None:
+    """PEFT's two files, plus ``model.safetensors`` holding exactly the trainable tensors; all weight files
+    together adapter-sized: about twice the adapter, under half the whole model's state even for these tiny bases."""
+    from safetensors.torch import load_file
+
+    names = set(os.listdir(folder))
+    assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= names, names
+    assert not names & {"pytorch_model.bin", "model.safetensors.index.json"}, names
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(load_file(os.path.join(folder, "model.safetensors"))) == trainable
+    weights = sum(os.path.getsize(os.path.join(folder, n)) for n in names if n.endswith(WEIGHT_SUFFIXES)
+                  and n not in {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"})
+    adapter = os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
+    whole = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # what a whole-model file holds
+    assert weights <= 2.2 * adapter and weights < whole / 2, (weights, adapter, whole)
+
+
+def _assert_loads_in_polytropon_and_peft(folder, model) -> None:
+    model.eval()
+    x = torch.randint(3, 90, (3, 7))
+    ids = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        expected = model(input_ids=x, task_ids=ids).logits
+        ours = polytropon.PolyModel.from_pretrained(tiny_llama(seed=0), str(folder))
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(seed=0), str(folder)).eval()
+        torch.testing.assert_close(ours(input_ids=x, task_ids=ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(theirs(input_ids=x, task_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_trainer_checkpoints_are_adapter_only_and_load_in_polytropon_and_peft(tmp_path):
+    """The unchanged script (plain Trainer, default TrainingArguments): save_model() and every checkpoint."""
+    model = _poly_model()
+    assert isinstance(model, __import__("transformers").PreTrainedModel)
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", save_steps=3), train_dataset=_dataset())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-3", tmp_path / "run" / "checkpoint-6"):
+        _assert_adapter_only(folder, model)
+    _assert_loads_in_polytropon_and_peft(tmp_path / "final", model)
+    # the final checkpoint holds the final adapter, read back by PEFT's own loader
+    _assert_loads_in_polytropon_and_peft(tmp_path / "run" / "checkpoint-6", model)
+
+
+def test_plain_trainer_resume_equals_an_uninterrupted_run(tmp_path, caplog):
+    """Resumed from an adapter-only checkpoint, the plain Trainer ends exactly where an uninterrupted run ends,
+    without listing the frozen base model's tensors as missing."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
     full = _poly_model()
     Trainer(model=full, args=_args(tmp_path / "full", save_strategy="no"), train_dataset=_dataset()).train()
     Trainer(model=_poly_model(), args=_args(tmp_path / "cut", save_steps=3), train_dataset=_dataset()).train()
-    assert "model.safetensors" in os.listdir(tmp_path / "cut" / "checkpoint-3")
     resumed = _poly_model()
+    _assert_adapter_only(tmp_path / "cut" / "checkpoint-3", resumed)
     trainer = Trainer(model=resumed, args=_args(tmp_path / "cut", save_strategy="no"), train_dataset=_dataset())
-    trainer.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING, logger="transformers"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    finally:
+        hf_logging.disable_propagation()
+    assert not [r for r in caplog.records if "missing keys" in r.getMessage() or "unexpected keys" in r.getMessage()]
     expected, got = _adapter(full), _adapter(resumed)
+    assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_plain_trainer_loads_the_best_checkpoint_at_the_end(tmp_path):
+    """load_best_model_at_end: the best checkpoint (step 2 here, not the last) is loaded back into the model."""
+    from safetensors.torch import load_file
+
+    scores = iter([1.0, 0.0])  # the first evaluation (step 2) is the best
+
+    def compute_metrics(_):
+        return {"score": next(scores)}
+
+    model = _poly_model()
+    args = _args(tmp_path, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                 load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True, max_steps=4)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(n=6),
+                      compute_metrics=compute_metrics)
+    trainer.train()
+    assert os.path.basename(trainer.state.best_model_checkpoint) == "checkpoint-2"
+    best = load_file(os.path.join(trainer.state.best_model_checkpoint, "model.safetensors"))
+    last = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
+    params = dict(model.named_parameters())
+    assert any(not torch.equal(best[n], last[n]) for n in best)
+    for name, value in best.items():
+        torch.testing.assert_close(params[name].detach(), value, rtol=0, atol=0, msg=name)
+
+
+def test_save_pretrained_by_hand_writes_only_peft_files(tmp_path):
+    """Only a trainer's call (``is_main_process=`` given) adds model.safetensors; a user's call writes PEFT's two."""
+    model = _poly_model()
+    model.save_pretrained(str(tmp_path / "user"))
+    assert sorted(os.listdir(tmp_path / "user")) == ["adapter_config.json", "adapter_model.safetensors"]
+    model.save_pretrained(str(tmp_path / "trainer"), is_main_process=True)
+    assert sorted(os.listdir(tmp_path / "trainer")) == ["adapter_config.json", "adapter_model.safetensors", "model.safetensors"]
+    model.save_pretrained(str(tmp_path / "other-rank"), is_main_process=False)
+    assert not (tmp_path / "other-rank").exists()
 
 
 def test_poly_trainer_checkpoints_are_adapter_only_and_load_in_polytropon_and_peft(tmp_path):
@@ -120,20 +214,9 @@ def test_poly_trainer_checkpoints_are_adapter_only_and_load_in_polytropon_and_pe
     )
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
-    folders = [tmp_path / "final", tmp_path / "run" / "checkpoint-3", tmp_path / "run" / "checkpoint-6"]
-    for folder in folders:
-        names = set(os.listdir(folder))
-        assert {"adapter_config.json", "adapter_model.safetensors"} <= names, names
-        assert not names & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}, names
-    model.eval()
-    x = torch.randint(3, 90, (3, 7))
-    ids = torch.tensor([0, 2, 1])
-    with torch.no_grad():
-        expected = model(input_ids=x, task_ids=ids).logits
-        ours = polytropon.PolyModel.from_pretrained(tiny_llama(seed=0), str(tmp_path / "final"))
-        theirs = peft.PeftModel.from_pretrained(tiny_llama(seed=0), str(tmp_path / "final")).eval()
-        torch.testing.assert_close(ours(input_ids=x, task_ids=ids).logits, expected, rtol=0, atol=0)
-        torch.testing.assert_close(theirs(input_ids=x, task_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+    for folder in [tmp_path / "final", tmp_path / "run" / "checkpoint-3", tmp_path / "run" / "checkpoint-6"]:
+        _assert_adapter_only(folder, model)
+    _assert_loads_in_polytropon_and_peft(tmp_path / "final", model)
 
 
 def test_poly_trainer_resume_equals_an_uninterrupted_run(tmp_path):
@@ -268,7 +351,8 @@ def test_peft_poly_example_seq2seq_with_generate(tmp_path):
 
     args = Seq2SeqTrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
-        learning_rate=1e-2, max_steps=8, eval_strategy="no", save_strategy="no", predict_with_generate=True,
+        learning_rate=1e-2, max_steps=8, eval_strategy="no", save_strategy="steps", save_steps=4,
+        predict_with_generate=True,
         generation_max_length=8, report_to=[], use_cpu=True, seed=0,
     )
     trainer = Seq2SeqTrainer(
@@ -280,6 +364,9 @@ def test_peft_poly_example_seq2seq_with_generate(tmp_path):
     metrics = trainer.evaluate()
     assert "eval_exact_match" in metrics and 0.0 <= metrics["eval_exact_match"] <= 1.0
 
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "final", tmp_path / "out" / "checkpoint-4", tmp_path / "out" / "checkpoint-8"):
+        _assert_adapter_only(folder, model)
     model.save_pretrained(str(tmp_path / "adapter"))
     config = PeftConfig.from_pretrained(str(tmp_path / "adapter"))
     assert config.peft_type == "POLY" and config.n_tasks == len(tasks)
@@ -291,3 +378,6 @@ def test_peft_poly_example_seq2seq_with_generate(tmp_path):
         ours = model.generate(**batch, task_ids=ids, max_new_tokens=6, do_sample=False)
         theirs = reloaded.generate(**batch, task_ids=ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(ours, theirs)
+    from_checkpoint = PeftModel.from_pretrained(_t5(), str(tmp_path / "out" / "checkpoint-8")).eval()
+    with torch.no_grad():
+        assert torch.equal(from_checkpoint.generate(**batch, task_ids=ids, max_new_tokens=6, do_sample=False), ours)

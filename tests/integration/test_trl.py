@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
@@ -104,8 +105,10 @@ def test_sft_trainer_trains_each_format_with_task_ids(tmp_path, kind):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     for checkpoint in ("checkpoint-2", "checkpoint-4"):
         names = set(os.listdir(tmp_path / checkpoint))
-        assert {"adapter_config.json", "adapter_model.safetensors"} <= names
-        assert not names & {"model.safetensors", "pytorch_model.bin"}
+        assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= names
+        assert "pytorch_model.bin" not in names
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert set(load_file(str(tmp_path / checkpoint / "model.safetensors"))) == trainable  # adapter-only
     loaded = polytropon.PolyModel.from_pretrained(make_model(tokenizer).get_base_model(), str(tmp_path / "checkpoint-4"))
     for key, value in loaded.adapter_state_dict().items():
         torch.testing.assert_close(value, after[key], rtol=0, atol=0)

@@ -2,7 +2,7 @@
 
 * :class:`PolyTrainer` -- a :class:`transformers.Trainer` with a two-speed optimizer (router logits get their own
   learning rate, :func:`~polytropon.toolkit.optim.param_groups`), the optional IBP prior
-  (:func:`~polytropon.toolkit.priors.ibp_loss`), adapter-only checkpoints in PEFT's file names and exact resume.
+  (:func:`~polytropon.toolkit.priors.ibp_loss`); adapter-only checkpoints and exact resume as with the plain Trainer.
 * :func:`poly_trainer_class` -- the same behaviour on any ``Trainer`` subclass (``Seq2SeqTrainer``, TRL's
   ``SFTTrainer``); :func:`PolySFTTrainer` is TRL's ``SFTTrainer`` with it.
 * :class:`TaskIdsCollator` -- wraps any data collator so that each batch carries the examples' ``task_ids``;
@@ -10,8 +10,9 @@
 * :class:`JsonlLogCallback` -- the Trainer's log dicts as JSON lines.
 
 A plain ``transformers.Trainer`` already keeps the ``task_ids`` column (``PolyModel.forward`` shows the wrapped
-model's parameters plus ``task_ids``), but writes a non-``PreTrainedModel`` as a whole ``model.safetensors``; the
-trainers here write ``adapter_config.json`` + ``adapter_model.safetensors`` instead (see ``docs/training.md``).
+model's parameters plus ``task_ids``), writes adapter-only checkpoints (``PolyModel`` is a ``PreTrainedModel``, so
+the Trainer calls its ``save_pretrained``) and resumes from them exactly; the trainers here add the two-speed
+optimizer, the IBP prior and the ``task_ids`` plumbing TRL needs (see ``docs/training.md``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..checkpoint import WEIGHTS_NAME, load_tensors
+from ..checkpoint import TRAINER_STATE_NAME, WEIGHTS_NAME, load_tensors
 from ..fsdp import copy_full_, gathered, is_sharded
 from ..signature import bind_forward
 
@@ -48,8 +49,9 @@ __all__ = [
     "load_checkpoint",
 ]
 
-#: File with every trainable tensor in a checkpoint (beside the adapter; what resuming reads).
-TRAINABLE_STATE_NAME = "trainable_state.safetensors"
+#: File with every trainable tensor in a checkpoint (beside the adapter; what resuming reads), under the model's
+#: own parameter names: ``model.safetensors``, which ``PolyModel.save_pretrained`` writes when a trainer calls it.
+TRAINABLE_STATE_NAME = TRAINER_STATE_NAME
 #: The dataset column / batch key holding one task id per example.
 TASK_IDS_COLUMN = "task_ids"
 
@@ -210,7 +212,7 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def load_checkpoint(model: nn.Module, checkpoint: str) -> None:
-    """Load a checkpoint written by :class:`PolyTrainer` into ``model`` (a PolyModel), checking it fully first.
+    """Load a Trainer checkpoint of a PolyModel into ``model`` (a PolyModel), checking it fully first.
 
     Reads :data:`TRAINABLE_STATE_NAME` (every trainable tensor) when present, else the active adapter's
     ``adapter_model.safetensors`` (as PEFT writes it). Tensors are copied in place, so an optimizer holding the
@@ -305,26 +307,35 @@ class _PolyTrainerMixin:
             self.optimizer = torch.optim.AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
         return self.optimizer
 
+    # Checkpoints: the Trainer's own path (PolyModel.save_pretrained, model.load_state_dict) does the job, except
+    # for a model sharded by FSDP2, where the Trainer hands rank 0 a state dict still holding DTensor shards: then
+    # every rank gathers the adapter itself (a collective call) and resuming copies each tensor into its shards.
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        # sharded by FSDP2, the Trainer calls this on every rank: all of them gather the tensors, rank 0 writes
-        if not (self.args.should_save or is_sharded(model)):
+        if not is_sharded(model):
+            super()._save(output_dir, state_dict=state_dict)
             return
-        model.save_pretrained(output_dir)
-        state = trainable_state(model)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model.save_pretrained(output_dir, is_main_process=self.args.should_save)  # every rank gathers
         if not self.args.should_save:
             return
-        save_file(state, os.path.join(output_dir, TRAINABLE_STATE_NAME))
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        load_checkpoint(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not is_sharded(target):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_checkpoint(target, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        load_checkpoint(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+        target = self.accelerator.unwrap_model(self.model)
+        if not is_sharded(target):
+            super()._load_best_model()
+            return
+        load_checkpoint(target, self.state.best_model_checkpoint)
 
 
 def _route_fused_lm_head(model: nn.Module) -> None:
@@ -382,10 +393,11 @@ class PolyTrainer(_PolyTrainerMixin, Trainer):
       ``args.weight_decay``. The scheduler scales both.
     * Loss: the model's loss, plus ``ibp_weight * ibp_loss(model, ibp_alpha)`` with ``ibp_alpha`` set (the
       Indian Buffet Process prior of the learned allocations, :func:`~polytropon.toolkit.priors.ibp_loss`).
-    * Checkpoints and ``save_model()``: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's names,
-      loadable by ``PolyModel.from_pretrained`` and ``peft.PeftModel.from_pretrained``) and
-      :data:`TRAINABLE_STATE_NAME`; never the frozen base model. ``train(resume_from_checkpoint=...)`` loads them
-      back in place and continues exactly as an uninterrupted run.
+    * Checkpoints and ``save_model()``, as with the plain ``Trainer`` (``PolyModel.save_pretrained``, called by the
+      Trainer): ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's names, loadable by
+      ``PolyModel.from_pretrained`` and ``peft.PeftModel.from_pretrained``) and :data:`TRAINABLE_STATE_NAME` (the
+      trainable tensors only); never the frozen base model. ``train(resume_from_checkpoint=...)`` and
+      ``load_best_model_at_end`` load them back in place; a resumed run ends where an uninterrupted one does.
     * Batches: the data collator is wrapped in :class:`TaskIdsCollator` (unless it is one, or a
       :class:`PolyDataCollator`), so ``task_ids`` reach the model and a batch without them is a ValueError.
 
