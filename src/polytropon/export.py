@@ -34,7 +34,7 @@ import re
 import shlex
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -240,20 +240,28 @@ def export_tasks(
     config: PolyConfig,
     layers: Layers,
     saved: SavedModules,
-    task_ids: Sequence[int],
+    tasks: Optional[Sequence[Any]],
     adapter_name: str,
     names: Optional[Sequence[str]] = None,
+    resolve: Callable[[Any], int] = int,
 ) -> dict[str, Any]:
-    """Write tasks ``task_ids`` (checked ids) of ``adapter_name`` as PEFT LoRA adapters with a serving manifest.
+    """Write ``tasks`` (ids or names, ``resolve`` d to checked ids; ``None``: every task) of ``adapter_name`` as PEFT
+    LoRA adapters with a serving manifest.
 
     Folder names are ``names[task_id]``, else ``config.task_names[task_id]``, else ``task_<id>``
     (:func:`served_names`); the directory must be new or empty (:func:`check_new_directory`). Everything is
     checked before anything is written; see :func:`write_lora_tasks` for what is written.
 
+    Returns:
+        the manifest (as written to ``lora_modules.json``), with ``"lora_modules"``: vLLM's argument string.
+
     Raises:
-        ValueError: ``names`` is not one name per task, a name is unfit, a task repeats, or the directory is
-            not new or empty.
+        TypeError, ValueError: ``tasks`` is not a non-empty list, a task is unknown, ``names`` is not one name per
+            task, a name is unfit, a task repeats, or the directory is not new or empty.
     """
+    if tasks is not None and (not isinstance(tasks, (list, tuple)) or not tasks):
+        raise ValueError(f"tasks must be a non-empty list of task ids or names, got {tasks!r}")
+    task_ids = [resolve(t) for t in (range(config.n_tasks) if tasks is None else tasks)]
     if names is not None and (not isinstance(names, (list, tuple)) or len(names) != config.n_tasks):
         raise ValueError(f"names must be a list of {config.n_tasks} names (one per task of {adapter_name!r}), got {names!r}")
     folders = served_names(task_ids, names if names is not None else config.task_names)

@@ -18,7 +18,7 @@ from torch import nn
 from .config import PolyConfig
 from .layer import PolyAdapter, PolyLayer, layer_features
 from .modules_to_save import ModulesToSave
-from .quantized import keep_trainable_layout
+from .quantized import check_mergeable, keep_trainable_layout
 from .routing import RoutingState
 from .targets import default_heads, default_target_modules, infer_task_type, matches
 from .variants import build_routers
@@ -250,3 +250,23 @@ def count_parameters(parameters: Iterable[nn.Parameter]) -> tuple[int, int]:
         if param.requires_grad:
             trainable += param.numel()
     return trainable, total
+
+
+def check_mergeable_layers(model: nn.Module, adapter_name: str) -> None:
+    """Refuse to merge ``adapter_name`` when a layer carrying it has a quantized base weight (TypeError naming it)."""
+    for path, layer in poly_layers(model):
+        if adapter_name in layer.adapters:
+            check_mergeable(layer.base_layer, path)
+
+
+def merge_task(model: nn.Module, adapter_name: str, task_id: int) -> None:
+    """Fold task ``task_id`` of ``adapter_name`` into the base weight of every layer carrying it (:meth:`PolyLayer.merge`)."""
+    for _, layer in poly_layers(model):
+        if adapter_name in layer.adapters:
+            layer.merge(adapter_name, task_id)
+
+
+def unmerge_task(model: nn.Module) -> None:
+    """Subtract the merged task from every adapted layer (:meth:`PolyLayer.unmerge`; the very factors it added)."""
+    for _, layer in poly_layers(model):
+        layer.unmerge()

@@ -37,7 +37,6 @@ from .persistence import (
 )
 from .router import PolyRouter
 from .pretrained import delegate_pretrained_attributes, own_names
-from .quantized import check_mergeable
 from .routing import RoutingState, TaskIds, call_batch_size
 from .signature import bind_forward, forward_state
 from .tasks import grow_tasks, resolve_task
@@ -183,12 +182,8 @@ class PolyModel(PreTrainedModel):
     def add_tasks(
         self, tasks: Union[int, list[str]], init: Union[str, int] = "uniform", adapter_name: Optional[str] = None
     ) -> list[int]:
-        """Add tasks (a count or names) to an adapter after training; returns their ids.
-
-        Every router gets new rows (``init``: ``"uniform"``, ``"average"`` or a copy of an existing task); trained
-        rows stay bit for bit (:func:`polytropon.tasks.grow_tasks`). TypeError / ValueError for a bad ``tasks``,
-        ``init`` or adapter, before anything changes.
-        """
+        """Add tasks (a count or names) after training, returning their ids: new router rows by ``init`` (``"uniform"``,
+        ``"average"`` or an existing task's), trained rows unchanged (:func:`polytropon.tasks.grow_tasks`)."""
         adapter_name = self.resolve_adapter(adapter_name)
         config = self.peft_config[adapter_name]
         new_config = grow_tasks(config, self.named_adapters(adapter_name), tasks, init, adapter_name)
@@ -196,11 +191,8 @@ class PolyModel(PreTrainedModel):
         return list(range(config.n_tasks, new_config.n_tasks))
 
     def freeze_skills(self, adapter_name: Optional[str] = None, freeze_saved_modules: bool = True) -> int:
-        """MHR-z: freeze the skills (and the saved copies) so that only the routing trains; returns the trainable count.
-
-        :meth:`set_adapter` restores the default trainable set. ValueError: the adapter is not the active
-        (trainable) one, is in inference mode, or has no learned router.
-        """
+        """MHR-z: freeze the skills (and saved copies), only the routing trains; returns the trainable count
+        (:func:`polytropon.injection.freeze_skills`). :meth:`set_adapter` restores the default trainable set."""
         adapter_name = self.resolve_adapter(adapter_name)
         injection.freeze_skills(self.model, self.peft_config, adapter_name, self.active_adapter, freeze_saved_modules)
         return self.get_nb_trainable_parameters()[0]
@@ -208,11 +200,8 @@ class PolyModel(PreTrainedModel):
     def routing_weights(
         self, task: Optional[Union[int, str]] = None, adapter_name: Optional[str] = None
     ) -> dict[str, torch.Tensor]:
-        """Eval routing weights, whatever the mode: layer path -> float32 CPU ``(n_tasks, n_splits, n_skills)``.
-
-        ``(n_splits, n_skills)`` for one ``task`` (id or name); each split sums to 1; layers sharing a router
-        return the same tensor. ValueError / TypeError: unknown adapter or task.
-        """
+        """Eval routing weights: layer path -> float32 CPU ``(n_tasks, n_splits, n_skills)`` (``(n_splits, n_skills)``
+        for one ``task``); each split sums to 1 (:func:`polytropon.variants.eval_routing_weights`)."""
         adapter_name = self.resolve_adapter(adapter_name)
         index = None if task is None else self.resolve_task_id(task, adapter_name)
         return eval_routing_weights(self.named_adapters(adapter_name), self.peft_config[adapter_name].n_tasks, index)
@@ -226,10 +215,8 @@ class PolyModel(PreTrainedModel):
             with model.task_context("sst2"):                    # or an id, or one id/name per example
                 pipeline("text-classification", model=model.get_base_model(), tokenizer=tok)("great film")
 
-        A single id or name applies to a batch of any size; a list gives one task per example (a direct
-        base-model call also accepts a multiple of its length, each example's rows in a row). An explicit
-        ``task_ids=`` wins; blocks nest (the innermost wins) and belong to the current thread or asyncio task.
-        TypeError / ValueError: bad ids or names for the active adapter, checked on entry.
+        One id or name for a batch of any size, or one per example; an explicit ``task_ids=`` wins; blocks nest
+        and belong to the current thread or asyncio task. TypeError / ValueError for bad ids, checked on entry.
         """
         if isinstance(task_ids, (int, str)) and not isinstance(task_ids, bool):
             task_ids = [task_ids]
@@ -278,27 +265,18 @@ class PolyModel(PreTrainedModel):
 
     # ------------------------------------------------------------------ merging and export
     def merge_adapter(self, task_id: int, adapter_name: Optional[str] = None) -> None:
-        """Fold one task's mixture (eval routing) into the base weights of every adapted layer.
-
-        ``W <- W + A_t @ B_t`` in every layer, ``A_t (in, r)``, ``B_t (r, out)`` the task's eval-routing mixture
-        with ``1/r`` in ``B_t`` (:meth:`PolyLayer.merge <polytropon.layer.PolyLayer.merge>`). While merged the
-        layers run their base module only; ``task_ids`` may be omitted and other tasks' ids raise ValueError.
-        ``task_id`` is an id or a task name; ``adapter_name`` (default: active) becomes the active adapter.
-        Another merged task is unmerged first. TypeError / ValueError for a bad task or adapter, before any change.
-        """
+        """Fold task ``task_id`` (id or name) into every adapted layer's weight: ``W <- W + A_t @ B_t``, the eval-routing
+        mixture with ``1/r`` in ``B_t`` (:meth:`PolyLayer.merge <polytropon.layer.PolyLayer.merge>`); the layers then
+        run their base module only and other tasks' ids raise. ``adapter_name`` becomes active; errors come first."""
         adapter_name = self.resolve_adapter(adapter_name or None)
         task_id = self.resolve_task_id(task_id, adapter_name)
         if self.routing.merged_task == (adapter_name, task_id):
             return
-        for path, layer in self.poly_layers():  # before anything changes
-            if adapter_name in layer.adapters:
-                check_mergeable(layer.base_layer, path)
+        injection.check_mergeable_layers(self.model, adapter_name)  # before anything changes
         self.unmerge_adapter()
         if adapter_name != self.routing.active_adapter:
             self.set_adapter(adapter_name)
-        for _, layer in self.poly_layers():
-            if adapter_name in layer.adapters:
-                layer.merge(adapter_name, task_id)
+        injection.merge_task(self.model, adapter_name, task_id)
         self.routing.merged_task = (adapter_name, task_id)
 
     @property
@@ -309,11 +287,9 @@ class PolyModel(PreTrainedModel):
 
     def unmerge_adapter(self) -> None:
         """Subtract the merged task (the very factors each layer added) and route by ``task_ids`` again; else no-op."""
-        if self.routing.merged_task is None:
-            return
-        for _, layer in self.poly_layers():
-            layer.unmerge()
-        self.routing.merged_task = None
+        if self.routing.merged_task is not None:
+            injection.unmerge_task(self.model)
+            self.routing.merged_task = None
 
     def merge_and_unload(self, task_id: int, adapter_name: Optional[str] = None) -> nn.Module:
         """Return the plain base model (its own class) with task ``task_id`` folded into its weights.
@@ -351,21 +327,12 @@ class PolyModel(PreTrainedModel):
         tasks: Optional[list[Union[int, str]]] = None,
         names: Optional[list[str]] = None,
     ) -> dict[str, Any]:
-        """Write every task (or ``tasks``) as its own PEFT LoRA adapter, plus a manifest for multi-LoRA servers.
-
-        ``save_directory/<name>`` per task (``names[task_id]``, else ``PolyConfig.task_names[task_id]``, else
-        ``task_<id>``), ``lora_modules.json`` and vLLM's ``--lora-modules name=path ...`` in ``lora_modules.txt``;
-        all or nothing (:func:`polytropon.export.export_tasks`). Returns the manifest, with ``"lora_modules"``
-        the argument string. TypeError / ValueError for a bad adapter, task list, names or a non-empty
-        ``save_directory``, before anything is written.
-        """
+        """Every task (or ``tasks``) as its own PEFT LoRA adapter in ``save_directory/<name>``, plus a manifest for
+        multi-LoRA servers (vLLM's ``--lora-modules``); all or nothing, checked first (:func:`~polytropon.export.export_tasks`)."""
         adapter_name = self.resolve_adapter(adapter_name)
-        config = self.peft_config[adapter_name]
-        if tasks is not None and (not isinstance(tasks, (list, tuple)) or not tasks):
-            raise ValueError(f"tasks must be a non-empty list of task ids or names, got {tasks!r}")
-        task_ids = [self.resolve_task_id(t, adapter_name) for t in (range(config.n_tasks) if tasks is None else tasks)]
-        return export_tasks(os.fspath(save_directory), config, self.poly_layers(), self.saved_modules(), task_ids,
-                            adapter_name, names)
+        return export_tasks(os.fspath(save_directory), self.peft_config[adapter_name], self.poly_layers(),
+                            self.saved_modules(), tasks, adapter_name, names,
+                            resolve=lambda task: self.resolve_task_id(task, adapter_name))
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -383,18 +350,12 @@ class PolyModel(PreTrainedModel):
         return adapter_state_dict(self.model, self.resolve_adapter(adapter_name or None))
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None, **kwargs: Any) -> None:
-        """Save adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+        """Save adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``, atomically.
 
-        ``"default"`` goes to ``save_directory``, any other adapter to ``save_directory/<name>``; every file is
-        written atomically. Under FSDP2 or DeepSpeed ZeRO-3 every rank calls it and rank 0 writes the gathered
-        adapter (:func:`~polytropon.persistence.save_adapters`); ``state_dict=`` (already gathered, as the HF
-        ``Trainer`` passes it) is used instead of the model's tensors, and ``is_main_process=False`` writes
-        nothing. Called with ``is_main_process=`` (as ``transformers.Trainer`` calls it for ``save_model()`` and
-        every checkpoint), it also writes ``model.safetensors``: every trainable tensor under this model's own
-        parameter names, adapter-sized, which the Trainer loads back to resume and for ``load_best_model_at_end``
-        (:data:`~polytropon.checkpoint.TRAINER_STATE_NAME`). ValueError, before anything is written:
-        ``save_directory`` is a file, an unknown adapter, a folder resolving outside ``save_directory``, or a
-        tensor still only partly held by this process.
+        ``"default"`` goes to ``save_directory``, others to ``save_directory/<name>``. FSDP2 / ZeRO-3: every rank
+        calls it, rank 0 writes. ``state_dict=`` / ``is_main_process=`` as ``transformers.Trainer`` passes them;
+        with ``is_main_process=`` the trainable tensors also go to ``model.safetensors`` so that the Trainer
+        resumes (:func:`~polytropon.persistence.save_adapters`). ValueError before anything is written.
         """
         save_directory = check_save_directory(save_directory)
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -406,20 +367,12 @@ class PolyModel(PreTrainedModel):
 
     @property
     def _keys_to_ignore_on_save(self) -> list[str]:
-        """State-dict keys a trainer's ``model.safetensors`` leaves out: the frozen base and inactive adapters.
-
-        ``transformers.Trainer`` compares the keys missing after it loads a checkpoint with this list and, when
-        they are the same, re-ties the weights instead of logging every frozen key as missing.
-        """
+        """The keys a trainer's ``model.safetensors`` leaves out (frozen base, inactive adapters): not "missing"."""
         return frozen_state_keys(self)
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> None:
-        """Load a saved adapter (ours or PEFT's) into this model under ``adapter_name``.
-
-        Read and checked in full first (:func:`~polytropon.persistence.read_checkpoint`: FileNotFoundError,
-        ValueError; an invalid or taken name), so a failure leaves the model unchanged. Trainable only with
-        ``is_trainable=True``; not made active (:meth:`set_adapter`).
-        """
+        """Load a saved adapter (ours or PEFT's) as ``adapter_name``, read and checked in full first
+        (:func:`~polytropon.persistence.read_checkpoint`); trainable only with ``is_trainable``; not made active."""
         check_new_adapter_name(adapter_name, self.peft_config)
         config = PolyConfig.from_pretrained(os.fspath(model_id))
         config.inference_mode = not is_trainable
@@ -433,12 +386,9 @@ class PolyModel(PreTrainedModel):
         cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
         is_trainable: bool = False, config: Optional[PolyConfig] = None, **kwargs: Any,
     ) -> "PolyModel":
-        """Wrap ``model`` with the adapter saved in ``model_id`` (written by polytropon or by PEFT).
-
-        Read and checked before ``model`` is touched (FileNotFoundError: a missing directory or file;
-        ValueError: a corrupt file, another ``peft_type``, tensors that do not fit, an invalid name). Without
-        ``is_trainable`` the adapter is frozen and the model put in eval mode.
-        """
+        """Wrap ``model`` with the adapter saved in ``model_id`` (by polytropon or PEFT), read and checked before
+        ``model`` is touched (:func:`~polytropon.persistence.read_checkpoint`); frozen and in eval mode unless
+        ``is_trainable``."""
         check_adapter_name(adapter_name)
         model_id = os.fspath(model_id)
         config = PolyConfig.from_pretrained(model_id) if config is None else config
