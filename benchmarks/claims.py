@@ -247,6 +247,18 @@ def method_config(method: str, recipe: Recipe, n_tasks: int, task_names: list[st
     return config, extras
 
 
+def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``ceil(warmup_ratio * steps)`` steps (from ``lr / warmup``), then linear decay to 0."""
+    warmup = int(math.ceil(warmup_ratio * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_loop(
     model: torch.nn.Module,
     features: list,
@@ -268,14 +280,7 @@ def train_loop(
     """
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, lr, router_lr, weight_decay))
-    warmup = int(math.ceil(warmup_ratio * steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = linear_schedule(optimizer, steps, warmup_ratio)
     collate = PolyDataCollator(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -61,14 +61,7 @@ def train_loop(model, features, tokenizer, steps, batch_size, lr, router_lr, see
     global gradient norm to ``clip``; ``trace(step)`` is called every 50 steps."""
     model.train()
     optimizer = torch.optim.AdamW(claims.param_groups(model, lr, router_lr, 0.0))
-    warmup = int(math.ceil(warmup_ratio * steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = claims.linear_schedule(optimizer, steps, warmup_ratio)
     collate = PolyDataCollator(tokenizer)
     order = loop_order(len(features), steps, batch_size, seed)
     torch.manual_seed(seed)
