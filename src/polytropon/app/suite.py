@@ -262,7 +262,7 @@ class Example:
         return {"task": self.task, "input": self.input, "target": self.target}
 
 
-Split = Literal["train", "eval", "heldout_train", "heldout_eval"]
+Split = Literal["train", "eval", "heldout_train", "heldout_eval", "heldout_validation"]
 
 
 @dataclass(frozen=True)
@@ -334,17 +334,21 @@ def build_suite(
     n_eval_per_task: int = 50,
     n_heldout_shots: int = 16,
     n_heldout_eval_per_task: int = 50,
+    n_heldout_validation_per_task: int = 0,
 ) -> Suite:
     """Generate the suite deterministically from ``seed``.
 
     Labels are balanced per task (the counts are rounded so that ``yes`` gets the
-    extra example when ``n`` is odd). No sentence appears in two splits.
+    extra example when ``n`` is odd). No sentence appears in two splits. The
+    ``heldout_validation`` split (for choosing few-shot recipes without reading ``heldout_eval``) is
+    generated last, so asking for it leaves every other split unchanged.
     """
     for name, n in {
         "n_train_per_task": n_train_per_task,
         "n_eval_per_task": n_eval_per_task,
         "n_heldout_shots": n_heldout_shots,
         "n_heldout_eval_per_task": n_heldout_eval_per_task,
+        "n_heldout_validation_per_task": n_heldout_validation_per_task,
     }.items():
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
@@ -356,4 +360,5 @@ def build_suite(
         "heldout_train": _generate(HELDOUT_TASKS, n_heldout_shots, rng, seen),
         "heldout_eval": _generate(HELDOUT_TASKS, n_heldout_eval_per_task, rng, seen),
     }
+    splits["heldout_validation"] = _generate(HELDOUT_TASKS, n_heldout_validation_per_task, rng, seen)
     return Suite(seed=seed, skills=SKILLS, tasks=TRAIN_TASKS, heldout_tasks=HELDOUT_TASKS, splits=splits)
