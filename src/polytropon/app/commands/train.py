@@ -35,6 +35,7 @@ from ..comparison import (
     start_lora_baseline,
 )
 from ..console import CliError, is_main_process, quiet_transformers, say, world_size
+from ..demo import check_claims_flags, parse_seeds, run_claims, wants_claims
 from ..defaults import (
     DEFAULT_MODEL_NAME,
     DEFAULT_RUN,
@@ -118,7 +119,14 @@ def _add_training_arguments(opt: Any) -> None:
     opt.add_argument("--batch-size", type=positive_int, help="per-process batch size (default 16)")
     opt.add_argument("--eval-batch-size", type=positive_int, default=64)
     opt.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
-    opt.add_argument("--seed", type=int, default=42)
+    opt.add_argument("--seed", type=int,
+                     help="seed of a single run (default 42); on the built-in suite without it the claims run over --seeds")
+    opt.add_argument("--seeds", default="0,1,2",
+                     help="the built-in default run: comma-separated seeds of the claims (default 0,1,2)")
+    opt.add_argument("--workers", type=positive_int,
+                     help="the built-in default run: worker processes (default 2, one per core)")
+    opt.add_argument("--few-shot-steps", type=positive_int,
+                     help="the built-in default run: optimizer steps of each few-shot adaptation (default 50)")
     opt.add_argument("--bf16", action="store_true", help="bf16 mixed precision where the device supports it")
     opt.add_argument("--logging-steps", type=positive_int, default=10)
     opt.add_argument("--save-steps", type=positive_int, default=50, help="checkpoint every N steps (for --resume)")
@@ -143,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     """``polytropon train``: validate everything, train with :class:`PolyTrainer` (and the LoRA baseline), then
     (main process only) save the adapter, evaluate it against the baselines, and write ``metrics.json`` and
     ``routing.png``."""
+    if wants_claims(args):
+        return run_default_claims(args)
     if not args.resume:
         check_variant_flags(args)
     args, output_dir, record = start_or_resume(args)
@@ -199,6 +209,18 @@ def run(args: argparse.Namespace) -> int:
     print_run_summary(table, metric, len(data.eval), poly_metrics, baselines, paths, seconds, notes, args.quiet,
                       warnings)
     return 0
+
+
+def run_default_claims(args: argparse.Namespace) -> int:
+    """The built-in default run (:mod:`polytropon.app.demo`): the claims over seeds, into a new run directory."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    check_claims_flags(args, defaults.parse_args([]))
+    parse_seeds(args.seeds)
+    output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    check_output_dir(output_dir, resume=False)
+    quiet_transformers()
+    return run_claims(args, output_dir)
 
 
 def announce(args: argparse.Namespace, data: TrainData, plan: Plan, model: Any) -> None:
