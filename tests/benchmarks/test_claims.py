@@ -43,52 +43,65 @@ def quick_results(tmp_path_factory):
 
 def test_every_method_has_finite_numbers(quick_results):
     _, results, stdout = quick_results
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import claims
-    finally:
-        sys.path.pop(0)
-    assert set(results["multitask"]) == set(claims.MULTITASK_METHODS)
-    assert set(results["few_shot"]) == {str(k) for k in results["meta"]["shots"]}
-    for block in results["few_shot"].values():
-        assert set(block) == set(claims.FEW_SHOT_METHODS)
-    for method, res in results["multitask"].items():
-        summary = res["summary"]
+    from polytropon.app.experiment import FEW_SHOT_METHODS, LEARNED_ROUTING, MULTITASK_METHODS
+
+    block = results["suites"]["0"]
+    assert set(block["multitask"]) == set(MULTITASK_METHODS)
+    assert set(block["few_shot"]) == set(FEW_SHOT_METHODS)
+    for method, summary in block["multitask"].items():
         assert {"single", "and", "xor", "mean"} <= set(summary["accuracy"]), method
         for stat in summary["accuracy"].values():
             assert stat["mean"] is not None and 0.0 <= stat["mean"] <= 1.0, method
         assert summary["trainable_parameters"] > 0
-        assert ("recovery" in summary) == (method in claims.LEARNED_ROUTING), method
-    _finite_numbers(results["multitask"])
-    _finite_numbers(results["few_shot"])
-    assert "lora-params" in stdout and "mhr-mu" in stdout  # the final table is printed
+        assert summary["seeds"] == [0, 1]
+        assert ("recovery" in summary) == (method in LEARNED_ROUTING), method
+    _finite_numbers(block["multitask"])
+    _finite_numbers(block["few_shot"])
+    assert len(block["claims"]) == 3 and all("->" in line for line in block["claims"])
+    assert "| lora-params |" in stdout and "| mhr-mu |" in stdout  # the tables are printed
 
 
 def test_budgets_are_as_documented(quick_results):
     _, results, _ = quick_results
-    params = {m: r["summary"]["trainable_parameters"] for m, r in results["multitask"].items()}
+    block = results["suites"]["0"]
+    params = {m: r["trainable_parameters"] for m, r in block["multitask"].items()}
     # equal trainable parameters: the shared LoRA of rank r * n_skills against Poly's skills (Poly adds routers)
     assert abs(params["lora-params"] - params["poly"]) / params["poly"] < 0.02
     assert params["lora-rank"] < params["poly"] < params["private"]
     assert params["poly"] == params["poly-hard"] == params["poly-ibp"]
     assert params["poly"] <= params["mhr"] < 1.02 * params["poly"]  # MHR: same skills, a router per split
-    few = results["few_shot"][str(results["meta"]["shots"][0])]
-    z = few["mhr-z"]["summary"]["trainable_parameters"]
-    assert z < few["mhr-mu"]["summary"]["trainable_parameters"] < few["mhr-full"]["summary"]["trainable_parameters"]
+    few = {m: r["trainable_parameters"] for m, r in block["few_shot"].items()}
+    assert few["mhr-z"] < few["mhr-mu"] < few["mhr-full"]
 
 
 def test_recovery_scores_are_in_range_and_figures_written(quick_results):
     out, results, _ = quick_results
-    for method, res in results["multitask"].items():
-        if "recovery" not in res["summary"]:
+    runs = results["suites"]["0"]["runs"]["multitask"]
+    for record in runs:
+        if "recovery" not in record:
             continue
-        for record in res["per_seed"].values():
-            rec = record["recovery"]
-            assert -1.0 <= rec["spearman"] <= 1.0
-            assert 0.0 <= rec["agreement"] <= 1.0 and 0.0 <= rec["shuffled"]["agreement"] <= 1.0
-            aligned = rec["aligned"]
-            assert len(aligned) == 20 and all(len(row) == 8 for row in aligned)
-        assert os.path.isfile(out / f"routing_{method}.png")
+        rec = record["recovery"]
+        assert -1.0 <= rec["spearman"] <= 1.0
+        assert 0.0 <= rec["agreement"] <= 1.0 and 0.0 <= rec["agreement_chance"] <= 1.0
+        aligned = rec["aligned"]
+        assert len(aligned) == 20 and all(len(row) == 8 for row in aligned)
+        assert os.path.isfile(out / f"routing_{record['method']}.png")
+
+
+def test_update_docs_rewrites_only_the_generated_block(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import claims
+    finally:
+        sys.path.pop(0)
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text(f"intro\n{claims.BEGIN}\nold numbers\n{claims.END}\noutro\n", encoding="utf-8")
+    claims.update_docs(str(doc), "new numbers")
+    assert doc.read_text(encoding="utf-8") == f"intro\n{claims.BEGIN}\nnew numbers\n{claims.END}\noutro\n"
+    (tmp_path / "plain.md").write_text("no markers", encoding="utf-8")
+    with pytest.raises(SystemExit, match="no generated block"):
+        claims.update_docs(str(tmp_path / "plain.md"), "x")
+    assert (tmp_path / "plain.md").read_text(encoding="utf-8") == "no markers"
 
 
 def test_bad_arguments_exit_with_a_message():

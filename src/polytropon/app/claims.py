@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .report import collapse_warning
+
 __all__ = [
     "Setup",
     "Job",
@@ -34,6 +36,10 @@ __all__ = [
     "stat",
     "compare",
     "recovery_verdict",
+    "collect",
+    "scores",
+    "claim_lines",
+    "collapse_lines",
 ]
 
 
@@ -213,6 +219,66 @@ def run_jobs(
             if on_result is not None:
                 on_result(results[futures[future]])
     return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- results
+
+def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The records of every job: ``multitask`` (incl. head-only) and ``few_shot``, and the task names."""
+    multitask = [r["record"] for r in results]
+    few_shot = [f for r in results for f in r["few_shot"]]
+    few_shot += [r["record"] for r in results if r["job"].kind == "few-shot"]
+    multitask = [r for r in multitask if "shots" not in r]
+    tasks = list(next(r for r in multitask if r["method"] != "head-only")["per_task"])
+    return {"multitask": multitask, "few_shot": few_shot, "tasks": tasks}
+
+
+def scores(records: list[dict[str, Any]], method: str, key: str = "mean") -> list[float]:
+    return [r["accuracy"][key] for r in sorted(records, key=lambda r: r["seed"]) if r["method"] == method]
+
+
+def claim_lines(records: dict[str, Any], routed_method: str, baseline: str, routed_few_shot: str,
+                shots: int) -> list[dict[str, Any]]:
+    """The three claims on the records of :func:`collect`, each ``{"line": text, "record": numbers}``:
+    ``routed_method`` ahead of ``baseline`` in multi-task accuracy; ``routed_few_shot`` ahead of a new LoRA
+    (``lora``) and of the fine-tuned shared LoRA (``shared-ft``) on the held-out tasks; the routing's recovery
+    of the true task structure above its shuffled-task chance level."""
+    mt, fs = records["multitask"], records["few_shot"]
+    routed, lora = scores(mt, routed_method), scores(mt, baseline)
+    multi = compare(routed, lora)
+    few_ours, few_new, few_ft = scores(fs, routed_few_shot), scores(fs, "lora"), scores(fs, "shared-ft")
+    transfer = compare(few_ours, few_new, few_ft)
+    routed_runs = sorted((r for r in mt if r["method"] == routed_method), key=lambda r: r["seed"])
+    spearman = [r["recovery"]["spearman"] for r in routed_runs]
+    chance = [r["recovery"]["spearman_chance"] for r in routed_runs]
+    recovery = recovery_verdict(spearman, chance)
+    n = len(routed)
+    return [
+        {"line": (f"multi-task accuracy: {routed_method} {stat(routed)}, shared LoRA of the same budget {stat(lora)} "
+                  f"-> {multi.word} (difference {multi.margin:+.3f}, seed spread {multi.spread:.3f}, {n} seeds)"),
+         "record": {"claim": "multi-task", "ours": routed, "lora": lora, **dataclasses.asdict(multi)}},
+        {"line": (f"few-shot transfer ({shots} shots per held-out task): {routed_few_shot} "
+                  f"{stat(few_ours)}, new LoRA {stat(few_new)}, shared LoRA fine-tuned {stat(few_ft)} -> {transfer.word} "
+                  f"(smallest difference {transfer.margin:+.3f}, seed spread {transfer.spread:.3f})"),
+         "record": {"claim": "few-shot", "ours": few_ours, "new_lora": few_new, "shared_ft": few_ft,
+                    **dataclasses.asdict(transfer)}},
+        {"line": (f"routing recovers the task structure: similarity rank correlation {stat(spearman)} against "
+                  f"{stat(chance)} with shuffled tasks -> {recovery.word}"),
+         "record": {"claim": "recovery", "spearman": spearman, "chance": chance, **dataclasses.asdict(recovery)}},
+    ]
+
+
+def collapse_lines(records: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """One warning per run that answered some task the same for every example (``names``: display names)."""
+    lines = []
+    for record in records["multitask"] + records["few_shot"]:
+        n_tasks = len(record["per_task"])
+        name = f"{names.get(record['method'], record['method'])} (seed {record['seed']})"
+        line = collapse_warning(name, record.get("collapsed", []), n_tasks)
+        if line is not None:
+            lines.append(line)
+    return lines
+
 
 
 # --------------------------------------------------------------------------- statistics and verdicts

@@ -26,10 +26,10 @@ import os
 import time
 from typing import Any
 
-from .claims import Job, Setup, compare, recovery_verdict, run_jobs, stat
+from .claims import Job, Setup, claim_lines, collapse_lines, collect, run_jobs
 from .console import CliError, say, world_size
 from .defaults import CLAIMS_RUN, DEFAULT_MODEL_NAME, default_model_path, model_path, portable_model_ref
-from .report import collapse_warning, format_table
+from .report import format_table
 from .runs import ADAPTER_SUBDIR, METRICS_FILE, RUN_FILE, TASKS_FILE, json_ready, mark_run_complete, write_json
 
 __all__ = ["CLAIMS_FLAGS", "wants_claims", "check_claims_flags", "parse_seeds", "run_claims"]
@@ -131,8 +131,8 @@ def run_claims(args: argparse.Namespace, output_dir: str) -> int:
     first = next(r for r in records["multitask"] if r["method"] == plan.routed and r["seed"] == plan.seeds[0])
     adapter_dir = publish_adapter(first["adapter"], output_dir, records["tasks"], args, model_ref)
     routing_png = plot_routing(first, records, os.path.join(output_dir, "routing.png"))
-    claims = claim_lines(plan, records)
-    warnings = collapse_lines(records)
+    claims = claim_lines(records, plan.routed, plan.baseline, plan.routed_few_shot, plan.jobs[0].shots)
+    warnings = collapse_lines(records, NAMES)
     seconds = {"total": round(time.time() - started, 1), "workers": workers}
     metrics = {"kind": "claims", "model": args.model or DEFAULT_MODEL_NAME, "base_model": portable_model_ref(model_ref),
                "seeds": list(plan.seeds), "routed": plan.routed, "baseline": plan.baseline,
@@ -176,59 +176,6 @@ def progress_line(result: dict[str, Any]) -> str:
     for few in result["few_shot"]:
         text += f"; {NAMES.get(few['method'], few['method'])} on held-out tasks {few['accuracy']['mean']:.3f}"
     return text
-
-
-def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The records of every job: ``multitask`` (incl. head-only) and ``few_shot``, and the task names."""
-    multitask = [r["record"] for r in results]
-    few_shot = [f for r in results for f in r["few_shot"]]
-    few_shot += [r["record"] for r in results if r["job"].kind == "few-shot"]
-    multitask = [r for r in multitask if "shots" not in r]
-    tasks = list(next(r for r in multitask if r["method"] != "head-only")["per_task"])
-    return {"multitask": multitask, "few_shot": few_shot, "tasks": tasks}
-
-
-def scores(records: list[dict[str, Any]], method: str, key: str = "mean") -> list[float]:
-    return [r["accuracy"][key] for r in sorted(records, key=lambda r: r["seed"]) if r["method"] == method]
-
-
-def claim_lines(plan: ClaimsPlan, records: dict[str, Any]) -> list[dict[str, Any]]:
-    """The three claims, each ``{"line": text, "record": numbers}``."""
-    mt, fs = records["multitask"], records["few_shot"]
-    routed, lora = scores(mt, plan.routed), scores(mt, plan.baseline)
-    multi = compare(routed, lora)
-    few_ours, few_new, few_ft = scores(fs, plan.routed_few_shot), scores(fs, "lora"), scores(fs, "shared-ft")
-    transfer = compare(few_ours, few_new, few_ft)
-    routed_runs = sorted((r for r in mt if r["method"] == plan.routed), key=lambda r: r["seed"])
-    spearman = [r["recovery"]["spearman"] for r in routed_runs]
-    chance = [r["recovery"]["spearman_chance"] for r in routed_runs]
-    recovery = recovery_verdict(spearman, chance)
-    n = len(plan.seeds)
-    return [
-        {"line": (f"multi-task accuracy: {plan.routed} {stat(routed)}, shared LoRA of the same budget {stat(lora)} "
-                  f"-> {multi.word} (difference {multi.margin:+.3f}, seed spread {multi.spread:.3f}, {n} seeds)"),
-         "record": {"claim": "multi-task", "ours": routed, "lora": lora, **dataclasses.asdict(multi)}},
-        {"line": (f"few-shot transfer ({plan.jobs[0].shots} shots per held-out task): {plan.routed_few_shot} "
-                  f"{stat(few_ours)}, new LoRA {stat(few_new)}, shared LoRA fine-tuned {stat(few_ft)} -> {transfer.word} "
-                  f"(smallest difference {transfer.margin:+.3f}, seed spread {transfer.spread:.3f})"),
-         "record": {"claim": "few-shot", "ours": few_ours, "new_lora": few_new, "shared_ft": few_ft,
-                    **dataclasses.asdict(transfer)}},
-        {"line": (f"routing recovers the task structure: similarity rank correlation {stat(spearman)} against "
-                  f"{stat(chance)} with shuffled tasks -> {recovery.word}"),
-         "record": {"claim": "recovery", "spearman": spearman, "chance": chance, **dataclasses.asdict(recovery)}},
-    ]
-
-
-def collapse_lines(records: dict[str, Any]) -> list[str]:
-    """One warning per run that answered some task the same for every example."""
-    lines = []
-    for record in records["multitask"] + records["few_shot"]:
-        n_tasks = len(record["per_task"])
-        name = f"{NAMES.get(record['method'], record['method'])} (seed {record['seed']})"
-        line = collapse_warning(name, record.get("collapsed", []), n_tasks)
-        if line is not None:
-            lines.append(line)
-    return lines
 
 
 # --------------------------------------------------------------------------- outputs
