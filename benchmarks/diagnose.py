@@ -1,22 +1,18 @@
 """Diagnose the two training paths and the tasks a run answers the same for every example.
 
-Trains one multi-task method (``poly``, ``mhr`` or ``lora-params`` of :mod:`claims`) on the built-in suite's
-training data minus a validation split carved from it (the last ``--validation`` training examples of every
-task, as ``benchmarks/recipe_search.py`` does; the suite's eval split is never read), through one of two paths:
-
-* ``--path loop``: the claims benchmark's own loop (:func:`claims.train_loop`: AdamW, linear warm-up and decay,
-  a seeded permutation per epoch), optionally with global gradient-norm clipping (``--clip``);
-* ``--path trainer``: the CLI's :func:`polytropon.app.training.make_trainer` (HF ``Trainer``; ``max_grad_norm``
-  1.0 unless ``--clip`` says otherwise, ``0`` for none), optionally fed the loop's batches in the loop's order
-  (``--order loop``).
+Trains one multi-task method (``poly``, ``mhr``, ``lora-params`` or ``lora-rank`` of
+:mod:`polytropon.app.experiment`) on the built-in suite's training data minus a validation split carved from it
+(the last ``--validation`` training examples of every task; the suite's eval split is never read), with the
+project's one training path -- :func:`polytropon.app.training.make_trainer`, the CLI's HF ``Trainer`` --
+optionally with another gradient-norm clipping (``--clip``; ``0`` for none).
 
 Both start from the same model (base model, head drawn with the training seed, fresh adapter). After training it
 measures, per task on the validation split: accuracy, loss, the share of the majority prediction, the spread of the
 logit margin, the spread of the pooled representation (relative to the base model's), the size of the adapter's
 update against the base layer's output, and the routing weights. One JSON line per run goes to ``--log``.
 
-    python benchmarks/diagnose.py --method poly --path loop --seed 0 --steps 300
-    python benchmarks/diagnose.py --method poly --path trainer --clip 0 --order loop --seed 0
+    python benchmarks/diagnose.py --method poly --seed 0 --steps 300
+    python benchmarks/diagnose.py --method poly --clip 0 --seed 0
     python benchmarks/diagnose.py --summary      # the table of every run in the log
 """
 
@@ -38,7 +34,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import claims  # noqa: E402
+from claims import json_safe  # noqa: E402
+from polytropon import get_peft_model  # noqa: E402
+from polytropon.app import experiment  # noqa: E402
+from polytropon.app.defaults import default_model_path  # noqa: E402
 from polytropon.app.data import PolyDataCollator, PolyDataset, encode_rows  # noqa: E402
 from polytropon.toolkit.analysis import snapshot  # noqa: E402
 from polytropon.toolkit.diagnostics import collapsed_tasks  # noqa: E402
@@ -47,63 +46,29 @@ from polytropon.toolkit.diagnostics import collapsed_tasks  # noqa: E402
 # --------------------------------------------------------------------------- training paths
 
 
-def loop_order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
-    """The example indices :func:`claims.train_loop` visits, in its order (``steps * batch_size`` of them)."""
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    while len(order) < steps * batch_size:
-        order += torch.randperm(n, generator=generator).tolist()
-    return order[: steps * batch_size]
-
-
-def train_loop(model, features, tokenizer, steps, batch_size, lr, router_lr, seed, warmup_ratio, clip, trace):
-    """:func:`claims.train_loop` (same optimizer, schedule, order and seeding) with optional clipping of the
-    global gradient norm to ``clip``; ``trace(step)`` is called every 50 steps."""
-    model.train()
-    optimizer = torch.optim.AdamW(claims.param_groups(model, lr, router_lr, 0.0))
-    scheduler = claims.linear_schedule(optimizer, steps, warmup_ratio)
-    collate = PolyDataCollator(tokenizer)
-    order = loop_order(len(features), steps, batch_size, seed)
-    torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    losses, norms = [], []
-    for step in range(steps):
-        if step % 50 == 0:
-            trace(step)
-            model.train()
-        batch = collate([features[i] for i in order[step * batch_size:(step + 1) * batch_size]])
-        loss = model(**batch).loss
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
-        norms.append(float(norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    trace(steps)
-    return losses, norms
-
-
-def train_trainer(model, features, tokenizer, steps, batch_size, lr, router_lr, seed, warmup_ratio, clip, order):
+def train_trainer(model, features, tokenizer, steps, batch_size, lr, router_lr, seed, warmup_ratio, clip, trace):
     """Train with the CLI's :func:`~polytropon.app.training.make_trainer`; ``clip`` sets ``max_grad_norm`` (None:
-    the Trainer's default 1.0; 0: none); ``order="loop"`` feeds the loop's batches in the loop's order."""
+    the Trainer's default 1.0; 0: none); ``trace(step)`` runs before the first step and every 50 steps."""
+    from transformers import TrainerCallback
+
     from polytropon.app.training import make_trainer
+
+    class Trace(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % 50 == 0:
+                trace(state.global_step)
 
     args = argparse.Namespace(
         epochs=1.0, max_steps=steps, lr=lr, router_lr=router_lr, weight_decay=0.0, warmup_ratio=warmup_ratio,
         batch_size=batch_size, grad_accum=1, logging_steps=10, save_steps=10**9, seed=seed, bf16=False, quiet=True,
         ibp_alpha=None,
     )
-    if order == "loop":
-        dataset = PolyDataset([features[i] for i in loop_order(len(features), steps, batch_size, seed)])
-    else:
-        dataset = PolyDataset(features)
+    trace(0)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(args, tmp, model, tokenizer, dataset, save_checkpoints=False)
+        trainer = make_trainer(args, tmp, model, tokenizer, PolyDataset(features), save_checkpoints=False)
+        trainer.add_callback(Trace())
         if clip is not None:
             trainer.args.max_grad_norm = clip  # 0: no clipping
-        if order == "loop":
-            trainer.args.train_sampling_strategy = "sequential"
         trainer.train()
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         norms = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
@@ -141,7 +106,7 @@ def per_example(model, tokenizer, rows, task_to_id, max_length, adapter: bool = 
     try:
         for start in range(0, len(rows), 64):
             chunk = rows[start:start + 64]
-            batch = collate(encode_rows(chunk, tokenizer, "classification", task_to_id, claims.LABEL_TO_ID, max_length))
+            batch = collate(encode_rows(chunk, tokenizer, "classification", task_to_id, experiment.LABEL_TO_ID, max_length))
             task_ids = batch.pop("task_ids")
             batch.pop("labels")
             current_mask[0] = batch["attention_mask"].float()
@@ -219,7 +184,7 @@ def diagnose(model, base_stats, data, max_length) -> dict[str, Any]:
     task_to_id = {t: i for i, t in enumerate(tasks)}
     rows = data.eval_rows
     ex = per_example(model, data.tokenizer, rows, task_to_id, max_length)
-    labels = torch.tensor([claims.LABEL_TO_ID[r.target] for r in rows])
+    labels = torch.tensor([experiment.LABEL_TO_ID[r.target] for r in rows])
     names = [r.task for r in rows]
     probs = torch.softmax(ex["logits"], -1)
     preds = probs.argmax(-1)
@@ -281,9 +246,7 @@ def summary(path: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="poly", choices=["poly", "mhr", "lora-params", "lora-rank"])
-    p.add_argument("--path", default="loop", choices=["loop", "trainer"])
-    p.add_argument("--order", default="own", choices=["own", "loop"], help="trainer path: its own sampler or the loop's order")
-    p.add_argument("--clip", type=float, default=None, help="max gradient norm (0: none; default: the path's own)")
+    p.add_argument("--clip", type=float, default=None, help="max gradient norm (0: none; default: the Trainer's 1.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suite-seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=300)
@@ -299,12 +262,12 @@ def main(argv=None) -> int:
         print(summary(args.log))
         return 0
     torch.set_num_threads(1)
-    base = claims.Base(claims.default_model_path())
+    base = experiment.BaseModel(default_model_path())
     base.model.set_attn_implementation("eager")  # attention weights for the prefix measurement
-    data = claims.load_data(base.tokenizer, args.suite_seed, 400, 40, 16, 50, validation=args.validation)
-    recipe = claims.Recipe(steps=args.steps, lr=args.lr, router_lr=args.router_lr, warmup_ratio=args.warmup_ratio)
-    config, _ = claims.method_config(args.method, recipe, len(data.tasks), data.tasks)
-    model = claims.get_peft_model(base.fresh(args.seed), config)
+    data = experiment.load_suite_data(base.tokenizer, args.suite_seed, 400, 40, 16, 50, validation=args.validation)
+    recipe = experiment.Recipe(steps=args.steps, lr=args.lr, router_lr=args.router_lr, warmup_ratio=args.warmup_ratio)
+    config, _ = experiment.method_config(args.method, recipe, len(data.tasks), data.tasks)
+    model = get_peft_model(base.fresh(args.seed), config)
     task_to_id = {t: i for i, t in enumerate(data.tasks)}
     base_stats = per_example(model, data.tokenizer, data.eval_rows, task_to_id, recipe.max_length, adapter=False)
     trajectory = []
@@ -313,14 +276,10 @@ def main(argv=None) -> int:
         trajectory.append({"step": step, "delta_norm": float(np.mean(delta_norms(model, len(data.tasks))))})
 
     started = time.time()
-    if args.path == "loop":
-        losses, norms = train_loop(model, data.train, data.tokenizer, args.steps, recipe.batch_size, args.lr,
-                                   args.router_lr, args.seed, args.warmup_ratio, args.clip, trace)
-    else:
-        losses, norms = train_trainer(model, data.train, data.tokenizer, args.steps, recipe.batch_size, args.lr,
-                                      args.router_lr, args.seed, args.warmup_ratio, args.clip, args.order)
+    losses, norms = train_trainer(model, data.train, data.tokenizer, args.steps, recipe.batch_size, args.lr,
+                                  args.router_lr, args.seed, args.warmup_ratio, args.clip, trace)
     result = diagnose(model, base_stats, data, recipe.max_length)
-    line = {"tag": args.tag, "method": args.method, "path": args.path, "order": args.order, "clip": args.clip,
+    line = {"tag": args.tag, "method": args.method, "path": "trainer", "order": "own", "clip": args.clip,
             "seed": args.seed, "suite_seed": args.suite_seed, "steps": args.steps, "lr": args.lr,
             "router_lr": args.router_lr, "warmup_ratio": args.warmup_ratio, "validation_per_task": args.validation,
             "command": "python benchmarks/diagnose.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -331,9 +290,8 @@ def main(argv=None) -> int:
             "trajectory": trajectory, **result}
     os.makedirs(os.path.dirname(args.log), exist_ok=True)
     with open(args.log, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(claims._json_safe(line)) + "\n")
-    r = result["router"]
-    print(f"{args.method} {args.path} order={args.order} clip={args.clip} seed={args.seed} lr={args.lr} "
+        fh.write(json.dumps(json_safe(line)) + "\n")
+    print(f"{args.method} clip={args.clip} seed={args.seed} lr={args.lr} "
           f"router_lr={args.router_lr} steps={args.steps}: val {result['mean_accuracy']:.3f}, "
           f"collapsed {len(result['collapsed'])} {result['collapsed']}, grad-norm median {line['grad_norm_median']:.3g} "
           f"(>1 in {line['grad_norm_share_clipped_at_1']:.0%} of steps), "

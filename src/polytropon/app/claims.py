@@ -16,6 +16,7 @@ deviations over seeds), and otherwise *does not hold at this budget*.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -148,25 +149,36 @@ def _head_only(base: Any, data: Any, job: Job) -> dict[str, Any]:
             "per_task": per_task, "eval_examples": eval_examples(data.eval_rows)}
 
 
-def _start_worker(setup: Setup, quiet_imports: bool) -> None:
-    """Pool initializer: load the model and the suite (other libraries' import noise hidden when asked)."""
-    if not quiet_imports:
-        _load(setup)
+def _start_worker(setup: Setup) -> None:
+    """Pool initializer: quiet the libraries' logging, load the model and the suite once."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    _settle_deepspeed_accelerator()
+    _load(setup)
+
+
+@contextlib.contextmanager
+def _output_to_devnull(active: bool):
+    """While active, file descriptors 1 and 2 point to ``/dev/null``: processes started now inherit that (their
+    import-time noise from other libraries is dropped; their errors still reach the caller through the futures)."""
+    if not active:
+        yield
         return
-    saved = os.dup(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
     with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
         os.dup2(devnull.fileno(), 2)
         try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-            _load(setup)
-            _settle_deepspeed_accelerator()
+            yield
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def _settle_deepspeed_accelerator() -> None:
@@ -192,10 +204,12 @@ def run_jobs(
     jobs: Sequence[Job],
     workers: int,
     on_result: Callable[[dict[str, Any]], None] | None = None,
-    quiet_imports: bool = True,
+    quiet_workers: bool = True,
 ) -> list[dict[str, Any]]:
     """Run ``jobs`` on ``workers`` spawned processes (in this process when ``workers == 1``), the costliest
-    first; ``on_result`` sees each result as it arrives. Returns the results in the order of ``jobs``.
+    first; ``on_result`` sees each result as it arrives. Returns the results in the order of ``jobs``. With
+    ``quiet_workers`` the workers' own output (other libraries' import and device messages) is dropped; a job's
+    exception is raised here.
 
     Raises:
         ValueError: ``workers`` is not a positive integer.
@@ -212,8 +226,9 @@ def run_jobs(
         return results  # type: ignore[return-value]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                                initargs=(setup, quiet_imports)) as pool:
-        futures = {pool.submit(run_job, setup, jobs[i]): i for i in order}
+                                                initargs=(setup,)) as pool:
+        with _output_to_devnull(quiet_workers):  # submit() starts the worker processes
+            futures = {pool.submit(run_job, setup, jobs[i]): i for i in order}
         for future in concurrent.futures.as_completed(futures):
             results[futures[future]] = future.result()
             if on_result is not None:

@@ -261,12 +261,13 @@ def train_features(
     """Train ``model`` on ``features`` for ``steps`` (default ``recipe.steps``) optimizer steps of
     ``recipe.batch_size`` with :func:`~polytropon.app.training.make_trainer`, the trainer of ``polytropon train``.
 
-    Returns ``{"losses": [mean loss of every 10 steps], "seconds": wall time}``; the model is left in eval mode.
+    Returns ``{"losses": [mean loss of every 10 steps (of every step below 10 steps)], "seconds": wall time}``;
+    the model is left in eval mode.
     """
     args = argparse.Namespace(
         epochs=1.0, max_steps=steps or recipe.steps, lr=recipe.lr, router_lr=recipe.router_lr,
         weight_decay=recipe.weight_decay, warmup_ratio=recipe.warmup_ratio, batch_size=recipe.batch_size, grad_accum=1,
-        logging_steps=10, save_steps=10**9, seed=seed, bf16=False, quiet=True,
+        logging_steps=min(10, steps or recipe.steps), save_steps=10**9, seed=seed, bf16=False, quiet=True,
         ibp_alpha=ibp_alpha if ibp_weight > 0 else None,
     )
     started = time.time()
