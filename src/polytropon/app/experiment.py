@@ -267,7 +267,7 @@ def train_features(
     args = argparse.Namespace(
         epochs=1.0, max_steps=steps or recipe.steps, lr=recipe.lr, router_lr=recipe.router_lr,
         weight_decay=recipe.weight_decay, warmup_ratio=recipe.warmup_ratio, batch_size=recipe.batch_size, grad_accum=1,
-        logging_steps=min(10, steps or recipe.steps), save_steps=10**9, seed=seed, bf16=False, quiet=True,
+        logging_steps=10 if (steps or recipe.steps) >= 10 else 1, save_steps=10**9, seed=seed, bf16=False, quiet=True,
         ibp_alpha=ibp_alpha if ibp_weight > 0 else None,
     )
     started = time.time()
