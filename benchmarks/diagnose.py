@@ -60,7 +60,7 @@ def train_trainer(model, features, tokenizer, steps, batch_size, lr, router_lr, 
 
     args = argparse.Namespace(
         epochs=1.0, max_steps=steps, lr=lr, router_lr=router_lr, weight_decay=0.0, warmup_ratio=warmup_ratio,
-        batch_size=batch_size, grad_accum=1, logging_steps=10, save_steps=10**9, seed=seed, bf16=False, quiet=True,
+        batch_size=batch_size, grad_accum=1, logging_steps=10 if steps >= 10 else 1, save_steps=10**9, seed=seed, bf16=False, quiet=True,
         ibp_alpha=None,
     )
     trace(0)

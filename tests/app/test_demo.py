@@ -56,6 +56,11 @@ def test_the_default_run_writes_claims_adapters_and_verdicts(tiny_bert, tmp_path
     config = model.peft_config[model.active_adapter]
     assert config.n_splits == 4 and config.task_names == metrics["runs"]["tasks"]
     assert json.loads((out / "adapter" / "polytropon_tasks.json").read_text())["tasks"] == config.task_names
+    # the run is a source for few-shot adaptation like a single run
+    code, _, err = run_cli(capsys, "adapt", str(out), "--shots", "4", "--max-steps", "1", "--output-dir",
+                           str(tmp_path / "adapted"), "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "adapted" / "metrics.json").read_text())
 
 
 def test_a_single_seed_runs_the_single_flow(tiny_bert, tmp_path, capsys, run_cli):

@@ -159,8 +159,10 @@ def announce(args: argparse.Namespace, plan: ClaimsPlan, workers: int) -> None:
 
 def run_record(args: argparse.Namespace, plan: ClaimsPlan, model_ref: str) -> dict[str, Any]:
     from .runs import new_run_record
+    from .suite import TRAIN_TASKS
 
-    record = new_run_record(args, [], ["no", "yes"], "classification", portable_model_ref(model_ref))
+    tasks = [task.name for task in TRAIN_TASKS]
+    record = new_run_record(args, tasks, ["no", "yes"], "classification", portable_model_ref(model_ref))
     record["kind"] = "claims"
     record["args"]["seeds"] = list(plan.seeds)
     return record

@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     """``polytropon train``: validate everything, train with :class:`PolyTrainer` (and the LoRA baseline), then
     (main process only) save the adapter, evaluate it against the baselines, and write ``metrics.json`` and
     ``routing.png``."""
+    check_flag_pairs(args)
     if wants_claims(args):
         return run_default_claims(args)
     if not args.resume:
@@ -211,6 +212,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_flag_pairs(args: argparse.Namespace) -> None:
+    """Flags that only make sense together (or apart), checked before anything else."""
+    if args.target_modules and args.target_regex:
+        raise CliError("give --target-modules or --target-regex, not both")
+    if args.data is None and args.eval_data is not None:
+        raise CliError("--eval-data needs --data")
+
+
 def run_default_claims(args: argparse.Namespace) -> int:
     """The built-in default run (:mod:`polytropon.app.demo`): the claims over seeds, into a new run directory."""
     defaults = argparse.ArgumentParser()
@@ -266,8 +275,6 @@ def start_or_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, str, 
     When resuming, ``record`` is the stored run record and ``args`` are the arguments the run was
     started with (keeping this call's ``--quiet``); otherwise ``record`` is ``None``.
     """
-    if args.target_modules and args.target_regex:
-        raise CliError("give --target-modules or --target-regex, not both")
     if world_size() > 1 and not args.output_dir:
         raise CliError("--output-dir is required when training on several processes")
     output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
@@ -301,8 +308,6 @@ class TrainData:
 def load_data(args: argparse.Namespace) -> TrainData:
     """The built-in suite (no ``--data``), or ``--data`` with ``--eval-data`` or a held-out fraction of it."""
     if args.data is None:
-        if args.eval_data is not None:
-            raise CliError("--eval-data needs --data")
         return suite_data(args.suite_seed)
     train, evaluation, tasks = read_train_and_eval(args)
     return TrainData(train=train, eval=evaluation, tasks=tasks, source=args.data)
