@@ -347,6 +347,11 @@ CLI_CASES = [
     ("train-eval-fraction", lambda e: ["train", "--data", str(e.rows), "--model", str(e.root), "--eval-fraction", "1.5",
                                        "--output-dir", str(e.root / "run2")],
      "--eval-fraction must be in (0, 1), got <value>"),
+    ("claims-single-run-flag", lambda e: ["train", "--lr", "0.1", "--output-dir", str(e.root / "run5")],
+     "<flag>: the default run measures the claims with each method's searched recipe "
+     "(polytropon.app.defaults.CLAIMS_RUN); add --seed N for one run with your own settings"),
+    ("claims-seeds", lambda e: ["train", "--seeds", "0,zero", "--output-dir", str(e.root / "run6")],
+     "--seeds must be comma-separated integers, got <text>"),
     ("run-is-file", lambda e: ["train", "--output-dir", str(e.a_file)], "<dir>: exists and is not a directory"),
     ("run-not-empty", lambda e: ["train", "--output-dir", str(e.not_empty)],
      "<dir>: exists, is not empty and is not a polytropon run; refusing to write there"),
