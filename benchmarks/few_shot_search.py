@@ -36,8 +36,10 @@ LOG = os.path.join(HERE, "results", "few_shot_search.jsonl")
 #: The multi-task recipe of the sources (the default run's budget).
 SOURCE_RECIPE = {"steps": 300, "batch_size": 16, "max_length": 48, "r": 8, "n_skills": 8,
                  "target_modules": ["query", "value"], "mhr_splits": 4, "lr": 1e-2, "router_lr": 0.3}
-WEIGHT_LRS = (3e-3, 1e-2, 3e-2)
-ROUTER_LRS = (0.1, 0.3, 1.0)
+# The search ran the middle three values of each first; the best of several methods was at an end of that grid,
+# so every method got one more value on each side (still the same number of configurations per method).
+WEIGHT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+ROUTER_LRS = (0.03, 0.1, 0.3, 1.0, 3.0)
 #: Few-shot method -> its configurations (recipe overrides); the same number for every method.
 GRID: dict[str, list[dict[str, float]]] = {
     "lora": [{"lr": lr} for lr in WEIGHT_LRS],
