@@ -170,7 +170,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def summary(args: argparse.Namespace) -> int:
-    records = read_log(args.log)
+    records = [r for r in read_log(args.log) if args.seeds is None or r.get("seed") in args.seeds]
     runs = [r for r in records if r.get("kind") == "few_shot" and r["shots"] == args.shots and r["steps"] == args.steps
             and r["suite_seed"] == args.suite_seed and r["recipe"].get("steps") is not None
             and json.loads(r["key"])[-1] == args.source_steps]
@@ -229,7 +229,8 @@ def summary(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="few-shot recipe search on the held-out validation split")
-    p.add_argument("--seeds", default="0,1", help="training seeds (sources and few-shot runs)")
+    p.add_argument("--seeds", help="training seeds (sources and few-shot runs; default 0,1); with --summary: "
+                   "only these seeds' runs (default: every seed in the log)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes at a time (one per seed)")
     p.add_argument("--shots", type=int, default=16, help="examples per held-out task")
     p.add_argument("--steps", type=int, default=50, help="few-shot optimizer steps")
@@ -251,11 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown few-shot method(s) {unknown}; known: {', '.join(GRID)}")
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.seeds is not None:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
     if args.summary:
         return summary(args)
     if args.worker:
         return worker(args)
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.seeds is None:
+        args.seeds = [0, 1]
     return spawn(args)
 
 
