@@ -221,7 +221,12 @@ def summary(args: argparse.Namespace) -> int:
             mean, std = best[method][:2]
             margins = [mean - b[0] for b in baselines]
             spread = max([std] + [b[1] for b in baselines])
-            verdict = "ahead of both by more than the spread" if min(margins) > spread else "not ahead of both by more than the spread"
+            if np.isnan(spread):
+                verdict = "one seed: no spread, no verdict"
+            elif min(margins) > spread:
+                verdict = "ahead of both by more than the spread"
+            else:
+                verdict = "not ahead of both by more than the spread"
             print(f"  {method:<10} {mean:.3f} ± {std:.3f}: margin over lora {margins[0]:+.3f}, over shared-ft "
                   f"{margins[1]:+.3f}; largest spread {spread:.3f} -> {verdict}")
     return 0
