@@ -107,6 +107,7 @@ def test_skill_matrix(suite):
     assert h.shape == (len(HELDOUT_TASKS), len(SKILLS))
     # held-out tasks recombine skills seen in training, but are new combinations
     train_pairs = {frozenset(t.skills) for t in TRAIN_TASKS}
+    assert {t.op for t in HELDOUT_TASKS} == {"and"}  # xor pairs stay at chance at the project's budgets
     for t in HELDOUT_TASKS:
         assert frozenset(t.skills) not in train_pairs
         assert all(m[:, SKILLS.index(s)].any() for s in t.skills)

@@ -136,12 +136,13 @@ TRAIN_TASKS: tuple[TaskSpec, ...] = tuple(_task(s) for s in SKILLS) + (
     _task("negated", "and", "outdoors"),
 )
 
-#: Held-out tasks: new pairs of skills that all occur in training tasks.
+#: Held-out tasks: new pairs of skills that all occur in training tasks. All four are ``and`` pairs: ``xor``
+#: pairs stay at chance for every method at the project's budgets, so a held-out ``xor`` task measures nothing.
 HELDOUT_TASKS: tuple[TaskSpec, ...] = (
     _task("animal", "and", "positive"),
     _task("plural", "and", "food"),
-    _task("past", "xor", "night"),
-    _task("negated", "xor", "animal"),
+    _task("past", "and", "night"),
+    _task("negated", "and", "animal"),
 )
 
 # --------------------------------------------------------------------------- grammar
