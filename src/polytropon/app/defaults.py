@@ -90,10 +90,15 @@ CLAIMS_RUN: dict[str, Any] = {
     },
     "shots": 16,  # examples per held-out task
     "few_shot_steps": 50,
-    # the routed few-shot method first, then the two LoRA baselines: a new LoRA on the base model, and the
-    # multi-task shared LoRA fine-tuned
+    # the routed few-shot method the claim is about; the two LoRA baselines are a new LoRA on the base model
+    # ("lora") and the multi-task shared LoRA fine-tuned ("shared-ft")
+    "routed_few_shot": "mhr-z",
+    # every few-shot method's searched recipe (the -z methods train only router logits: router_lr)
     "few_shot": {
-        "mhr-z": {"lr": 1e-2, "router_lr": 3e-1},
+        "mhr-z": {"router_lr": 1.0},
+        "poly-z": {"router_lr": 1.0},
+        "mhr-full": {"lr": 3e-3, "router_lr": 3e-1},
+        "poly-full": {"lr": 3e-3, "router_lr": 3e-1},
         "lora": {"lr": 1e-2},
         "shared-ft": {"lr": 1e-2},
     },

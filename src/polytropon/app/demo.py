@@ -98,7 +98,7 @@ def make_plan(args: argparse.Namespace, output_dir: str) -> ClaimsPlan:
     routed, baseline = CLAIMS_RUN["routed"], CLAIMS_RUN["baseline"]
     recipe = {m: Recipe(steps=steps, **kw) for m, kw in CLAIMS_RUN["recipes"].items()}
     few = {m: Recipe(steps=few_steps, **kw) for m, kw in CLAIMS_RUN["few_shot"].items()}
-    routed_few = next(m for m in few if m.startswith(routed))
+    routed_few = CLAIMS_RUN["routed_few_shot"]
     common = dict(shots=CLAIMS_RUN["shots"], few_shot_steps=few_steps)
     jobs: list[Job] = []
     for seed in seeds:
