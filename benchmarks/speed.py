@@ -691,6 +691,8 @@ def run_scaling(setup: Setup, out: str, repeats: int, stem: str = "scaling") -> 
     centre = dataclasses.replace(setup, **SCALING_CENTRE)
     cache: dict[tuple, dict] = {}
     doc = {"machine": machine(setup.device), "load_average_at_start": os.getloadavg()[0], "device": setup.device,
+           "clock": "CPU time of the process" if clock is time.process_time else "wall-clock time",
+           "threads": torch.get_num_threads(),
            "centre": dataclasses.asdict(centre), "repeats": repeats, "mode": "eager",
            "ratio": "median over rounds of ours / other within a round, with the 25th and 75th percentile",
            "factors": {}}
@@ -737,7 +739,8 @@ def scaling_markdown(doc: dict) -> str:
     head = (f"Scaling, {doc['mode']}, {doc['device']}: one factor at a time around batch {c['batch']}, {c['n_tasks']} tasks, "
             f"{c['distinct']} distinct per batch, {c['n_skills']} skills, r {c['r']}, {c['seq']} tokens "
             f"(hidden {c['hidden']}, {c['layers']} layers); {doc['repeats']} interleaved rounds; ratios ours / other, "
-            f"median [25th-75th percentile]. Machine: {doc['machine']}.\n\n")
+            f"median [25th-75th percentile]. Machine: {doc['machine']}. Timed: {doc.get('clock', 'wall-clock time')}, "
+            f"{doc.get('threads', '?')} torch thread(s); load average {doc['load_average_at_start']:.2f} at start.\n\n")
     cols = [(w, o) for w in ("train", "infer") for o in ("base", "peft_poly", "peft_lora")]
     lines = ["| factor | value | " + " | ".join(f"{w}: ours / {NAMES[o]}" for w, o in cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]
