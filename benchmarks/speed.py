@@ -365,8 +365,7 @@ def memory_worker(variant: str, quick: bool, device: str, backend: Optional[str]
     model = build("ours" if variant == KEPT else variant, setup)
     if variant == KEPT:
         model.recompute_inputs = False
-        variant = "ours"
-    w = Workloads(variant, model, setup, backend)
+    w = Workloads("ours" if variant == KEPT else variant, model, setup, backend)
     w.set_mode("train")
     for _ in range(3 if backend else 1):  # warm-up: lazy initialisations, allocator pools, compilation
         w.train()
