@@ -161,6 +161,11 @@ class RoutedPoly(torch.autograd.Function):
     allocating two ``(n, t, in)`` gradients and summing them. ``W`` and ``bias`` get no gradient: the caller
     uses this form only when they do not require one.
 
+    With ``replay`` (a :class:`~polytropon.recompute.Replay` of ``x``, from
+    :func:`~polytropon.recompute.plan_replay`), the tensors the replay reads are saved instead of ``x`` — tensors
+    the base model's backward keeps anyway — and ``x`` is recomputed from them in backward with the same bits, so
+    outputs and gradients are equal either way and the layer input costs no memory.
+
     Precision: the mixing (forward and backward) runs in the parameters' dtype; the products with ``x`` in
     ``x``'s dtype, which the caller sets to :func:`compute_dtype` (the autocast dtype inside an autocast region,
     where ``result`` is the base layer's output in that dtype). Autocast itself is off inside: every operand's
