@@ -46,7 +46,9 @@ from ``/proc/self/status``; the subprocesses run with ``MALLOC_MMAP_THRESHOLD_=6
 so that glibc maps every tensor of 64 KiB or more separately and returns it when freed: the resident set then
 follows the live tensors, instead of staying at whatever the allocator kept from the warm-up step
 (``tracemalloc`` cannot see torch's allocations, and CPU torch has no allocator statistics). Linux only on the
-CPU; the row is skipped elsewhere.
+CPU; the row is skipped elsewhere. Ours is also measured with ``recompute_inputs=False`` (every adapted layer
+keeps its input for backward, instead of recomputing it from what the base keeps): the row "layer inputs kept"
+of the ratio table, which is no goal but shows what recomputing the inputs saves.
 
 ``--scaling`` (a separate mode) varies one factor at a time around a centre configuration (batch 32, 100 tasks,
 8 distinct tasks per batch, 8 skills, r 8, 128 tokens): tasks 10/100/1,000, distinct tasks per batch 1/8/32,
@@ -121,6 +123,11 @@ GOALS = [
     ("1,000 tasks, 32 distinct of 32: inference", "many_infer", [("base", 1.08)]),
 ]
 NAMES = {"base": "base", "peft_lora": "PEFT LoRA", "peft_poly": "PEFT Poly"}
+#: rows of the ratio table that are no goal: (label, result key); "memory_kept" is ours with
+#: ``recompute_inputs=False`` (every adapted layer keeps its input for backward), measured like "memory"
+INFO_ROWS = [("training peak memory, layer inputs kept", "memory_kept")]
+#: the extra memory variant: ours with the layer inputs kept (see ``INFO_ROWS``)
+KEPT = "ours_kept"
 
 
 def default_device() -> str:
@@ -355,8 +362,10 @@ def _status_kb(field: str) -> int:
 def memory_worker(variant: str, quick: bool, device: str, backend: Optional[str]) -> None:
     """Print the peak extra memory (MiB) of one training step of ``variant`` as JSON (see the module docstring)."""
     setup = dataclasses.replace(QUICK if quick else Setup(), device=device)
-    model = build(variant, setup)
-    w = Workloads(variant, model, setup, backend)
+    model = build("ours" if variant == KEPT else variant, setup)
+    if variant == KEPT:
+        model.recompute_inputs = False
+    w = Workloads("ours" if variant == KEPT else variant, model, setup, backend)
     w.set_mode("train")
     for _ in range(3 if backend else 1):  # warm-up: lazy initialisations, allocator pools, compilation
         w.train()
@@ -387,7 +396,7 @@ def measure_memory(setup: Setup, quick: bool, backend: Optional[str]) -> tuple[O
     """
     if not setup.device.startswith("cuda") and not os.path.exists("/proc/self/clear_refs"):
         return None, {}
-    jobs = [(v, None) for v in VARIANTS] + ([(v, backend) for v in VARIANTS] if backend else [])
+    jobs = [(v, None) for v in VARIANTS + (KEPT,)] + ([(v, backend) for v in VARIANTS] if backend else [])
     out = Timings({v + (COMPILED if b else ""): [] for v, b in jobs})
     failed: dict[str, str] = {}
     for _ in range(setup.memory_repeats):
@@ -506,7 +515,7 @@ def goals_report(results: dict[str, Timings], compiled: bool, reasons: dict[str,
     lines = ["| workload | " + " | ".join(f"ours / {NAMES[o]}, {m}" for o in ("base", "peft_lora", "peft_poly")
                                            for m, _ in modes) + " |"]
     lines.append("|---|" + "---:|" * (3 * len(modes)))
-    for label, key, _ in GOALS:
+    for label, key in [(label, key) for label, key, _ in GOALS] + INFO_ROWS:
         if key in results:
             lines.append(f"| {label} | " + " | ".join(cell(key, o, s) for o in ("base", "peft_lora", "peft_poly")
                                                       for _, s in modes) + " |")
@@ -621,13 +630,15 @@ def run_goals(args: argparse.Namespace, setup: Setup) -> None:
             reasons["memory, compiled"] = "not measured in --quick"
         if memory is not None:
             results["memory"] = memory
+            if memory.get(KEPT):  # ours keeping every layer input, against the same rounds of the others
+                results["memory_kept"] = Timings({**{v: memory[v] for v in VARIANTS if v in memory}, "ours": memory[KEPT]})
 
     labels = {"train": "train step (mixed)", "infer": "inference (mixed)", "generate": "generate (mixed)",
               "merged": "inference, 1 merged", "many_train": "1000 tasks: train", "many_infer": "1000 tasks: infer",
-              "memory": "train peak MiB"}
+              "memory": "train peak MiB", "memory_kept": "peak MiB, inputs kept"}
 
     def row(label: str, t: Timings, suffix: str) -> str:
-        scale = 1 if label.endswith("MiB") else 1000
+        scale = 1 if "MiB" in label else 1000
         cells = [f"{scale * t.median(v + suffix):9.1f}" if t.get(v + suffix) else f"{'-':>9}" for v in VARIANTS]
         ratios = [f"{t.ratio('ours' + suffix, o + suffix):6.2f}x" if t.get('ours' + suffix) and t.get(o + suffix)
                   else f"{'-':>7}" for o in ("peft_poly", "peft_lora", "base")]
@@ -679,6 +690,8 @@ def run_scaling(setup: Setup, out: str, repeats: int, stem: str = "scaling") -> 
     centre = dataclasses.replace(setup, **SCALING_CENTRE)
     cache: dict[tuple, dict] = {}
     doc = {"machine": machine(setup.device), "load_average_at_start": os.getloadavg()[0], "device": setup.device,
+           "clock": "CPU time of the process" if clock is time.process_time else "wall-clock time",
+           "threads": torch.get_num_threads(),
            "centre": dataclasses.asdict(centre), "repeats": repeats, "mode": "eager",
            "ratio": "median over rounds of ours / other within a round, with the 25th and 75th percentile",
            "factors": {}}
@@ -725,7 +738,8 @@ def scaling_markdown(doc: dict) -> str:
     head = (f"Scaling, {doc['mode']}, {doc['device']}: one factor at a time around batch {c['batch']}, {c['n_tasks']} tasks, "
             f"{c['distinct']} distinct per batch, {c['n_skills']} skills, r {c['r']}, {c['seq']} tokens "
             f"(hidden {c['hidden']}, {c['layers']} layers); {doc['repeats']} interleaved rounds; ratios ours / other, "
-            f"median [25th-75th percentile]. Machine: {doc['machine']}.\n\n")
+            f"median [25th-75th percentile]. Machine: {doc['machine']}. Timed: {doc.get('clock', 'wall-clock time')}, "
+            f"{doc.get('threads', '?')} torch thread(s); load average {doc['load_average_at_start']:.2f} at start.\n\n")
     cols = [(w, o) for w in ("train", "infer") for o in ("base", "peft_poly", "peft_lora")]
     lines = ["| factor | value | " + " | ".join(f"{w}: ours / {NAMES[o]}" for w, o in cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]

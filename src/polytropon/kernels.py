@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from .recompute import Replay
+
 #: torch's check for autocast on any device (a fast global read; ``torch.is_autocast_enabled(x.device.type)`` costs
 #: about 1 us per call, mostly reading ``x.device``, and runs in every adapted layer at every generated token)
 _ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
@@ -159,6 +161,11 @@ class RoutedPoly(torch.autograd.Function):
     allocating two ``(n, t, in)`` gradients and summing them. ``W`` and ``bias`` get no gradient: the caller
     uses this form only when they do not require one.
 
+    With ``replay`` (a :class:`~polytropon.recompute.Replay` of ``x``, from
+    :func:`~polytropon.recompute.plan_replay`), the tensors the replay reads are saved instead of ``x`` — tensors
+    the base model's backward keeps anyway — and ``x`` is recomputed from them in backward with the same bits, so
+    outputs and gradients are equal either way and the layer input costs no memory.
+
     Precision: the mixing (forward and backward) runs in the parameters' dtype; the products with ``x`` in
     ``x``'s dtype, which the caller sets to :func:`compute_dtype` (the autocast dtype inside an autocast region,
     where ``result`` is the base layer's output in that dtype). Autocast itself is off inside: every operand's
@@ -166,16 +173,21 @@ class RoutedPoly(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, result, x, weights, lora_a, lora_b, base: Optional[BaseLinear] = None):
+    def forward(ctx, result, x, weights, lora_a, lora_b, base: Optional[BaseLinear] = None, replay: Optional[Replay] = None):
         with autocast_off(x.device.type):
-            return RoutedPoly._forward(ctx, result, x, weights, lora_a, lora_b, base)
+            return RoutedPoly._forward(ctx, result, x, weights, lora_a, lora_b, base, replay)
 
     @staticmethod
-    def _forward(ctx, result, x, weights, lora_a, lora_b, base):
+    def _forward(ctx, result, x, weights, lora_a, lora_b, base, replay):
         a, b = mix_factors(weights, lora_a, lora_b)
         a, b = a.to(x.dtype), b.to(x.dtype)  # no-ops unless the products run in an autocast dtype
         hidden_t = torch.bmm(a.transpose(1, 2), x.transpose(1, 2))
-        ctx.save_for_backward(x, weights, lora_a, lora_b, hidden_t)
+        if replay is None:
+            ctx.save_for_backward(weights, lora_a, lora_b, hidden_t, x)
+            ctx.program = None
+        else:  # keep what the base keeps anyway, recompute x from it in backward (see polytropon.recompute)
+            ctx.save_for_backward(weights, lora_a, lora_b, hidden_t, *replay.tensors)
+            ctx.program, ctx.x_shape = replay.program, x.shape
         ctx.base = base
         if result is None:
             return base_linear(x, base, own_storage=True).baddbmm_(hidden_t.transpose(1, 2), b)
@@ -191,7 +203,8 @@ class RoutedPoly(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad):
-        x, weights, lora_a, lora_b, hidden_t = ctx.saved_tensors
+        weights, lora_a, lora_b, hidden_t, *kept = ctx.saved_tensors
+        x = kept[0] if ctx.program is None else Replay.run(ctx.program, tuple(kept)).reshape(ctx.x_shape)
         need_result, need_x, need_w, need_la, need_lb = ctx.needs_input_grad[:5]
         n_splits, n_skills, d_in, r = lora_a.shape
         d_out = lora_b.shape[-1]
@@ -224,7 +237,7 @@ class RoutedPoly(torch.autograd.Function):
                 grad_w = torch.bmm(g_a, lora_a.reshape(n_splits, n_skills, -1).transpose(1, 2))
                 grad_w = grad_w.add_(torch.bmm(g_b, lora_b.reshape(n_splits, n_skills, -1).transpose(1, 2)), alpha=1.0 / r)
                 grad_w = grad_w.transpose(0, 1)
-        return (grad if need_result else None), grad_x, grad_w, grad_la, grad_lb, None
+        return (grad if need_result else None), grad_x, grad_w, grad_la, grad_lb, None, None
 
 
 #: Up to this many rows per GEMM (tokens per example), the rank-r intermediate is computed as ``x @ A`` rather than

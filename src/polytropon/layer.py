@@ -12,6 +12,7 @@ from .kernels import (
     FEW_ROWS, BaseLinear, RoutedPoly, add_low_rank, autocast_active, base_linear, compute_dtype, eval_update,
     mix_factors, routed_linear_eval,
 )
+from .recompute import plan_replay
 from .router import PolyRouter
 from .routing import BatchRouting, RoutingState
 
@@ -199,7 +200,8 @@ class PolyAdapter(nn.Module):
 
     # ------------------------------------------------------------------ the routed update, path by path
     def add_update(
-        self, result: Optional[torch.Tensor], x: torch.Tensor, batch: BatchRouting, base: Optional[BaseLinear] = None
+        self, result: Optional[torch.Tensor], x: torch.Tensor, batch: BatchRouting, base: Optional[BaseLinear] = None,
+        recompute_inputs: bool = True,
     ) -> torch.Tensor:
         """Return ``result + x @ A_t @ B_t`` with each row's task ``t`` (``B_t`` carries the ``1/r``).
 
@@ -228,12 +230,14 @@ class PolyAdapter(nn.Module):
             base: ``(weight, bias, fan_in_fan_out)`` of a frozen base layer whose output is to be computed here
                 (``result=None``): in training the base product and the update then run in one autograd
                 Function (:class:`RoutedPoly`), which saves a full-size gradient and a pass over it.
+            recompute_inputs: in training, recompute ``x`` in backward from what the base keeps where it can,
+                instead of keeping it (exact; see :meth:`_training_update`).
         """
         dtype = compute_dtype(x, self.poly_lora_A.dtype)  # the autocast dtype inside an autocast region
         if x.dtype != dtype:
             x = x.to(dtype)
         if self.training:
-            return self._training_update(result, x, batch, base)
+            return self._training_update(result, x, batch, base, recompute_inputs)
         a, b = self._eval_factors(batch) if not torch.is_grad_enabled() else self._row_factors(batch)
         if a.dtype != dtype:
             a, b = a.to(dtype), b.to(dtype)
@@ -244,23 +248,27 @@ class PolyAdapter(nn.Module):
         return self._decoding_update(result, x, a, b, base)
 
     def _training_update(
-        self, result: Optional[torch.Tensor], x: torch.Tensor, batch: BatchRouting, base: Optional[BaseLinear]
+        self, result: Optional[torch.Tensor], x: torch.Tensor, batch: BatchRouting, base: Optional[BaseLinear],
+        recompute_inputs: bool = True,
     ) -> torch.Tensor:
         """Training: ``w = router(task_ids)`` ``(n, q, s)`` (presampled for the call), then :class:`RoutedPoly`.
 
-        One example, autograd off or a result in another dtype: the mixtures ``A_i, B_i = mix(w)`` go through
-        the one-task or per-row path instead.
+        With ``recompute_inputs``, :class:`RoutedPoly` keeps for ``dA`` not ``x`` but the tensors the base's own
+        backward keeps and recomputes ``x`` from them bit for bit, when ``x`` is made that way
+        (:func:`~polytropon.recompute.plan_replay`; else it keeps ``x``). One example, autograd off or a result
+        in another dtype: the mixtures ``A_i, B_i = mix(w)`` go through the one-task or per-row path instead.
         """
         dtype = x.dtype  # the parameters' dtype, or the autocast dtype inside an autocast region
         weights = self.poly_router(batch.task_ids).to(self.poly_lora_A.dtype)
         if torch.is_grad_enabled() and weights.shape[0] > 1 and (result is None or result.dtype == dtype):
             rows = x.reshape(x.shape[0], -1, self.in_features)
+            replay = plan_replay(x) if recompute_inputs else None
             if result is None:
-                out = RoutedPoly.apply(None, rows, weights, self.poly_lora_A, self.poly_lora_B, base)
+                out = RoutedPoly.apply(None, rows, weights, self.poly_lora_A, self.poly_lora_B, base, replay)
                 return out.view(x.shape[:-1] + (self.out_features,))
             shape = rows.shape[:-1] + (self.out_features,)
             source = result if result.shape == shape else result.reshape(shape)
-            out = RoutedPoly.apply(source, rows, weights, self.poly_lora_A, self.poly_lora_B)
+            out = RoutedPoly.apply(source, rows, weights, self.poly_lora_A, self.poly_lora_B, None, replay)
             return out if out.shape == result.shape else out.view(result.shape)
         a, b = self.mix(weights)
         if a.dtype != dtype:
@@ -415,14 +423,14 @@ class PolyLayer(nn.Module):
         batch = state.for_batch(x.shape[0], x.device, self.name)
         base = None if args or kwargs else self._plain_base(x, adapter)
         if base is None:
-            return adapter.add_update(self.base_layer(x, *args, **kwargs), x, batch)
+            return adapter.add_update(self.base_layer(x, *args, **kwargs), x, batch, None, state.recompute_inputs)
         if steps is not None and not adapter.training:
             a, b = adapter._eval_factors(batch)
             weight, bias, fan_in_fan_out = base
             base = (weight if fan_in_fan_out else weight.T, bias, True)  # the transposed view taken once per call
             steps[self] = EvalStep(state.active_adapter, x.shape[0], x.dtype, torch.is_inference_mode_enabled(), a, b, base)
             return eval_update(x, a, b, base)
-        return adapter.add_update(None, x, batch, base)
+        return adapter.add_update(None, x, batch, base, state.recompute_inputs)
 
     def _plain_base(self, x: torch.Tensor, adapter: PolyAdapter) -> Optional[BaseLinear]:
         """The base layer as ``(weight, bias, fan_in_fan_out)`` when the adapter may compute its product itself.

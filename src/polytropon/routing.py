@@ -122,7 +122,9 @@ class RoutingState:
     Model-wide (one value for every caller):
 
     * ``active_adapter``: name of the adapter the layers apply (``None``: none);
-    * ``merged_task``: ``(adapter, task_id)`` while a task is merged into the base weights, else ``None``.
+    * ``merged_task``: ``(adapter, task_id)`` while a task is merged into the base weights, else ``None``;
+    * ``recompute_inputs``: whether training layers recompute their inputs in backward from what the base model
+      keeps, where they can, instead of keeping them (exact; :mod:`polytropon.recompute`). ``True`` by default.
 
     Per context (each thread / asyncio task sees its own), one :class:`ContextRouting` in a contextvar:
 
@@ -136,9 +138,13 @@ class RoutingState:
     trace contextvars, and compiled calls are one thread's at a time).
     """
 
+    #: see the class docstring (a class default too, for states pickled before the attribute existed)
+    recompute_inputs: bool = True
+
     def __init__(self, active_adapter: Optional[str] = None, disabled: bool = False, merged_task: Optional[tuple[str, int]] = None) -> None:
         self.active_adapter = active_adapter
         self.merged_task = merged_task
+        self.recompute_inputs = True
         self._for_backward: Optional[CallRouting] = None  # the last call routed with autograd on
         self._traced: ContextRouting = _NOTHING  # the last ContextRouting any context set (read while tracing)
         if disabled:
@@ -225,7 +231,8 @@ class RoutingState:
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles of a model carry its configuration, not the tensors of a call (graph nodes)
         return {
-            "active_adapter": self.active_adapter, "merged_task": self.merged_task, "_for_backward": None,
+            "active_adapter": self.active_adapter, "merged_task": self.merged_task,
+            "recompute_inputs": self.recompute_inputs, "_for_backward": None,
             "_traced": _NOTHING,
         }
 

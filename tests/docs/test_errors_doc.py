@@ -288,6 +288,8 @@ API_CASES = [
         [{"task_ids": 0}, {"task_ids": 1}]), ValueError,
      "the collator made <r> row(s) of <n> examples (padding-free batching puts the examples of a batch into one row): "
      "one task id per example needs one example per row; train with padding_free=False"),
+    ("recompute-inputs-bool", lambda e: setattr(e.model, "recompute_inputs", 1), TypeError,
+     "recompute_inputs must be a bool, got <value> of type <type>"),
     ("trainer-router-lr", lambda e: _training().PolyTrainer(model=e.model, router_lr=-1), ValueError,
      "router_lr must be a non-negative number or None, got <value>"),
     ("trainer-base", lambda e: _training().poly_trainer_class(dict), TypeError,

@@ -203,7 +203,7 @@ def test_conv1d_training_gradients_match_plain_autograd(rel_diff, small_gpt2, to
     # the same computation through plain differentiable ops
     from polytropon import layer as layer_module
 
-    def slow(result, x, weights, lora_a, lora_b, base=None):
+    def slow(result, x, weights, lora_a, lora_b, base=None, replay=None):  # replay: how x is kept, not what is computed
         a, b = mix_factors(weights, lora_a, lora_b)
         if result is None:  # the fused path: the base layer is computed inside the Function
             calls.append(base)
