@@ -172,23 +172,35 @@ def eligible(entry: dict[str, Any]) -> bool:
     return sum(entry["collapsed"]) == 0
 
 
+def chosen_config(records: Sequence[dict[str, Any]], method: str) -> tuple[tuple, tuple[int, ...]] | None:
+    """The configuration chosen for ``method`` and the seeds it was chosen on, or ``None`` before any run.
+
+    The best of :func:`rank_configs` on the tuning suite seed, over the ``lr`` and ``confirm`` stages' seeds
+    (which only the top two of the ``lr`` stage have), or over the ``lr`` stage's seeds before ``confirm`` ran.
+    """
+    tuning = [r for r in records if r["suite_seed"] == TUNING_SUITE_SEED]
+    for seeds in (_tuned_seeds(), tuple(STAGES["lr"]["seeds"])):
+        ranked = rank_configs(summarise(r for r in tuning if r["seed"] in seeds), method, seeds=seeds)
+        if ranked:
+            return ranked[0], seeds
+    return None
+
+
 def stage_configs(stage: str, records: list[dict[str, Any]]) -> list[tuple[str, dict[str, float]]]:
     """The ``(method, overrides)`` a stage runs: the grid, or picked from the ``lr`` stage's records."""
     kind = STAGES[stage]["configs"]
     if kind == "grid":
         size = len(GRID[METHODS[0]])  # methods interleaved: a partial stage covers every method alike
         return [(method, GRID[method][i]) for i in range(size) for method in METHODS]
-    tuning = [r for r in records if r["suite_seed"] == TUNING_SUITE_SEED]
-    summary = summarise(tuning)
+    lr_seeds = tuple(STAGES["lr"]["seeds"])
+    summary = summarise(r for r in records if r["suite_seed"] == TUNING_SUITE_SEED and r["seed"] in lr_seeds)
     out = []
     for method in METHODS:
         if kind == "top2":
-            picked = rank_configs(summary, method, seeds=STAGES["lr"]["seeds"])[:2]
+            picked = rank_configs(summary, method, seeds=lr_seeds)[:2]
         else:
-            picked = rank_configs(summarise(r for r in tuning if r["seed"] in _tuned_seeds()), method,
-                                  seeds=_tuned_seeds())[:1]
-            if not picked:  # the confirm stage did not run: choose on the lr stage's seeds
-                picked = rank_configs(summary, method, seeds=STAGES["lr"]["seeds"])[:1]
+            chosen = chosen_config(records, method)
+            picked = [chosen[0]] if chosen else []
         if not picked:
             raise SystemExit(f"stage {stage!r} needs the 'lr' stage's runs of {method} in the log first")
         for _, lr, router_lr in picked:
@@ -200,28 +212,36 @@ def _tuned_seeds() -> tuple[int, ...]:
     return tuple(STAGES["lr"]["seeds"]) + tuple(STAGES["confirm"]["seeds"])
 
 
-def format_summary(records: list[dict[str, Any]]) -> str:
-    """The table: one line per suite seed x configuration, and the chosen configuration per method."""
+def format_summary(records: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The table: one line per suite seed x configuration, and the chosen configuration per method.
+
+    Columns: validation accuracy mean ± sample std over training seeds, the accuracy of every seed, the
+    number of collapsed tasks in every seed, and the routing recovery (similarity Spearman) mean ± std.
+    """
     summary = summarise(records)
-    lines = [f"{'suite':>5} {'configuration':<34} {'seeds':<7} {'val mean ± std':>15} {'per seed':<22} "
-             f"{'collapsed':<10} {'spearman':>13}"]
+    head = ["suite seed", "configuration", "seeds", "val mean ± std", "per seed", "collapsed", "spearman"]
+    rows = []
     for key, e in summary.items():
-        sp = f"{e['spearman']['mean']:.3f}±{e['spearman']['std']:.3f}" if "spearman" in e else "-"
-        lines.append(f"{key[0]:>5} {config_label(key[1:]):<34} {','.join(map(str, e['seeds'])):<7} "
-                     f"{e['val']['mean']:.3f} ± {e['val']['std']:.3f} "
-                     f"{' '.join(f'{v:.3f}' for v in e['per_seed']):<22} "
-                     f"{'/'.join(map(str, e['collapsed'])):<10} {sp:>13}")
+        sp = f"{e['spearman']['mean']:.3f} ± {e['spearman']['std']:.3f}" if "spearman" in e else "-"
+        rows.append([str(key[0]), config_label(key[1:]), ",".join(map(str, e["seeds"])),
+                     f"{e['val']['mean']:.3f} ± {e['val']['std']:.3f}", " ".join(f"{v:.3f}" for v in e["per_seed"]),
+                     "/".join(map(str, e["collapsed"])), sp])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    else:
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head] + rows]
     lines.append("")
     for method in METHODS:
-        for seeds in (_tuned_seeds(), tuple(STAGES["lr"]["seeds"])):
+        chosen = chosen_config(records, method)
+        if chosen:
+            cfg, seeds = chosen
             sub = summarise(r for r in records if r["suite_seed"] == TUNING_SUITE_SEED and r["seed"] in seeds)
-            ranked = rank_configs(sub, method, seeds=seeds)
-            if ranked:
-                e = sub[(TUNING_SUITE_SEED,) + ranked[0]]
-                lines.append(f"chosen {method:<12} {config_label(ranked[0]):<34} val {e['val']['mean']:.3f} ± "
-                             f"{e['val']['std']:.3f} over seeds {','.join(map(str, seeds))}"
-                             + ("" if eligible(e) else "  (every configuration collapses somewhere)"))
-                break
+            e = sub[(TUNING_SUITE_SEED,) + cfg]
+            lines.append(f"chosen {method}: {config_label(cfg)}, val {e['val']['mean']:.3f} ± {e['val']['std']:.3f} "
+                         f"over seeds {','.join(map(str, seeds))}"
+                         + ("" if eligible(e) else " (every configuration collapses somewhere)"))
     return "\n".join(lines)
 
 
@@ -311,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log", default=LOG, help="the JSON-lines log (appended to; runs in it are skipped)")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel processes (1 torch thread each)")
     p.add_argument("--validation", type=int, default=40, help="validation examples per task, from the training data")
+    p.add_argument("--markdown", action="store_true", help="--summary as a Markdown table")
     p.add_argument("--dry-run", action="store_true", help="list the runs the stage would do, and stop")
     args = p.parse_args(argv)
     if args.workers < 1:
@@ -333,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         fh.write(json.dumps(rec) + "\n")
                     _print_run(rec)
     if args.summary:
-        print(format_summary(read_log(args.log)))
+        print(format_summary(read_log(args.log), markdown=args.markdown))
     return 0
 
 

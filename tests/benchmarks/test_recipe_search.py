@@ -75,3 +75,15 @@ def test_plan_skips_logged_runs_and_picks_top_two_for_confirm(tmp_path):
     assert poly == [(2e-2, 0.1), (1e-2, 0.3)]
     lora = [j["recipe"] for j in confirm if j["method"] == "lora-params"]
     assert [r["lr"] for r in lora] == [2e-2, 1e-2] and all("router_lr" not in r for r in lora)
+
+
+def test_chosen_configuration_uses_the_confirm_seed_when_it_ran():
+    recs = [record("poly", 1e-2, 0, 0.80), record("poly", 1e-2, 1, 0.80),
+            record("poly", 2e-2, 0, 0.78), record("poly", 2e-2, 1, 0.78)]
+    assert rs.chosen_config(recs, "poly") == (("poly", 1e-2, 0.3), (0, 1))
+    recs += [record("poly", 1e-2, 2, 0.60, stage="confirm"), record("poly", 2e-2, 2, 0.78, stage="confirm")]
+    assert rs.chosen_config(recs, "poly") == (("poly", 2e-2, 0.3), (0, 1, 2))
+    assert rs.chosen_config(recs, "mhr") is None
+    text = rs.format_summary(recs, markdown=True)
+    assert "| 0 | poly lr 0.02 router 0.3 | 0,1,2 | 0.780 ± 0.000 |" in text
+    assert "chosen poly: poly lr 0.02 router 0.3, val 0.780 ± 0.000 over seeds 0,1,2" in text
