@@ -299,9 +299,15 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def plan(stage: str, records: list[dict[str, Any]], validation: int) -> list[dict[str, Any]]:
-    """The jobs of ``stage`` not yet in ``records`` (seed-major: every configuration at one seed first)."""
+def plan(stage: str, records: list[dict[str, Any]], validation: int, prune: bool = False) -> list[dict[str, Any]]:
+    """The jobs of ``stage`` not yet in ``records`` (seed-major: every configuration at one seed first).
+
+    With ``prune``, a configuration that already collapsed in a logged run is not run on further seeds, as
+    long as another configuration of its method has no collapsed run so far: the selection rule
+    (:func:`rank_configs`) already excludes it, so more seeds of it cannot change the choice.
+    """
     done = {run_key(r) for r in records}
+    ineligible = _pruned(records) if prune else set()
     jobs = []
     spec = STAGES[stage]
     configs = stage_configs(stage, records)
@@ -311,9 +317,16 @@ def plan(stage: str, records: list[dict[str, Any]], validation: int) -> list[dic
                 job = {"stage": stage, "method": method, "seed": seed, "suite_seed": suite_seed,
                        "validation_per_task": validation, "recipe": recipe_overrides(method, overrides)}
                 full = {**job, "recipe": {"router_lr": 0.3, **job["recipe"]}}
-                if run_key(full) not in done:
+                if run_key(full) not in done and (suite_seed,) + config_key(method, full["recipe"]) not in ineligible:
                     jobs.append(job)
     return jobs
+
+
+def _pruned(records: list[dict[str, Any]]) -> set[tuple]:
+    """``(suite_seed,) + configuration`` of the configurations :func:`plan` may stop running."""
+    summary = summarise(records)
+    clean = {(key[0], key[1]) for key, e in summary.items() if eligible(e)}
+    return {key for key, e in summary.items() if not eligible(e) and (key[0], key[1]) in clean}
 
 
 def _print_run(rec: dict[str, Any]) -> None:
@@ -332,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="runs in parallel processes (1 torch thread each)")
     p.add_argument("--validation", type=int, default=40, help="validation examples per task, from the training data")
     p.add_argument("--markdown", action="store_true", help="--summary as a Markdown table")
+    p.add_argument("--prune", action="store_true",
+                   help="skip further seeds of a configuration that collapsed (see plan())")
     p.add_argument("--dry-run", action="store_true", help="list the runs the stage would do, and stop")
     args = p.parse_args(argv)
     if args.workers < 1:
@@ -339,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.stage and not args.summary:
         p.error("give --stage and/or --summary")
     if args.stage:
-        jobs = plan(args.stage, read_log(args.log), args.validation)
+        jobs = plan(args.stage, read_log(args.log), args.validation, prune=args.prune)
         print(f"stage {args.stage}: {len(jobs)} runs to do", flush=True)
         for job in jobs if args.dry_run else []:
             print(f"  suite {job['suite_seed']} seed {job['seed']} "
