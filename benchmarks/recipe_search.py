@@ -329,6 +329,30 @@ def _pruned(records: list[dict[str, Any]]) -> set[tuple]:
     return {key for key, e in summary.items() if not eligible(e) and (key[0], key[1]) in clean}
 
 
+def run_jobs(jobs: list[dict[str, Any]], log: str, workers: int, prune: bool) -> None:
+    """Run ``jobs`` on ``workers`` spawned processes (one torch thread each), at most ``workers`` at a time,
+    appending every record to ``log`` as it arrives. With ``prune`` a job is checked against the log just
+    before it starts, so a configuration that collapsed meanwhile is not run on further seeds."""
+    ctx = multiprocessing.get_context("spawn")
+    pending, running = list(jobs), []
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(1,)) as pool:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                key = (job["suite_seed"],) + config_key(job["method"], {"router_lr": 0.3, **job["recipe"]})
+                if prune and key in _pruned(read_log(log)):
+                    print(f"pruned: suite {job['suite_seed']} seed {job['seed']} {config_label(key[1:])}", flush=True)
+                    continue
+                running.append(pool.apply_async(run_one, (job,)))
+            time.sleep(1.0)
+            for result in [r for r in running if r.ready()]:
+                running.remove(result)
+                rec = result.get()
+                with open(log, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                _print_run(rec)
+
+
 def _print_run(rec: dict[str, Any]) -> None:
     key = config_key(rec["method"], rec["recipe"])
     sp = rec["recovery"]["spearman"] if rec.get("recovery") else None
@@ -362,12 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if jobs and not args.dry_run:
             os.makedirs(os.path.dirname(os.path.abspath(args.log)), exist_ok=True)
             os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(args.workers, initializer=_init_worker, initargs=(1,), maxtasksperchild=None) as pool:
-                for rec in pool.imap_unordered(run_one, jobs):
-                    with open(args.log, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(rec) + "\n")
-                    _print_run(rec)
+            run_jobs(jobs, args.log, args.workers, args.prune)
     if args.summary:
         print(format_summary(read_log(args.log), markdown=args.markdown))
     return 0
