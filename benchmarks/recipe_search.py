@@ -33,7 +33,6 @@ processes (spawned, one torch thread each); only the parent writes the log.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import multiprocessing
