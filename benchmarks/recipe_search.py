@@ -148,22 +148,24 @@ def _stat(values: Sequence[float]) -> dict[str, float]:
 
 
 def rank_configs(summary: dict[tuple, dict[str, Any]], method: str, suite_seed: int = TUNING_SUITE_SEED,
-                 seeds: Sequence[int] | None = None) -> list[tuple]:
+                 seeds: Sequence[int] | None = None,
+                 collapsed_in: dict[tuple, dict[str, Any]] | None = None) -> list[tuple]:
     """The configurations of ``method`` on ``suite_seed``, best first.
 
-    Eligible configurations (no collapsed task in any run) come first, by mean validation accuracy; a
-    configuration with a collapsed task ranks after every eligible one (so it is chosen only when every
-    configuration of the method collapses somewhere). With ``seeds``, only configurations run on all of
-    those seeds are ranked, on the records of exactly those seeds (so that every configuration is compared
-    on the same seeds).
+    Eligible configurations (no collapsed task in any run of ``collapsed_in``, default ``summary``) come
+    first, by mean validation accuracy in ``summary``; a configuration with a collapsed task ranks after
+    every eligible one (so it is chosen only when every configuration of the method collapses somewhere).
+    With ``seeds``, only configurations run on all of those seeds are ranked (``summary`` should then hold
+    the records of exactly those seeds, so that every configuration is compared on the same seeds).
     """
+    collapsed_in = summary if collapsed_in is None else collapsed_in
     ranked = []
     for key, entry in summary.items():
         if key[0] != suite_seed or key[1] != method:
             continue
         if seeds is not None and not set(seeds) <= set(entry["seeds"]):
             continue
-        ranked.append((sum(entry["collapsed"]) > 0, -entry["val"]["mean"], key[1:]))
+        ranked.append((not eligible(collapsed_in.get(key, entry)), -entry["val"]["mean"], key[1:]))
     return [cfg for _, _, cfg in sorted(ranked)]
 
 
@@ -172,17 +174,16 @@ def eligible(entry: dict[str, Any]) -> bool:
 
 
 def chosen_config(records: Sequence[dict[str, Any]], method: str) -> tuple[tuple, tuple[int, ...]] | None:
-    """The configuration chosen for ``method`` and the seeds it was chosen on, or ``None`` before any run.
+    """The configuration chosen for ``method`` and the seeds its accuracy is compared on, or ``None``.
 
-    The best of :func:`rank_configs` on the tuning suite seed, over the ``lr`` and ``confirm`` stages' seeds
-    (which only the top two of the ``lr`` stage have), or over the ``lr`` stage's seeds before ``confirm`` ran.
+    :func:`rank_configs` on the tuning suite seed: accuracy compared on the ``lr`` stage's seeds (which every
+    configuration has), eligibility judged on every run (a collapse at the ``confirm`` stage's seed counts).
     """
+    lr_seeds = tuple(STAGES["lr"]["seeds"])
     tuning = [r for r in records if r["suite_seed"] == TUNING_SUITE_SEED]
-    for seeds in (_tuned_seeds(), tuple(STAGES["lr"]["seeds"])):
-        ranked = rank_configs(summarise(r for r in tuning if r["seed"] in seeds), method, seeds=seeds)
-        if ranked:
-            return ranked[0], seeds
-    return None
+    ranked = rank_configs(summarise(r for r in tuning if r["seed"] in lr_seeds), method, seeds=lr_seeds,
+                          collapsed_in=summarise(tuning))
+    return (ranked[0], lr_seeds) if ranked else None
 
 
 def stage_configs(stage: str, records: list[dict[str, Any]]) -> list[tuple[str, dict[str, float]]]:
@@ -205,10 +206,6 @@ def stage_configs(stage: str, records: list[dict[str, Any]]) -> list[tuple[str, 
         for _, lr, router_lr in picked:
             out.append((method, {"lr": lr, **({"router_lr": router_lr} if router_lr is not None else {})}))
     return out
-
-
-def _tuned_seeds() -> tuple[int, ...]:
-    return tuple(STAGES["lr"]["seeds"]) + tuple(STAGES["confirm"]["seeds"])
 
 
 def format_summary(records: list[dict[str, Any]], markdown: bool = False) -> str:
@@ -236,11 +233,13 @@ def format_summary(records: list[dict[str, Any]], markdown: bool = False) -> str
         chosen = chosen_config(records, method)
         if chosen:
             cfg, seeds = chosen
-            sub = summarise(r for r in records if r["suite_seed"] == TUNING_SUITE_SEED and r["seed"] in seeds)
-            e = sub[(TUNING_SUITE_SEED,) + cfg]
-            lines.append(f"chosen {method}: {config_label(cfg)}, val {e['val']['mean']:.3f} ± {e['val']['std']:.3f} "
-                         f"over seeds {','.join(map(str, seeds))}"
-                         + ("" if eligible(e) else " (every configuration collapses somewhere)"))
+            key = (TUNING_SUITE_SEED,) + cfg
+            e = summary[key]
+            sub = summarise(r for r in records if r["suite_seed"] == TUNING_SUITE_SEED and r["seed"] in seeds)[key]
+            lines.append(f"chosen {method}: {config_label(cfg)}, val {sub['val']['mean']:.3f} ± {sub['val']['std']:.3f} "
+                         f"over seeds {','.join(map(str, seeds))} ({e['val']['mean']:.3f} ± {e['val']['std']:.3f} "
+                         f"over seeds {','.join(map(str, e['seeds']))})"
+                         + ("" if eligible(e) else "; every configuration collapses somewhere"))
     return "\n".join(lines)
 
 

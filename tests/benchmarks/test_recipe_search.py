@@ -77,16 +77,19 @@ def test_plan_skips_logged_runs_and_picks_top_two_for_confirm(tmp_path):
     assert [r["lr"] for r in lora] == [2e-2, 1e-2] and all("router_lr" not in r for r in lora)
 
 
-def test_chosen_configuration_uses_the_confirm_seed_when_it_ran():
+def test_chosen_configuration_compares_on_common_seeds_and_counts_confirm_collapses():
     recs = [record("poly", 1e-2, 0, 0.80), record("poly", 1e-2, 1, 0.80),
-            record("poly", 2e-2, 0, 0.78), record("poly", 2e-2, 1, 0.78)]
+            record("poly", 2e-2, 0, 0.78), record("poly", 2e-2, 1, 0.78),
+            record("poly", 5e-3, 0, 0.70), record("poly", 5e-3, 1, 0.70)]
     assert rs.chosen_config(recs, "poly") == (("poly", 1e-2, 0.3), (0, 1))
-    recs += [record("poly", 1e-2, 2, 0.60, stage="confirm"), record("poly", 2e-2, 2, 0.78, stage="confirm")]
-    assert rs.chosen_config(recs, "poly") == (("poly", 2e-2, 0.3), (0, 1, 2))
+    # seed 2 of the top two: accuracy there does not re-rank, a collapse there disqualifies
+    recs += [record("poly", 1e-2, 2, 0.90, ["t"], stage="confirm"), record("poly", 2e-2, 2, 0.10, stage="confirm")]
+    assert rs.chosen_config(recs, "poly") == (("poly", 2e-2, 0.3), (0, 1))
     assert rs.chosen_config(recs, "mhr") is None
     text = rs.format_summary(recs, markdown=True)
-    assert "| 0 | poly lr 0.02 router 0.3 | 0,1,2 | 0.780 ± 0.000 |" in text
-    assert "chosen poly: poly lr 0.02 router 0.3, val 0.780 ± 0.000 over seeds 0,1,2" in text
+    assert "| 0 | poly lr 0.02 router 0.3 | 0,1,2 | 0.553 ± 0.393 |" in text
+    assert ("chosen poly: poly lr 0.02 router 0.3, val 0.780 ± 0.000 over seeds 0,1 (0.553 ± 0.393 over seeds 0,1,2)"
+            in text)
 
 
 def test_prune_stops_a_collapsed_configuration_only_while_another_is_clean():
