@@ -34,7 +34,7 @@ def test_the_default_run_writes_claims_adapters_and_verdicts(tiny_bert, tmp_path
 
     out = tmp_path / "run"
     code, stdout, _ = run_cli(capsys, "train", "--model", tiny_bert, "--seeds", "3,4", "--max-steps", "2",
-                              "--few-shot-steps", "1", "--workers", "1", "--output-dir", str(out))
+                              "--few-shot-steps", "1", "--workers", "1", "--suite-seed", "1", "--output-dir", str(out))
     assert code == 0
     assert "Per-task accuracy on the eval split of the training tasks (mean over seeds 3, 4; head-only: seed 3)" in stdout
     claims = [line for line in stdout.splitlines() if line.startswith("  ")]
@@ -43,6 +43,7 @@ def test_the_default_run_writes_claims_adapters_and_verdicts(tiny_bert, tmp_path
     assert all(" -> holds" in c or " -> does not hold at this budget" in c for c in claims)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["kind"] == "claims" and metrics["seeds"] == [3, 4] and metrics["routed"] == "mhr"
+    assert metrics["suite_seed"] == 1 and "built-in suite (seed 1)" in stdout
     assert [c["claim"] for c in metrics["claims"]] == ["multi-task", "few-shot", "recovery"]
     assert len(metrics["claims"][0]["ours"]) == len(metrics["claims"][0]["lora"]) == 2
     methods = sorted((r["method"], r["seed"]) for r in metrics["runs"]["multitask"])

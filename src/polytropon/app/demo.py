@@ -122,7 +122,7 @@ def run_claims(args: argparse.Namespace, output_dir: str) -> int:
     model_ref = model_path(args.model) if args.model else default_model_path()
     workers = args.workers or CLAIMS_RUN["workers"]
     plan = make_plan(args, output_dir)
-    setup = Setup(model_path=model_ref, threads=args.threads or 1)
+    setup = Setup(model_path=model_ref, suite_seed=args.suite_seed, threads=args.threads or 1)
     announce(args, plan, workers)
     os.makedirs(os.path.join(output_dir, SEEDS_SUBDIR), exist_ok=True)
     write_json(os.path.join(output_dir, RUN_FILE), run_record(args, plan, model_ref))
@@ -135,7 +135,7 @@ def run_claims(args: argparse.Namespace, output_dir: str) -> int:
     warnings = collapse_lines(records, NAMES)
     seconds = {"total": round(time.time() - started, 1), "workers": workers}
     metrics = {"kind": "claims", "model": args.model or DEFAULT_MODEL_NAME, "base_model": portable_model_ref(model_ref),
-               "seeds": list(plan.seeds), "routed": plan.routed, "baseline": plan.baseline,
+               "suite_seed": args.suite_seed, "seeds": list(plan.seeds), "routed": plan.routed, "baseline": plan.baseline,
                "claims": [c["record"] for c in claims], "collapsed": warnings, "runs": records, "seconds": seconds,
                "recipes": {"multitask": CLAIMS_RUN["recipes"], "few_shot": CLAIMS_RUN["few_shot"]}}
     write_json(os.path.join(output_dir, METRICS_FILE), json_ready(metrics))
