@@ -295,7 +295,6 @@ def collapse_lines(records: dict[str, Any], names: dict[str, str]) -> list[str]:
     return lines
 
 
-
 # --------------------------------------------------------------------------- statistics and verdicts
 
 
