@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import time
@@ -42,6 +41,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from polytropon.app.runs import json_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOG = os.path.join(HERE, "results", "recipe_search_300.jsonl")
@@ -272,7 +273,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     recipe = experiment.Recipe.from_dict(job["recipe"])
     _, record = experiment.train_multitask(job["method"], recipe, _CACHE[data_key], base, job["seed"])
     rec = record.get("recovery")
-    return _json_safe({
+    return json_ready({
         "stage": job["stage"], "method": job["method"], "seed": job["seed"], "suite_seed": job["suite_seed"],
         "validation_per_task": job["validation_per_task"], "recipe": recipe.to_dict(),
         "val": record["accuracy"], "per_task": record["per_task"], "collapsed": record["collapsed"],
@@ -283,18 +284,6 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": round(record["train_seconds"], 1),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return _json_safe(obj.item())
-    return obj
 
 
 def plan(stage: str, records: list[dict[str, Any]], validation: int, prune: bool = False) -> list[dict[str, Any]]:
