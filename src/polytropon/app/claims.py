@@ -206,8 +206,8 @@ def run_jobs(
     on_result: Callable[[dict[str, Any]], None] | None = None,
     quiet_workers: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run ``jobs`` on ``workers`` spawned processes (in this process when ``workers == 1``), the costliest
-    first; ``on_result`` sees each result as it arrives. Returns the results in the order of ``jobs``. With
+    """Run ``jobs`` on ``workers`` spawned processes (in this process when ``workers == 1``, whose torch thread
+    count then becomes ``setup.threads``), the costliest first; ``on_result`` sees each result as it arrives. Returns the results in the order of ``jobs``. With
     ``quiet_workers`` the workers' own output (other libraries' import and device messages) is dropped; a job's
     exception is raised here.
 
