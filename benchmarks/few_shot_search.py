@@ -191,7 +191,7 @@ def summary(args: argparse.Namespace) -> int:
         groups[(r["method"], json.dumps(r["overrides"], sort_keys=True))].append(r)
     print(f"\nfew-shot, {args.shots} shots per held-out task, {args.steps} steps, held-out validation accuracy "
           f"(mean ± sample std over seeds):")
-    print(f"| method | config | seeds | accuracy | per seed | collapsed tasks per seed | per task (mean over seeds) |")
+    print("| method | config | seeds | accuracy | per seed | collapsed tasks per seed | per task (mean over seeds) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     best: dict[str, tuple[float, float, str, int]] = {}
     for method in GRID:
