@@ -209,7 +209,8 @@ def run_jobs(
     """Run ``jobs`` on ``workers`` spawned processes (in this process when ``workers == 1``, whose torch thread
     count then becomes ``setup.threads``), the costliest first; ``on_result`` sees each result as it arrives. Returns the results in the order of ``jobs``. With
     ``quiet_workers`` the workers' own output (other libraries' import and device messages) is dropped; a job's
-    exception is raised here.
+    exception is raised here. The workers are spawned, so they import the caller's main module: a script calling
+    this with ``workers > 1`` keeps its top-level code under ``if __name__ == "__main__":``.
 
     Raises:
         ValueError: ``workers`` is not a positive integer.
