@@ -138,6 +138,39 @@ def training_nodes(loss: torch.Tensor) -> list:
     return [node for node in graph_nodes(loss) if type(node).__name__ == "RoutedPolyBackward"]
 
 
+def model_gradients(model, ids, task_ids, autocast: bool = False):
+    """Loss, every gradient, and how many adapted layers recompute their input."""
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids, task_ids=task_ids).loss
+    replaying = sum(node.program is not None for node in training_nodes(loss))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads, replaying
+
+
+@pytest.mark.parametrize("mode", ["float32", "autocast-bf16", "bfloat16"])
+def test_model_gradients_equal_with_and_without_recompute(mode, small_llama, randomize_, tokens):
+    """A Llama with every projection adapted: loss and every gradient equal bit for bit, on or off."""
+    config = PolyConfig(r=4, n_tasks=3, n_skills=3, n_splits=2, init_weights=False, target_modules=TARGETS)
+    model = get_peft_model(small_llama(), config).train()
+    randomize_(model)
+    if mode == "bfloat16":  # base and adapters: the norm computes in float32 and casts back (a cast to replay)
+        model = model.to(torch.bfloat16)
+    ids, task_ids = tokens(batch=4, length=9), [0, 2, 1, 2]
+    assert model.recompute_inputs is True  # the default
+    on = model_gradients(model, ids, task_ids, autocast=mode == "autocast-bf16")
+    model.recompute_inputs = False
+    off = model_gradients(model, ids, task_ids, autocast=mode == "autocast-bf16")
+    # every layer but the first layer's q/k/v (no graph) and o_proj (a view) recomputes: 3 in layer 0, 6 in layer 1
+    assert (on[2], off[2]) == (3 + 6, 0)
+    assert torch.equal(on[0], off[0])
+    assert set(on[1]) == set(off[1]) and len(on[1]) == 2 * len(TARGETS) * 3  # A, B, router logits per layer
+    for name in on[1]:
+        assert torch.equal(on[1][name], off[1][name]), name
+
+
 def kept_beyond_base(loss: torch.Tensor) -> set[int]:
     """Storages the adapters' training nodes keep that no node of the base model keeps."""
     base_kept, ours = set(), []
