@@ -35,6 +35,39 @@ def test_param_groups_split_router_logits_from_skills(granularity, routers, smal
     torch.optim.AdamW(groups)  # accepted as is
 
 
+def test_param_groups_put_the_head_in_its_own_group_with_head_lr(small_bert_cls):
+    model = get_peft_model(small_bert_cls(), PolyConfig(n_tasks=3))
+    plain = param_groups(model, lr=1e-2, router_lr=0.3, weight_decay=0.1)
+    groups = param_groups(model, lr=1e-2, router_lr=0.3, weight_decay=0.1, head_lr=1e-3)
+    assert [g["name"] for g in groups] == ["skills", "router", "head"]
+    skills, router, head = groups
+    assert (head["lr"], head["weight_decay"], skills["lr"]) == (1e-3, 0.1, 1e-2)
+    head_ids = {id(p) for n, p in model.named_parameters() if p.requires_grad and "classifier" in n}
+    assert head_ids and {id(p) for p in head["params"]} == head_ids  # the classifier copy, weight and bias
+    adapter_ids = {id(p) for n, p in model.named_parameters() if "poly_lora_" in n}
+    assert {id(p) for p in skills["params"]} == adapter_ids
+    assert router["params"] == plain[1]["params"]
+    assert sorted(map(id, skills["params"] + head["params"])) == sorted(map(id, plain[0]["params"]))
+    with pytest.raises(ValueError, match="head_lr"):
+        param_groups(model, 1e-2, 0.3, head_lr=-1e-3)
+
+
+def test_poly_trainer_trains_the_head_at_head_lr(tmp_path, small_bert_cls):
+    from transformers import TrainingArguments
+
+    from polytropon import PolyTrainer
+
+    model = get_peft_model(small_bert_cls(), PolyConfig(n_tasks=3))
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, weight_decay=0.05, report_to=[],
+                             use_cpu=True, save_strategy="no")
+    trainer = PolyTrainer(model=model, args=args, router_lr=0.3, head_lr=1e-4)
+    optimizer = trainer.create_optimizer()
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [
+        ("skills", 1e-2, 0.05), ("router", 0.3, 0.0), ("head", 1e-4, 0.05)]
+    with pytest.raises(ValueError, match="head_lr"):
+        PolyTrainer(model=model, args=args, head_lr=-1.0)
+
+
 def test_param_groups_leave_out_empty_groups_and_check_rates(small_llama):
     fixed = get_peft_model(small_llama(), PolyConfig(poly_type="shared", n_skills=1, n_tasks=2))
     assert [g["name"] for g in param_groups(fixed, 1e-3, 1e-2)] == ["skills"]

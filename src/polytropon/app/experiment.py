@@ -102,6 +102,7 @@ class Recipe:
     mhr_splits: int = 4
     lr: float = 1e-2
     router_lr: float = 3e-1
+    head_lr: float | None = None  # the classification head's rate (None: lr)
     steps: int = 300
     batch_size: int = 16
     warmup_ratio: float = 0.06
@@ -265,7 +266,7 @@ def train_features(
     the model is left in eval mode.
     """
     args = argparse.Namespace(
-        epochs=1.0, max_steps=steps or recipe.steps, lr=recipe.lr, router_lr=recipe.router_lr,
+        epochs=1.0, max_steps=steps or recipe.steps, lr=recipe.lr, router_lr=recipe.router_lr, head_lr=recipe.head_lr,
         weight_decay=recipe.weight_decay, warmup_ratio=recipe.warmup_ratio, batch_size=recipe.batch_size, grad_accum=1,
         logging_steps=10 if (steps or recipe.steps) >= 10 else 1, save_steps=10**9, seed=seed, bf16=False, quiet=True,
         ibp_alpha=ibp_alpha if ibp_weight > 0 else None,

@@ -234,6 +234,7 @@ def make_trainer(
         train_dataset=train_set,
         data_collator=PolyDataCollator(tokenizer),
         router_lr=args.router_lr,
+        head_lr=getattr(args, "head_lr", None),
         ibp_alpha=getattr(args, "ibp_alpha", None),
         ibp_weight=ibp_weight,
     )

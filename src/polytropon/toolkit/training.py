@@ -260,15 +260,17 @@ class _PolyTrainerMixin:
         router_lr: Optional[float] = None,
         ibp_alpha: Optional[float] = None,
         ibp_weight: float = 0.0,
+        head_lr: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
-        for name, value in (("router_lr", router_lr), ("ibp_alpha", ibp_alpha)):
+        for name, value in (("router_lr", router_lr), ("ibp_alpha", ibp_alpha), ("head_lr", head_lr)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise ValueError(f"{name} must be a non-negative number or None, got {value!r}")
         if isinstance(ibp_weight, bool) or not isinstance(ibp_weight, (int, float)):
             raise ValueError(f"ibp_weight must be a number, got {ibp_weight!r}")
         super().__init__(*args, **kwargs)
         self.router_lr = router_lr
+        self.head_lr = head_lr
         self.ibp_alpha = ibp_alpha
         self.ibp_weight = ibp_weight
         if self.data_collator is not None and not isinstance(self.data_collator, (TaskIdsCollator, PolyDataCollator)):
@@ -297,13 +299,14 @@ class _PolyTrainerMixin:
 
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         """AdamW over :func:`~polytropon.toolkit.optim.param_groups`: skills at ``args.learning_rate``, router
-        logits at ``router_lr`` (default: the same) without weight decay."""
+        logits at ``router_lr`` (default: the same) without weight decay, ``modules_to_save`` copies at
+        ``head_lr`` (default: with the skills)."""
         if self.optimizer is None:
             from .optim import param_groups
 
             lr = self.args.learning_rate
             router_lr = lr if self.router_lr is None else self.router_lr
-            groups = param_groups(self.model, lr, router_lr, self.args.weight_decay)
+            groups = param_groups(self.model, lr, router_lr, self.args.weight_decay, head_lr=self.head_lr)
             self.optimizer = torch.optim.AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
         return self.optimizer
 
@@ -381,7 +384,8 @@ def _subclass(base: type) -> type:
 _DOC = """``{base}`` for a PolyModel: two-speed optimizer, IBP prior, adapter-only checkpoints, exact resume.
 
     Takes ``{base}``'s arguments plus ``router_lr`` (learning rate of the router logits; default
-    ``args.learning_rate``), ``ibp_alpha`` and ``ibp_weight`` (``loss += ibp_weight * ibp_loss(model, ibp_alpha)``).
+    ``args.learning_rate``), ``head_lr`` (of the ``modules_to_save`` copies; default: the skills' rate), ``ibp_alpha``
+    and ``ibp_weight`` (``loss += ibp_weight * ibp_loss(model, ibp_alpha)``).
     """
 
 
@@ -389,8 +393,9 @@ class PolyTrainer(_PolyTrainerMixin, Trainer):
     """A :class:`transformers.Trainer` for a :class:`~polytropon.model.PolyModel`.
 
     * Optimizer: AdamW over :func:`~polytropon.toolkit.optim.param_groups`; router logits use ``router_lr`` (default
-      ``args.learning_rate``) and no weight decay, skills and saved modules ``args.learning_rate`` and
-      ``args.weight_decay``. The scheduler scales both.
+      ``args.learning_rate``) and no weight decay, skills ``args.learning_rate`` and ``args.weight_decay``, saved
+      modules (a head) ``head_lr`` (default ``args.learning_rate``) and ``args.weight_decay``. The scheduler scales
+      every group.
     * Loss: the model's loss, plus ``ibp_weight * ibp_loss(model, ibp_alpha)`` with ``ibp_alpha`` set (the
       Indian Buffet Process prior of the learned allocations, :func:`~polytropon.toolkit.priors.ibp_loss`).
     * Checkpoints and ``save_model()``, as with the plain ``Trainer`` (``PolyModel.save_pretrained``, called by the
@@ -404,11 +409,12 @@ class PolyTrainer(_PolyTrainerMixin, Trainer):
     Args:
         *args, **kwargs: :class:`transformers.Trainer`'s arguments.
         router_lr: learning rate of the router logits (``None``: ``args.learning_rate``).
+        head_lr: learning rate of the ``modules_to_save`` copies (``None``: ``args.learning_rate``).
         ibp_alpha: concentration of the IBP prior (``None``: no prior).
         ibp_weight: weight of the prior in the loss.
 
     Raises:
-        ValueError: a negative ``router_lr`` or ``ibp_alpha``, or a non-numeric ``ibp_weight``.
+        ValueError: a negative ``router_lr``, ``head_lr`` or ``ibp_alpha``, or a non-numeric ``ibp_weight``.
     """
 
 
@@ -424,7 +430,7 @@ def _sft_trainer_class() -> type:
         "TRL's ``SFTTrainer`` with :class:`PolyTrainer`'s behaviour: the ``task_ids`` column survives TRL's column "
         "selection and collator, TRL's fused LM head runs inside the PolyModel's routing, checkpoints are "
         "adapter-only, packed rows are refused. Same arguments as ``SFTTrainer`` plus ``router_lr``, "
-        "``ibp_alpha``, ``ibp_weight``."
+        "``head_lr``, ``ibp_alpha``, ``ibp_weight``."
     )
     return cls
 

@@ -117,6 +117,8 @@ def _add_training_arguments(opt: Any) -> None:
     opt.add_argument("--max-steps", type=positive_int, help="optimizer steps; overrides --epochs")
     opt.add_argument("--lr", type=positive_float, help="learning rate of adapters and head (default 1e-2)")
     opt.add_argument("--router-lr", type=positive_float, help="learning rate of the router logits (default 3e-1)")
+    opt.add_argument("--head-lr", type=positive_float,
+                     help="learning rate of the head and other saved modules (default: --lr)")
     opt.add_argument("--weight-decay", type=float, default=0.0)
     opt.add_argument("--warmup-ratio", type=float, default=0.06)
     opt.add_argument("--batch-size", type=positive_int, help="per-process batch size (default 16)")
