@@ -120,13 +120,15 @@ def format_markdown(results: dict[str, Any]) -> str:
     for suite_seed, block in results["suites"].items():
         out += [f"#### Suite seed {suite_seed}", ""]
         out += [f"- {line}" for line in block["claims"]] + [f"- {line}" for line in block["collapsed"]] + [""]
-        out += ["| multi-task method | mean | single | and | xor | trainable params | recovery (Spearman) | chance |",
-                "| --- | --- | --- | --- | --- | ---: | --- | --- |"]
+        families = [f for f in ("single", "and", "or", "xor")
+                    if any(f in s["accuracy"] for s in block["multitask"].values())]
+        out += ["| multi-task method | mean | " + " | ".join(families) + " | trainable params | recovery (Spearman) | chance |",
+                "| --- | --- | " + "--- | " * len(families) + "---: | --- | --- |"]
         for method, s in block["multitask"].items():
             a, r = s["accuracy"], s.get("recovery", {})
-            out.append(f"| {method} | {_pm(a.get('mean'))} | {_pm(a.get('single'))} | {_pm(a.get('and'))} | "
-                       f"{_pm(a.get('xor'))} | {s['trainable_parameters']:,d} | {_pm(r.get('spearman'))} | "
-                       f"{_pm(r.get('spearman_chance'))} |")
+            cells = " | ".join(_pm(a.get(f)) for f in families)
+            out.append(f"| {method} | {_pm(a.get('mean'))} | {cells} | {s['trainable_parameters']:,d} | "
+                       f"{_pm(r.get('spearman'))} | {_pm(r.get('spearman_chance'))} |")
         if block["few_shot"]:
             out += ["", "| few-shot method | held-out accuracy | trainable params |", "| --- | --- | ---: |"]
             for method, s in block["few_shot"].items():

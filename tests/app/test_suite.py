@@ -81,7 +81,8 @@ def test_splits_share_no_sentence(suite):
 
 
 def test_labels_follow_the_attribute_logic(suite):
-    ops = {"single": lambda v: v[0], "and": lambda v: v[0] and v[1], "xor": lambda v: v[0] != v[1]}
+    ops = {"single": lambda v: v[0], "and": lambda v: v[0] and v[1], "or": lambda v: v[0] or v[1],
+           "xor": lambda v: v[0] != v[1]}
     by_name = {t.name: t for t in TRAIN_TASKS + HELDOUT_TASKS}
     for split in ("train", "eval", "heldout_train", "heldout_eval"):
         for ex in suite.examples(split):
@@ -101,7 +102,7 @@ def test_skill_matrix(suite):
     # singles read one skill, pairs two; every skill is used by some training task
     assert sorted(set(m.sum(1).tolist())) == [1, 2]
     assert (m.sum(0) > 0).all()
-    row = suite.task_names.index("positive_xor_negated")
+    row = suite.task_names.index("positive_or_negated")
     assert m[row, SKILLS.index("positive")] == 1 and m[row, SKILLS.index("negated")] == 1 and m[row].sum() == 2
     h = suite.skill_matrix(heldout=True)
     assert h.shape == (len(HELDOUT_TASKS), len(SKILLS))
@@ -131,5 +132,7 @@ def test_invalid_task_spec_rejected():
 def test_questions_and_descriptions():
     by_name = {t.name: t for t in TRAIN_TASKS}
     assert by_name["animal_and_night"].question == "animal and night?"
-    assert by_name["positive_xor_negated"].description.startswith("Is exactly one true")
+    assert by_name["positive_or_negated"].description.startswith("Is at least one true")
+    assert TaskSpec("a_xor_b", ("animal", "plural"), "xor").description.startswith("Is exactly one true")
+    assert {t.op for t in TRAIN_TASKS} == {"single", "and", "or"}
     assert by_name["food"].description == "Is it true that the object is food?"

@@ -326,9 +326,10 @@ def score(answers: Sequence[int], rows: Sequence[Row], order: Sequence[str]) -> 
 
 
 def family_means(per_task: dict[str, float], specs: Sequence[Any]) -> dict[str, float]:
-    """Mean accuracy per task family (``single`` / ``and`` / ``xor``) and over all tasks (``mean``)."""
+    """Mean accuracy per task family (``single`` / ``and`` / ``or`` / ``xor``, those present) and over all tasks
+    (``mean``)."""
     out: dict[str, float] = {}
-    for op in ("single", "and", "xor"):
+    for op in ("single", "and", "or", "xor"):
         values = [per_task[t.name] for t in specs if t.op == op and t.name in per_task]
         if values:
             out[op] = float(np.mean(values))

@@ -4,7 +4,7 @@ Sentences are generated from a small seeded grammar. Every sentence has eight
 binary latent attributes (the *skills*): whether the subject is an animal, whether
 it is plural, the tense, negation, the sentiment of the verb, the place, the time
 of day and the kind of object. Each task is a yes/no question about one attribute
-or about two attributes combined with ``and`` / ``xor``, so the true
+or about two attributes combined with ``and`` / ``or`` (``xor`` is available too), so the true
 task x skill matrix is known exactly. A few held-out tasks recombine skills that
 were seen during training, for few-shot adaptation experiments.
 
@@ -64,7 +64,7 @@ SKILL_STATEMENTS: dict[str, str] = {
     "food": "the object is food",
 }
 
-Op = Literal["single", "and", "xor"]
+Op = Literal["single", "and", "or", "xor"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ class TaskSpec:
             return f"Is it true that {statements[0]}?"
         if self.op == "and":
             return f"Are both true: {statements[0]}; {statements[1]}?"
+        if self.op == "or":
+            return f"Is at least one true: {statements[0]}; {statements[1]}?"
         return f"Is exactly one true: {statements[0]}; {statements[1]}?"
 
     def answer(self, attributes: dict[str, bool]) -> bool:
@@ -110,6 +112,8 @@ class TaskSpec:
             return values[0]
         if self.op == "and":
             return values[0] and values[1]
+        if self.op == "or":
+            return values[0] or values[1]
         return values[0] != values[1]
 
 
@@ -120,19 +124,21 @@ def _task(a: str, op: Op = "single", b: str | None = None) -> TaskSpec:
     return TaskSpec(f"{a}_{op}_{b}", (a, b), op)
 
 
-#: The 20 training tasks: every attribute alone plus twelve pairs.
+#: The 20 training tasks: every attribute alone plus twelve pairs (seven ``and``, five ``or``). The ``or`` tasks
+#: were ``xor`` tasks on the same pairs until every method at every budget tried had left all five at chance
+#: (docs/RESULTS.md, "The suite's tasks").
 TRAIN_TASKS: tuple[TaskSpec, ...] = tuple(_task(s) for s in SKILLS) + (
-    _task("positive", "xor", "negated"),
+    _task("positive", "or", "negated"),
     _task("animal", "and", "night"),
     _task("plural", "and", "past"),
     _task("outdoors", "and", "food"),
-    _task("animal", "xor", "plural"),
+    _task("animal", "or", "plural"),
     _task("past", "and", "negated"),
-    _task("night", "xor", "outdoors"),
+    _task("night", "or", "outdoors"),
     _task("food", "and", "positive"),
     _task("animal", "and", "outdoors"),
-    _task("plural", "xor", "night"),
-    _task("past", "xor", "food"),
+    _task("plural", "or", "night"),
+    _task("past", "or", "food"),
     _task("negated", "and", "outdoors"),
 )
 
