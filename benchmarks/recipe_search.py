@@ -6,13 +6,14 @@ minus a validation split carved from it (the last ``--validation`` training exam
 400 by default), and is scored on that validation split; the suite's eval split is never read.
 
 Budget: 300 optimizer steps x batch 16, max_length 48, r 8, 8 skills, LoRA on query and value, MHR with 4
-splits -- the default run's. Every method gets the same number of configurations x seeds.
+splits, the classification head at lr 1e-3 -- the default run's. Every method gets the same number of
+configurations x seeds.
 
 Stages (data below, :data:`STAGES`):
 
-* ``lr``       poly and mhr: lr in {5e-3, 1e-2, 2e-2} x router lr in {0.1, 0.3}; lora-params (the shared
-               LoRA of Poly's trainable budget, rank 64): lr in {2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2}
-               (6 configurations each); training seeds 0 and 1 on suite seed 0.
+* ``lr``       poly and mhr: lr in {5e-3, 1e-2} x router lr in {0.1, 0.3}; lora-params (the shared LoRA of
+               Poly's trainable budget, rank 64): lr in {3e-3, 5e-3, 1e-2, 2e-2} (4 configurations each);
+               training seeds 0 and 1 on suite seed 0.
 * ``confirm``  the best two configurations of each method (by the rule of :func:`rank_configs`) on seed 2.
 * ``transfer`` the chosen configuration of each method on suite seeds 1 and 2 (not tuned on), seeds 0, 1.
 
@@ -20,7 +21,9 @@ Selection rule: a configuration with a collapsed task (every validation example 
 same) in any of its runs is not eligible, unless every configuration of the method collapses somewhere;
 among the eligible ones the highest mean validation accuracy over seeds wins.
 
-Every run appends one JSON line to the log (default ``benchmarks/results/recipe_search_300.jsonl``); runs
+Every run appends one JSON line to the log (default ``benchmarks/results/recipe_search_300_or.jsonl``; the
+search on the suite with ``xor`` tasks, with the head at the skills' rate and a grid of 6, is
+``recipe_search_300.jsonl``: ``--summary --log`` prints it); runs
 already in the log are skipped, so the search resumes where it stopped. Runs are spread over ``--workers``
 processes (spawned, one torch thread each); only the parent writes the log.
 
@@ -45,12 +48,12 @@ import numpy as np
 from polytropon.app.runs import json_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LOG = os.path.join(HERE, "results", "recipe_search_300.jsonl")
+LOG = os.path.join(HERE, "results", "recipe_search_300_or.jsonl")
 
 #: The default run's budget and adapter shape (every run of the search).
 BUDGET: dict[str, Any] = {
     "steps": 300, "batch_size": 16, "max_length": 48, "r": 8, "n_skills": 8, "mhr_splits": 4,
-    "target_modules": ["query", "value"],
+    "target_modules": ["query", "value"], "head_lr": 1e-3,
 }
 #: Suite sizes of the default run: training examples per task, eval, shots, held-out eval.
 SUITE_SIZES = (400, 40, 16, 50)
@@ -59,9 +62,9 @@ ROUTED = ("poly", "mhr")
 
 #: The grid per method (equal size): recipe overrides on top of :data:`BUDGET`.
 GRID: dict[str, list[dict[str, float]]] = {
-    "poly": [{"lr": lr, "router_lr": rlr} for lr in (5e-3, 1e-2, 2e-2) for rlr in (0.1, 0.3)],
-    "mhr": [{"lr": lr, "router_lr": rlr} for lr in (5e-3, 1e-2, 2e-2) for rlr in (0.1, 0.3)],
-    "lora-params": [{"lr": lr} for lr in (2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2)],
+    "poly": [{"lr": lr, "router_lr": rlr} for lr in (5e-3, 1e-2) for rlr in (0.1, 0.3)],
+    "mhr": [{"lr": lr, "router_lr": rlr} for lr in (5e-3, 1e-2) for rlr in (0.1, 0.3)],
+    "lora-params": [{"lr": lr} for lr in (3e-3, 5e-3, 1e-2, 2e-2)],
 }
 
 #: Each stage: which configurations (``"grid"``, ``"top2"`` or ``"best"`` of the ``lr`` stage's suite seed),
