@@ -72,9 +72,10 @@ def test_plan_skips_logged_runs_and_picks_top_two_for_confirm(tmp_path):
     assert {job["seed"] for job in confirm} == {2}
     poly = [(j["recipe"]["lr"], j["recipe"]["router_lr"]) for j in confirm if j["method"] == "poly"]
     # the last grid entry is best by accuracy but collapsed: the two before it are picked
-    assert poly == [(2e-2, 0.1), (1e-2, 0.3)]
+    assert poly == [(c["lr"], c["router_lr"]) for c in (rs.GRID["poly"][-2], rs.GRID["poly"][-3])]
     lora = [j["recipe"] for j in confirm if j["method"] == "lora-params"]
-    assert [r["lr"] for r in lora] == [2e-2, 1e-2] and all("router_lr" not in r for r in lora)
+    assert [r["lr"] for r in lora] == [rs.GRID["lora-params"][-2]["lr"], rs.GRID["lora-params"][-3]["lr"]]
+    assert all("router_lr" not in r for r in lora)
 
 
 def test_chosen_configuration_compares_on_common_seeds_and_counts_confirm_collapses():
