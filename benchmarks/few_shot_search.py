@@ -2,7 +2,8 @@
 
 Everything trains through :mod:`polytropon.app.experiment` (the library's trainer; this script has no training
 loop). The multi-task sources (``mhr``, ``poly``, ``lora-params``) train on the suite's training data minus the
-last ``--validation`` examples of every task, with the multi-task recipe below, once per seed; each few-shot
+last ``--validation`` examples of every task, with the default run's searched multi-task recipes
+(``polytropon.app.defaults.CLAIMS_RUN["recipes"]``), once per seed; each few-shot
 method then adapts to the 4 held-out tasks with ``--shots`` examples each for ``--steps`` steps, and is scored on
 the suite's ``heldout_validation`` split. The suite's eval and ``heldout_eval`` splits are never read.
 
@@ -12,7 +13,9 @@ methods that train weights, the router learning rate for the ``-z`` methods (whi
     python benchmarks/few_shot_search.py                  # seeds 0 and 1, one process per seed (at most --jobs)
     python benchmarks/few_shot_search.py --summary        # the table of every run in the log
 
-Every run appends one JSON line to ``benchmarks/results/few_shot_search.jsonl``; runs already in the log are
+Every run appends one JSON line to ``benchmarks/results/few_shot_search_or.jsonl`` (the search on the suite with
+``xor`` tasks, with sources at lr 1e-2 / router lr 0.3 and five values per method, is ``few_shot_search.jsonl``);
+runs already in the log are
 skipped, so the search resumes where it stopped. Trained sources are kept in ``--cache`` (state dicts) so a
 resumed search does not train them again.
 """
@@ -31,15 +34,16 @@ from collections import defaultdict
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LOG = os.path.join(HERE, "results", "few_shot_search.jsonl")
+LOG = os.path.join(HERE, "results", "few_shot_search_or.jsonl")
 
-#: The multi-task recipe of the sources (the default run's budget).
-SOURCE_RECIPE = {"steps": 300, "batch_size": 16, "max_length": 48, "r": 8, "n_skills": 8,
-                 "target_modules": ["query", "value"], "mhr_splits": 4, "lr": 1e-2, "router_lr": 0.3}
-# The search ran the middle three values of each first; the best of several methods was at an end of that grid,
-# so every method got one more value on each side (still the same number of configurations per method).
-WEIGHT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-ROUTER_LRS = (0.03, 0.1, 0.3, 1.0, 3.0)
+#: The default run's budget and adapter shape; a source adds its searched multi-task recipe, a few-shot run its
+#: configuration (and the router lr of the ``-full`` methods, 0.3).
+BUDGET = {"steps": 300, "batch_size": 16, "max_length": 48, "r": 8, "n_skills": 8,
+          "target_modules": ["query", "value"], "mhr_splits": 4}
+FEW_SHOT_BASE = {**BUDGET, "lr": 1e-2, "router_lr": 0.3}
+# Three values per method around the values the search on the previous suite chose (lr 1e-2 or 3e-3, router lr 1).
+WEIGHT_LRS = (3e-3, 1e-2, 3e-2)
+ROUTER_LRS = (0.3, 1.0, 3.0)
 #: Few-shot method -> its configurations (recipe overrides); the same number for every method.
 GRID: dict[str, list[dict[str, float]]] = {
     "lora": [{"lr": lr} for lr in WEIGHT_LRS],
@@ -51,6 +55,15 @@ GRID: dict[str, list[dict[str, float]]] = {
 }
 ROUTED = ("mhr-z", "poly-z", "mhr-full", "poly-full")
 BASELINES = ("lora", "shared-ft")
+#: The methods searched unless ``--methods`` says otherwise: the default run's MHR methods and both baselines.
+DEFAULT_METHODS = ("lora", "shared-ft", "mhr-z", "mhr-full")
+
+
+def source_recipe(name: str, steps: int) -> dict:
+    """The multi-task recipe of the source ``name`` (the default run's), with ``steps``."""
+    from polytropon.app.defaults import CLAIMS_RUN
+
+    return {**BUDGET, **CLAIMS_RUN["recipes"][name], "steps": steps}
 
 
 def default_model_path() -> str:
@@ -73,8 +86,12 @@ def append(path: str, record: dict) -> None:
 
 
 def run_key(method: str, seed: int, overrides: dict, args: argparse.Namespace) -> str:
+    from polytropon.app.experiment import FEW_SHOT_SOURCE
+
+    name = FEW_SHOT_SOURCE[method]
+    source = source_recipe(name, args.source_steps) if name else None
     return json.dumps([method, seed, overrides, args.shots, args.steps, args.suite_seed, args.validation,
-                       args.heldout_validation, args.source_steps], sort_keys=True)
+                       args.heldout_validation, args.source_steps, source], sort_keys=True)
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -91,26 +108,26 @@ def worker(args: argparse.Namespace) -> int:
     if not any(todo.values()):
         print(f"seed {seed}: nothing to do", flush=True)
         return 0
-    source_recipe = ex.Recipe.from_dict({**SOURCE_RECIPE, "steps": args.source_steps})
     base = ex.BaseModel(args.model or default_model_path())
     data = ex.load_suite_data(base.tokenizer, args.suite_seed, 400, 40, args.shots, args.heldout_validation,
-                              validation=args.validation, max_length=source_recipe.max_length)
+                              validation=args.validation, max_length=BUDGET["max_length"])
     sources: dict[str, object] = {}
 
     def source(name: str):
         if name in sources:
             return sources[name]
-        tag = hashlib.sha1(json.dumps([name, seed, source_recipe.to_dict(), args.suite_seed, args.validation],
+        recipe = ex.Recipe.from_dict(source_recipe(name, args.source_steps))
+        tag = hashlib.sha1(json.dumps([name, seed, recipe.to_dict(), args.suite_seed, args.validation],
                                       sort_keys=True).encode()).hexdigest()[:12]
         path = os.path.join(args.cache, f"{name}-seed{seed}-{tag}.pt")
-        config, _ = ex.method_config(name, source_recipe, len(data.tasks), data.tasks)
+        config, _ = ex.method_config(name, recipe, len(data.tasks), data.tasks)
         if os.path.isfile(path):
             model = get_peft_model(base.fresh(seed), config)
             model.load_state_dict(torch.load(path))
             model.eval()
             print(f"seed {seed}: {name} loaded from {path}", flush=True)
         else:
-            model, record = ex.train_multitask(name, source_recipe, data, base, seed)
+            model, record = ex.train_multitask(name, recipe, data, base, seed)
             os.makedirs(args.cache, exist_ok=True)
             torch.save(model.state_dict(), path + ".tmp")
             os.replace(path + ".tmp", path)
@@ -125,7 +142,7 @@ def worker(args: argparse.Namespace) -> int:
     for method in args.methods:
         for overrides in todo[method]:
             name = ex.FEW_SHOT_SOURCE[method]
-            recipe = ex.Recipe.from_dict({**SOURCE_RECIPE, **overrides})
+            recipe = ex.Recipe.from_dict({**FEW_SHOT_BASE, **overrides})
             record = ex.few_shot(method, source(name) if name else None, recipe, data, base, seed,
                                  args.shots, args.steps)
             append(args.log, {"kind": "few_shot", "key": run_key(method, seed, overrides, args),
@@ -173,7 +190,7 @@ def summary(args: argparse.Namespace) -> int:
     records = [r for r in read_log(args.log) if args.seeds is None or r.get("seed") in args.seeds]
     runs = [r for r in records if r.get("kind") == "few_shot" and r["shots"] == args.shots and r["steps"] == args.steps
             and r["suite_seed"] == args.suite_seed and r["recipe"].get("steps") is not None
-            and json.loads(r["key"])[-1] == args.source_steps]
+            and json.loads(r["key"])[8] == args.source_steps]
     sources = [r for r in records if r.get("kind") == "source" and r["suite_seed"] == args.suite_seed
                and r["recipe"]["steps"] == args.source_steps]
     if not runs:
@@ -243,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suite-seed", type=int, default=0)
     p.add_argument("--validation", type=int, default=40, help="validation examples per training task")
     p.add_argument("--heldout-validation", type=int, default=100, help="validation examples per held-out task")
-    p.add_argument("--methods", default=",".join(GRID), help=f"comma-separated subset of {','.join(GRID)}")
-    p.add_argument("--source-steps", type=int, default=SOURCE_RECIPE["steps"], help="multi-task steps of the sources")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(GRID)} (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--source-steps", type=int, default=BUDGET["steps"], help="multi-task steps of the sources")
     p.add_argument("--model", help="base model folder (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--log", default=LOG)
     p.add_argument("--cache", default="/tmp/polytropon-few-shot-sources", help="folder for the trained sources")
