@@ -261,7 +261,7 @@ API_CASES = [
     ("freeze-fixed", lambda e: freeze_skills(llama_poly(poly_type="shared", n_skills=1)), ValueError,
      "adapter '<name>' has a fixed allocation (poly_type='<type>'): with frozen skills nothing would train"),
     ("param-groups", lambda e: param_groups(e.model, lr=-1.0, router_lr=1e-3), ValueError,
-     "<lr, router_lr, weight_decay or router_weight_decay> must be a non-negative finite number, got <value>"),
+     "<lr, router_lr, head_lr, weight_decay or router_weight_decay> must be a non-negative finite number, got <value>"),
     ("ibp-reduction", lambda e: ibp_loss(e.model, reduction="max"), ValueError, "reduction must be 'mean' or 'sum', got '<value>'"),
     ("plot-png", lambda e: plot_allocation(e.model, str(e.root / "plot.jpg")), ValueError, "path must name a .png file, got '<path>'"),
     # 8. training at scale
