@@ -152,9 +152,14 @@ def announce(args: argparse.Namespace, plan: ClaimsPlan, workers: int) -> None:
     say(f"polytropon: built-in suite (seed {args.suite_seed}): 20 training tasks, 4 held-out tasks; model "
         f"{args.model or DEFAULT_MODEL_NAME}; seeds {', '.join(map(str, plan.seeds))} on {workers} worker process(es)")
     say(f"polytropon: {plan.routed} ({routed.n_skills} skills of rank {routed.r}, lr {routed.lr:g}, router lr "
-        f"{routed.router_lr:g}) against a shared LoRA of rank {routed.r * routed.n_skills} (lr {lora.lr:g}), "
+        f"{routed.router_lr:g}{head_lr_text(routed)}) against a shared LoRA of rank {routed.r * routed.n_skills} "
+        f"(lr {lora.lr:g}{head_lr_text(lora)}), "
         f"{routed.steps} steps of {routed.batch_size}; few-shot: {plan.jobs[0].shots} examples per held-out task, "
         f"{plan.jobs[0].few_shot_steps} steps")
+
+
+def head_lr_text(recipe: Any) -> str:
+    return "" if recipe.head_lr is None else f", head lr {recipe.head_lr:g}"
 
 
 def run_record(args: argparse.Namespace, plan: ClaimsPlan, model_ref: str) -> dict[str, Any]:
