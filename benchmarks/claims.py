@@ -9,7 +9,7 @@ the recipes of ``polytropon.app.defaults.CLAIMS_RUN`` on the real all-MiniLM-L6-
 and prints the default run's three verdicts (:func:`polytropon.app.claims.claim_lines`) for every suite seed.
 
     python benchmarks/claims.py                                  # every method, suite seed 0, seeds 0,1,2
-    python benchmarks/claims.py --suite-seeds 0,1,2 --only mhr,lora-params,mhr-z,lora,shared-ft
+    python benchmarks/claims.py --suite-seeds 0,1,2 --only poly,mhr,lora-params,poly-z,lora,shared-ft
     python benchmarks/claims.py --quick --out /tmp/q             # a tiny end-to-end check (not a measurement)
     python benchmarks/claims.py ... --update-docs docs/RESULTS.md  # rewrite the generated block of RESULTS.md
 
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         records = collect(run_jobs(setup, jobs, args.workers, on_result=report))
         block = {"multitask": summarize(records["multitask"]), "few_shot": summarize(records["few_shot"]),
                  "claims": [], "collapsed": collapse_lines(records, {}), "runs": records}
-        routed = next((m for m in ("mhr", "poly") if m in block["multitask"]), None)
+        routed = next((m for m in (CLAIMS_RUN["routed"], "mhr", "poly") if m in block["multitask"]), None)
         routed_few = next((m for m in (CLAIMS_RUN["routed_few_shot"], f"{routed}-z") if m in block["few_shot"]), None)
         if routed and "lora-params" in block["multitask"] and routed_few and {"lora", "shared-ft"} <= set(block["few_shot"]):
             block["claims"] = [c["line"] for c in claim_lines(records, routed, "lora-params", routed_few, args.shots)]
