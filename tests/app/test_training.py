@@ -95,3 +95,21 @@ def test_infer_head_from_configs():
     assert infer_head(LlamaConfig()) == "causal-lm"
     assert infer_head(T5Config()) == "seq2seq"
 
+
+
+def test_head_lr_flag_reaches_the_optimizer(tiny_bert):
+    """``polytropon train --head-lr`` gives the head its own AdamW group; without it the head trains at ``--lr``."""
+    from polytropon.app.cli import build_parser
+    from polytropon.app.training import load_base_model, make_trainer
+
+    base, tokenizer = load_base_model(tiny_bert, "classification", ["no", "yes"])
+    model = get_peft_model(base, PolyConfig(r=4, n_tasks=2, n_skills=3, task_type="SEQ_CLS"))
+    parser = build_parser()
+    for flags, expected in ((["--head-lr", "0.001"], [("skills", 0.01), ("router", 0.3), ("head", 0.001)]),
+                            ([], [("skills", 0.01), ("router", 0.3)])):
+        args = parser.parse_args(["train", "--lr", "0.01", "--router-lr", "0.3", "--max-steps", "1", "--epochs", "1",
+                                  "--batch-size", "2", "--seed", "0", *flags])
+        optimizer = make_trainer(args, "/nonexistent/unused", model, tokenizer, None).create_optimizer()
+        assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == expected
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--head-lr", "0"])

@@ -115,7 +115,7 @@ def _add_adapter_arguments(poly: Any) -> None:
 def _add_training_arguments(opt: Any) -> None:
     opt.add_argument("--epochs", type=positive_float, help="training epochs (default 3; the demo uses --max-steps 500)")
     opt.add_argument("--max-steps", type=positive_int, help="optimizer steps; overrides --epochs")
-    opt.add_argument("--lr", type=positive_float, help="learning rate of adapters and head (default 1e-2)")
+    opt.add_argument("--lr", type=positive_float, help="learning rate of adapters, and of the head without --head-lr (default 1e-2)")
     opt.add_argument("--router-lr", type=positive_float, help="learning rate of the router logits (default 3e-1)")
     opt.add_argument("--head-lr", type=positive_float,
                      help="learning rate of the head and other saved modules (default: --lr)")
