@@ -39,6 +39,7 @@ DEFAULT_RUN: dict[str, Any] = {
     "max_steps": 500,
     "lr": 1e-2,
     "router_lr": 3e-1,
+    "head_lr": 1e-3,  # the head at its own rate, as in the claims' recipes (docs/RESULTS.md)
     "n_skills": 8,
     "r": 8,
     "baseline_max_train": 1280,
