@@ -55,8 +55,9 @@ GRID: dict[str, list[dict[str, float]]] = {
 }
 ROUTED = ("mhr-z", "poly-z", "mhr-full", "poly-full")
 BASELINES = ("lora", "shared-ft")
-#: The methods searched unless ``--methods`` says otherwise: the default run's MHR methods and both baselines.
-DEFAULT_METHODS = ("lora", "shared-ft", "mhr-z", "mhr-full")
+#: The methods searched unless ``--methods`` says otherwise: both baselines and the few-shot methods of the default
+#: run's routed method (``CLAIMS_RUN["routed"]``, Poly).
+DEFAULT_METHODS = ("lora", "shared-ft", "poly-z", "poly-full")
 
 
 def source_recipe(name: str, steps: int) -> dict:
