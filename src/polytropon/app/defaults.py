@@ -97,8 +97,7 @@ CLAIMS_RUN: dict[str, Any] = {
     # the routed few-shot method the claim is about (the better of poly-z and poly-full on validation); the two LoRA
     # baselines are a new LoRA on the base model ("lora") and the multi-task shared LoRA fine-tuned ("shared-ft")
     "routed_few_shot": "poly-full",
-    # every few-shot method's searched recipe (the -z methods train only router logits: router_lr); the MHR
-    # methods' values come from the search on the suite with xor tasks (docs/RESULTS.md)
+    # every few-shot method's searched recipe (the -z methods train only router logits: router_lr)
     "few_shot": {
         "poly-z": {"router_lr": 3e-1},
         "poly-full": {"lr": 3e-3, "router_lr": 3e-1},
