@@ -23,6 +23,25 @@ def _check_lr(name: str, value: Any) -> float:
     return float(value)
 
 
+def _trainable_by_role(model: nn.Module, split_head: bool) -> tuple[list, list, list]:
+    """The trainable parameters, each once: ``(skills, routers, head)``; ``head`` (everything that is neither an
+    adapter's nor a router's) stays empty, its parameters with the skills, unless ``split_head``."""
+    router_ids = {id(p) for m in model.modules() if isinstance(m, PolyRouter) for p in m.parameters()}
+    skill_ids = {id(p) for m in model.modules() if isinstance(m, PolyAdapter) for p in m.parameters()}
+    skills, routers, head, seen = [], [], [], set()
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        if id(param) in router_ids:
+            routers.append(param)
+        elif not split_head or id(param) in skill_ids:
+            skills.append(param)
+        else:
+            head.append(param)
+    return skills, routers, head
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
@@ -63,19 +82,7 @@ def param_groups(
     router_weight_decay = _check_lr("router_weight_decay", router_weight_decay)
     if head_lr is not None:
         head_lr = _check_lr("head_lr", head_lr)
-    router_ids = {id(p) for m in model.modules() if isinstance(m, PolyRouter) for p in m.parameters()}
-    skill_ids = {id(p) for m in model.modules() if isinstance(m, PolyAdapter) for p in m.parameters()}
-    skills, routers, head, seen = [], [], [], set()
-    for param in model.parameters():
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))
-        if id(param) in router_ids:
-            routers.append(param)
-        elif head_lr is None or id(param) in skill_ids:
-            skills.append(param)
-        else:
-            head.append(param)
+    skills, routers, head = _trainable_by_role(model, split_head=head_lr is not None)
     if not skills and not routers and not head:
         raise ValueError("the model has no trainable parameters (inference_mode adapter, or everything frozen)")
     groups = []
