@@ -78,6 +78,14 @@ def test_mix_factors_equals_the_per_split_sum(q, scaled):
         torch.testing.assert_close(got, want, **TOL)
 
 
+def test_mix_factors_lays_a_out_r_major():
+    """``A``'s transpose, the operand of the transposed products, is contiguous; ``B`` is contiguous."""
+    weights, lora_a, lora_b = skills(q=2)
+    a, b = mix_factors(weights, lora_a, lora_b)
+    assert a.transpose(1, 2).is_contiguous() and b.is_contiguous()
+    assert a[torch.tensor([2, 0, 0])].transpose(1, 2).is_contiguous()  # gathered to rows, the layout stays
+
+
 def test_mix_factors_gradcheck():
     inputs = skills(q=2, d_in=4, d_out=6, r=2, dtype=torch.float64, grad=True)
     assert gradcheck(lambda w, la, lb: mix_factors(w, la, lb), inputs)

@@ -53,8 +53,8 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 class RoutedLowRank(torch.autograd.Function):
     """``result + x @ A_i @ B_i`` for every row ``i``, with GEMM operand layouts chosen for skinny products.
 
-    Shapes: ``result (n, t, out)``, ``x (n, t, in)``, ``a (n, in, r)``, ``b (n, r, out)`` (``a``, ``b``
-    contiguous). The rank-``r`` intermediate is kept transposed, ``h^T (n, r, t)``. Forward::
+    Shapes: ``result (n, t, out)``, ``x (n, t, in)``, ``a (n, in, r)``, ``b (n, r, out)`` (``b``
+    contiguous, ``a`` best as :func:`mix_factors` lays it out). The rank-``r`` intermediate is kept transposed, ``h^T (n, r, t)``. Forward::
 
         h^T = A^T @ x^T                (n, r, t)
         y   = result + (h^T)^T @ B     in place (``baddbmm_``) when ``result`` is not a view, else a new tensor
@@ -62,7 +62,7 @@ class RoutedLowRank(torch.autograd.Function):
     Backward, for ``g = dL/dy``::
 
         dh^T = B @ g^T                 (n, r, t)
-        dx   = (dh^T)^T @ A^T          (n, t, in)      A^T made contiguous (a small copy)
+        dx   = (dh^T)^T @ A^T          (n, t, in)      A^T made contiguous (no copy when r-major)
         dA   = (dh^T @ x)^T            (n, in, r)      returned as a transposed view
         dB   = h^T @ g                 (n, r, out)
         dresult = g
@@ -101,6 +101,11 @@ def mix_factors(
     One ``bmm`` over the splits on free views of ``lora_a (q, s, in/q, r)`` and ``lora_b (q, s, r, out/q)``,
     then a reordering copy of the small results. ``B`` carries ``1/r`` when ``scaled``. Runs in the
     parameters' dtype also inside an autocast region (callers cast the small results to the compute dtype).
+
+    ``A`` is laid out ``r``-major: the reordering copy writes a contiguous ``(k, r, in)`` tensor and ``A`` is
+    its transposed view, so ``A^T``, the operand of the transposed products (``h^T = A^T x^T``, ``dx = dh A^T``),
+    is contiguous without another copy (measured with MKL at r 8: the down-projection ``A^T x^T`` runs
+    in about 60% of the time of the same product on a transposed view). ``B`` is contiguous.
     """
     with autocast_off(weights.device.type):
         return _mix(weights, lora_a, lora_b, scaled)
@@ -112,7 +117,7 @@ def _mix(weights: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
     k = weights.shape[0]
     w = weights.transpose(0, 1)  # (q, k, s)
     a = torch.bmm(w, lora_a.reshape(n_splits, n_skills, -1))  # (q, k, d_in * r)
-    a = a.view(n_splits, k, d_in, r).transpose(0, 1).reshape(k, n_splits * d_in, r)
+    a = a.view(n_splits, k, d_in, r).permute(1, 3, 0, 2).reshape(k, r, n_splits * d_in).transpose(1, 2)
     b = torch.bmm(w / r if scaled else w, lora_b.reshape(n_splits, n_skills, -1))  # (q, k, r * d_out)
     b = b.view(n_splits, k, r, d_out).permute(1, 2, 0, 3).reshape(k, r, n_splits * d_out)
     return a, b
@@ -215,7 +220,7 @@ class RoutedPoly(torch.autograd.Function):
         grad_hidden_t = torch.bmm(b, grad.transpose(1, 2))  # (n, r, t)
         grad_x = None
         if need_x:
-            a_t = a.transpose(1, 2).contiguous()  # (n, r, in)
+            a_t = a.transpose(1, 2).contiguous()  # (n, r, in): no copy, mix_factors lays A out r-major
             if ctx.base is None:
                 grad_x = torch.bmm(grad_hidden_t.transpose(1, 2), a_t)
             else:

@@ -183,8 +183,9 @@ class PolyAdapter(nn.Module):
             B_k[:, q-th block of columns]     = sum_s w[k, q, s] * B[q, s] / r   -> B (k, r, out_features)
 
         Returns:
-            ``A`` and ``B``, contiguous, ``B`` scaled by ``1 / r`` when ``scaled`` (the default), so that a
-            task's update is ``x @ A[i] @ B[i]``.
+            ``A`` and ``B``, ``B`` scaled by ``1 / r`` when ``scaled`` (the default), so that a task's update is
+            ``x @ A[i] @ B[i]``. ``B`` is contiguous; ``A`` is the transposed view of a contiguous
+            ``(k, r, in_features)`` tensor (the layout of the faster products, see :func:`mix_factors`).
         """
         weights = weights.to(self.poly_lora_A.dtype)
         return mix_factors(weights, self.poly_lora_A, self.poly_lora_B, scaled)
