@@ -693,6 +693,82 @@ def run_goals(args: argparse.Namespace, setup: Setup) -> None:
             print(line)
 
 
+# ---------------------------------------------------------------------- the products' floor
+def adapted_shapes(setup: Setup) -> list[tuple[int, int]]:
+    """``(in, out)`` of every adapted projection of the benchmark's model (``TARGETS`` in each layer)."""
+    h, i = setup.hidden, setup.intermediate
+    return [(h, h)] * 4 * setup.layers + [(h, i)] * 2 * setup.layers + [(i, h)] * setup.layers
+
+
+def median_seconds(fn: Callable[[], None], repeats: int, inner: int = 20) -> float:
+    """Median over ``repeats`` of the mean time of ``inner`` back-to-back calls (operands stay in cache)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        for _ in range(inner):
+            fn()
+        times.append((clock() - t0) / inner)
+    return statistics.median(times)
+
+
+def products_seconds(setup: Setup, n: int, t: int, training: bool, repeats: int) -> float:
+    """Time of the adapter's rank-``r`` products alone, summed over the model's adapted projections.
+
+    Per projection, in the layouts the eager kernels use (``x (n, t, in)``, ``A^T (n, r, in)``, ``B (n, r, out)``):
+    forward ``h^T = A^T x^T`` and ``y += h B``; in training also ``dh^T = B g^T``, ``dx += dh A^T``,
+    ``dA^T = dh^T x`` and ``dB = h^T g``. The operands are reused call after call, so they are in the caches:
+    a lower bound on what these products cost inside the model, where the inputs come from memory.
+    """
+    dev, r = setup.device, setup.r
+    total = 0.0
+    for d_in, d_out in sorted(set(adapted_shapes(setup))):
+        count = adapted_shapes(setup).count((d_in, d_out))
+        x, g = torch.randn(n, t, d_in, device=dev), torch.randn(n, t, d_out, device=dev)
+        a_t, b = torch.randn(n, r, d_in, device=dev), torch.randn(n, r, d_out, device=dev)
+        y, dx = torch.zeros(n, t, d_out, device=dev), torch.zeros(n, t, d_in, device=dev)
+
+        def forward() -> torch.Tensor:
+            h_t = torch.bmm(a_t, x.transpose(1, 2))
+            y.baddbmm_(h_t.transpose(1, 2), b)
+            return h_t
+
+        def step() -> None:
+            h_t = forward()
+            if training:
+                dh_t = torch.bmm(b, g.transpose(1, 2))
+                dx.baddbmm_(dh_t.transpose(1, 2), a_t)
+                torch.bmm(dh_t, x)
+                torch.bmm(h_t, g)
+            sync(dev)
+
+        total += count * median_seconds(step, repeats)
+    return total
+
+
+def floor_report(setup: Setup, repeats: int) -> list[str]:
+    """The rank-``r`` products' share of the base model's time: how low ours / base can go with these GEMMs."""
+    base = base_model(setup)
+    lines = ["the adapter's rank-r products alone (hot caches, the eager kernels' layouts) against the frozen base:",
+             "| workload | base ms | products ms | base + products / base | FLOPs: products / base linears |",
+             "|---|---:|---:|---:|---:|"]
+    linear_flops = sum(d_in * d_out for d_in, d_out in adapted_shapes(setup))
+    product_flops = sum(setup.r * (d_in + d_out) for d_in, d_out in adapted_shapes(setup))
+    # per row: forward 2 products against 1 GEMM per linear; training 6 against 2 (forward and dx; frozen weights)
+    flops_share = {"train": 3 * product_flops / (2 * linear_flops), "infer": product_flops / linear_flops}
+    for label, s in (("8 tasks", setup), ("1,000 tasks, 32 of 32", dataclasses.replace(setup, **MANY))):
+        work = Workloads("base", build("base", s, base), s)
+        for workload, training in (("train", True), ("infer", False)):
+            work.set_mode(workload)
+            base_s = statistics.median(time_interleaved({"base": getattr(work, workload)}, repeats)["base"])
+            prod_s = products_seconds(s, s.batch, s.seq, training, repeats)
+            lines.append(f"| {workload}, {label} | {1000 * base_s:.1f} | {1000 * prod_s:.1f} | "
+                         f"{(base_s + prod_s) / base_s:.2f}x | {flops_share[workload]:.3f} |")
+    lines.append("(FLOPs: training counts 6 products per projection against the frozen linear's 2 GEMMs, forward and "
+                 "dx; the base's time also holds attention, norms and the lm head, which the FLOPs column leaves out.)")
+    return lines
+
+
 # ---------------------------------------------------------------------- the scaling sweep
 def scaling_points(centre: Setup) -> list[tuple[str, int, Setup]]:
     """One factor at a time around ``centre``: ``(factor, value, setup)`` for every value of every factor."""
@@ -815,6 +891,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "which then compiles ours and the base only)")
     parser.add_argument("--scaling", action="store_true", help="run the scaling sweep instead of the goals")
     parser.add_argument("--out", default=RESULTS, help="directory of the scaling sweep's files")
+    parser.add_argument("--floor", action="store_true",
+                        help="print only the rank-r products' share of the base's time (a lower bound of ours / base)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-cache-report", action="store_true", help="skip the eval-cache report")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload")
@@ -843,7 +921,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.repeats:
         setup.repeats = args.repeats
         setup.gen_repeats = max(3, args.repeats // 2)
-    if args.scaling:
+    if args.floor:
+        print("\n".join(floor_report(setup, args.repeats or (3 if args.quick else 7))))
+    elif args.scaling:
         run_scaling(setup, args.out, args.repeats or (3 if args.quick else 7), "scaling_quick" if args.quick else "scaling")
     else:
         run_goals(args, setup)

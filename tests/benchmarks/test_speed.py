@@ -100,3 +100,44 @@ def test_timings_ratio_is_the_median_of_per_round_ratios():
     assert t.ratio("ours", "other") == 1.0
     assert t.iqr("ours", "other") == (0.75, 2.0)
     assert speed.Timings(ours=[1.0], other=[2.0]).iqr("ours", "other") is None
+
+
+def test_floor_report_prints_the_products_share(capsys):
+    speed = _speed_module()
+    speed.main(["--quick", "--floor", "--repeats", "1"])
+    out = capsys.readouterr().out
+    h, i, r = speed.QUICK.hidden, speed.QUICK.intermediate, speed.QUICK.r
+    # per decoder layer: q, k, v, o (h -> h), gate, up (h -> i), down (i -> h)
+    share = r * (4 * 2 * h + 3 * (h + i)) / (4 * h * h + 3 * h * i)
+    for label, flops in (("infer, 8 tasks", share), ("train, 8 tasks", 1.5 * share), ("infer, 1,000 tasks", share)):
+        cells = _row(out, label)
+        assert float(cells[1]) > 0 and float(cells[2]) > 0
+        assert float(cells[3].rstrip("x")) > 1.0
+        assert float(cells[4]) == pytest.approx(flops, abs=5e-4)
+
+
+def test_compiled_variants_are_not_run_eagerly_past_dynamo_s_limit(monkeypatch):
+    """Every compiled model of a run gets its own graph: past dynamo's default limit of 8 it would run eagerly."""
+    import torch
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    speed = _speed_module()
+    for name in ("recompile_limit", "accumulated_recompile_limit", "fail_on_recompile_limit_hit"):
+        monkeypatch.setattr(dynamo_config, name, getattr(dynamo_config, name))
+    speed.allow_recompiles()
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+
+    class Scale(torch.nn.Module):
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.k = k  # a Python constant: dynamo guards on its value
+
+        def forward(self, x):
+            return x * self.k
+
+    for k in range(10):  # one code object (Scale.forward), ten graphs
+        torch.compile(Scale(k), backend="eager")(torch.randn(2))
+    assert counters["stats"]["unique_graphs"] - before == 10
+    torch._dynamo.reset()
