@@ -207,3 +207,20 @@ def test_recompute_inputs_takes_a_bool_only(value, small_llama):
     with pytest.raises(TypeError, match="recompute_inputs must be a bool"):
         model.recompute_inputs = value
     assert model.recompute_inputs is True
+
+
+def test_shapes_broadcast_as_torch_broadcasts_them():
+    """The planner's shape check agrees with ``torch.broadcast_shapes``, refusals included."""
+    import itertools
+
+    from polytropon.recompute import _broadcast
+
+    shapes = [(1,), (3,), (2, 1), (2, 3), (1, 3), (4, 1, 3), (4, 2, 1), (5,), (2, 5), (0,), (0, 1)]
+    for left, right in itertools.product(shapes, shapes):
+        try:
+            want = torch.broadcast_shapes(left, right)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                _broadcast(torch.Size(left), torch.Size(right))
+            continue
+        assert _broadcast(torch.Size(left), torch.Size(right)) == want

@@ -110,9 +110,24 @@ def _result_meta(program: Program, tensors: list[torch.Tensor]) -> tuple[torch.S
     if op == "to":
         return shape, arg
     other_shape, other_dtype = _result_meta(arg, tensors)
+    if len(shape) and len(other_shape):  # two dimensioned operands: plain promotion (the common case, cheap)
+        return _broadcast(shape, other_shape), torch.promote_types(dtype, other_dtype)
     # torch's promotion treats 0-dim operands apart (``h * torch.tensor(2.0, dtype=float64)`` stays float32)
     standins = [torch.empty((1,) * len(s), dtype=d) for s, d in ((shape, dtype), (other_shape, other_dtype))]
     return torch.broadcast_shapes(shape, other_shape), torch.result_type(*standins)
+
+
+def _broadcast(left: torch.Size, right: torch.Size) -> torch.Size:
+    """The broadcast of two shapes (as :func:`torch.broadcast_shapes`); RuntimeError if they do not broadcast."""
+    if len(left) < len(right):
+        left, right = right, left
+    right = (1,) * (len(left) - len(right)) + tuple(right)
+    out = []
+    for a, b in zip(left, right):
+        if a != b and a != 1 and b != 1:
+            raise RuntimeError(f"shapes {tuple(left)} and {tuple(right)} do not broadcast")
+        out.append(a if b == 1 else b)
+    return torch.Size(out)
 
 
 def _leaf(t: torch.Tensor, tensors: list[torch.Tensor]) -> int:
