@@ -766,6 +766,32 @@ def floor_report(setup: Setup, repeats: int) -> list[str]:
                          f"{(base_s + prod_s) / base_s:.2f}x | {flops_share[workload]:.3f} |")
     lines.append("(FLOPs: training counts 6 products per projection against the frozen linear's 2 GEMMs, forward and "
                  "dx; the base's time also holds attention, norms and the lm head, which the FLOPs column leaves out.)")
+    return lines + [""] + fixed_cost_report(setup, 2 * repeats + 1)
+
+
+def fixed_cost_report(setup: Setup, repeats: int) -> list[str]:
+    """Time per adapted layer above the base that does not grow with the data: the model with every width tiny.
+
+    The benchmark's model (same layers, same adapted projections, same tasks) at hidden 16, 4 tokens, vocabulary 32:
+    the products are then a few hundred FLOPs, and what ours and PEFT's LoRA cost above the base is the cost of their
+    operations and code per layer and call, whatever the sizes.
+    """
+    tiny = dataclasses.replace(setup, hidden=16, intermediate=16, heads=2, vocab=32, seq=4)
+    base = base_model(tiny)
+    work = {v: Workloads(v, build(v, tiny, base), tiny) for v in ("base", "ours", "peft_lora")}
+    kept = Workloads("ours", build("ours", tiny, base), tiny)
+    kept.model.recompute_inputs = False
+    work[KEPT] = kept
+    layers = len(adapted_shapes(tiny))
+    lines = [f"fixed cost per adapted layer and call ({layers} layers at hidden 16, {tiny.batch} x 4 tokens; "
+             f"{repeats} interleaved rounds), microseconds above the base:",
+             "| workload | ours | ours, layer inputs kept | PEFT LoRA |", "|---|---:|---:|---:|"]
+    for workload in ("train", "infer"):
+        for w in work.values():
+            w.set_mode(workload)
+        t = time_interleaved({v: getattr(w, workload) for v, w in work.items()}, repeats, device=tiny.device)
+        above = {v: 1e6 * (t.median(v) - t.median("base")) / layers for v in ("ours", KEPT, "peft_lora")}
+        lines.append(f"| {workload} | {above['ours']:.0f} | {above[KEPT]:.0f} | {above['peft_lora']:.0f} |")
     return lines
 
 
@@ -892,7 +918,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--scaling", action="store_true", help="run the scaling sweep instead of the goals")
     parser.add_argument("--out", default=RESULTS, help="directory of the scaling sweep's files")
     parser.add_argument("--floor", action="store_true",
-                        help="print only the rank-r products' share of the base's time (a lower bound of ours / base)")
+                        help="print only the rank-r products' share of the base's time (a lower bound of ours / base) "
+                             "and the fixed cost per adapted layer (the model at tiny widths)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-cache-report", action="store_true", help="skip the eval-cache report")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload")

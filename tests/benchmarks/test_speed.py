@@ -114,6 +114,9 @@ def test_floor_report_prints_the_products_share(capsys):
         assert float(cells[1]) > 0 and float(cells[2]) > 0
         assert float(cells[3].rstrip("x")) > 1.0
         assert float(cells[4]) == pytest.approx(flops, abs=5e-4)
+    for workload in ("train", "infer"):  # the fixed cost per layer: a number for ours, inputs kept and PEFT's LoRA
+        cells = _row(out, f"{workload} |")
+        assert len(cells) == 4 and all(c.lstrip("-").isdigit() for c in cells[1:])
 
 
 def test_compiled_variants_are_not_run_eagerly_past_dynamo_s_limit(monkeypatch):
