@@ -119,18 +119,13 @@ def test_floor_report_prints_the_products_share(capsys):
         assert len(cells) == 4 and all(c.lstrip("-").isdigit() for c in cells[1:])
 
 
-def test_compiled_variants_are_not_run_eagerly_past_dynamo_s_limit(monkeypatch):
+def test_compiled_variants_are_not_run_eagerly_past_dynamo_s_limit():
     """Every compiled model of a run gets its own graph: past dynamo's default limit of 8 it would run eagerly."""
     import torch
     import torch._dynamo.config as dynamo_config
     from torch._dynamo.utils import counters
 
     speed = _speed_module()
-    for name in ("recompile_limit", "accumulated_recompile_limit", "fail_on_recompile_limit_hit"):
-        monkeypatch.setattr(dynamo_config, name, getattr(dynamo_config, name))
-    speed.allow_recompiles()
-    torch._dynamo.reset()
-    before = counters["stats"]["unique_graphs"]
 
     class Scale(torch.nn.Module):
         def __init__(self, k: int) -> None:
@@ -140,7 +135,12 @@ def test_compiled_variants_are_not_run_eagerly_past_dynamo_s_limit(monkeypatch):
         def forward(self, x):
             return x * self.k
 
-    for k in range(10):  # one code object (Scale.forward), ten graphs
-        torch.compile(Scale(k), backend="eager")(torch.randn(2))
-    assert counters["stats"]["unique_graphs"] - before == 10
+    default = dynamo_config.recompile_limit
+    with speed.allow_recompiles():
+        torch._dynamo.reset()
+        before = counters["stats"]["unique_graphs"]
+        for k in range(10):  # one code object (Scale.forward), ten graphs
+            torch.compile(Scale(k), backend="eager")(torch.randn(2))
+        assert counters["stats"]["unique_graphs"] - before == 10
     torch._dynamo.reset()
+    assert dynamo_config.recompile_limit == default and not dynamo_config.fail_on_recompile_limit_hit  # restored
