@@ -53,8 +53,9 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 class RoutedLowRank(torch.autograd.Function):
     """``result + x @ A_i @ B_i`` for every row ``i``, with GEMM operand layouts chosen for skinny products.
 
-    Shapes: ``result (n, t, out)``, ``x (n, t, in)``, ``a (n, in, r)``, ``b (n, r, out)`` (``b``
-    contiguous, ``a`` best as :func:`mix_factors` lays it out). The rank-``r`` intermediate is kept transposed, ``h^T (n, r, t)``. Forward::
+    Shapes: ``result (n, t, out)``, ``x (n, t, in)``, ``a (n, in, r)``, ``b (n, r, out)`` (``b`` contiguous,
+    ``a`` best as :func:`mix_factors` lays it out: ``A^T`` contiguous). The rank-``r`` intermediate is kept
+    transposed, ``h^T (n, r, t)``. Forward::
 
         h^T = A^T @ x^T                (n, r, t)
         y   = result + (h^T)^T @ B     in place (``baddbmm_``) when ``result`` is not a view, else a new tensor
