@@ -209,16 +209,20 @@ class RoutedPoly(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad):
+        """The products that read ``g`` one after another while it is in the caches (``dh^T``, ``dB``, ``dx``), then
+        ``x`` (recomputed by the replay just before its one use, ``dA``), then the gradients through the mixing."""
         weights, lora_a, lora_b, hidden_t, *kept = ctx.saved_tensors
-        x = kept[0] if ctx.program is None else Replay.run(ctx.program, tuple(kept)).reshape(ctx.x_shape)
         need_result, need_x, need_w, need_la, need_lb = ctx.needs_input_grad[:5]
+        need_params = need_w or need_la or need_lb
         n_splits, n_skills, d_in, r = lora_a.shape
         d_out = lora_b.shape[-1]
         n = weights.shape[0]
         a, b = mix_factors(weights, lora_a, lora_b)
-        a, b = a.to(x.dtype), b.to(x.dtype)
-        grad = grad.to(x.dtype)
+        dtype = hidden_t.dtype  # the products' dtype (x's in the forward, e.g. an autocast dtype)
+        a, b = a.to(dtype), b.to(dtype)
+        grad = grad.to(dtype)
         grad_hidden_t = torch.bmm(b, grad.transpose(1, 2))  # (n, r, t)
+        grad_b_rows = torch.bmm(hidden_t, grad) if need_params else None  # dB (n, r, out)
         grad_x = None
         if need_x:
             a_t = a.transpose(1, 2).contiguous()  # (n, r, in): no copy, mix_factors lays A out r-major
@@ -227,14 +231,15 @@ class RoutedPoly(torch.autograd.Function):
             else:
                 weight, _, fan_in_fan_out = ctx.base
                 grad_x = torch.mm(grad.reshape(-1, grad.shape[-1]), weight.T if fan_in_fan_out else weight)
-                grad_x = grad_x.view(x.shape).baddbmm_(grad_hidden_t.transpose(1, 2), a_t)
+                grad_x = grad_x.view(grad.shape[:-1] + (n_splits * d_in,)).baddbmm_(grad_hidden_t.transpose(1, 2), a_t)
         grad_w = grad_la = grad_lb = None
-        if need_w or need_la or need_lb:
+        if need_params:
+            x = kept[0] if ctx.program is None else Replay.run(ctx.program, tuple(kept)).reshape(ctx.x_shape)
             w = weights.transpose(0, 1)  # (q, n, s)
             # dA^T (n, r, in) -> per split (q, n, in/q * r); dB (n, r, out) -> (q, n, r * out/q)
             # in the parameters' dtype from here on (the products above ran in x's, e.g. an autocast dtype)
             g_a = torch.bmm(grad_hidden_t, x).to(lora_a.dtype).view(n, r, n_splits, d_in).permute(2, 0, 3, 1).reshape(n_splits, n, -1)
-            g_b = torch.bmm(hidden_t, grad).to(lora_b.dtype).view(n, r, n_splits, d_out).permute(2, 0, 1, 3).reshape(n_splits, n, -1)
+            g_b = grad_b_rows.to(lora_b.dtype).view(n, r, n_splits, d_out).permute(2, 0, 1, 3).reshape(n_splits, n, -1)
             if need_la:
                 grad_la = torch.bmm(w.transpose(1, 2), g_a).view_as(lora_a)
             if need_lb:
