@@ -62,6 +62,7 @@ of ours against the base, PEFT's Poly and PEFT's LoRA to ``scaling.md``, ``scali
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -720,8 +721,7 @@ def products_seconds(setup: Setup, n: int, t: int, training: bool, repeats: int)
     """
     dev, r = setup.device, setup.r
     total = 0.0
-    for d_in, d_out in sorted(set(adapted_shapes(setup))):
-        count = adapted_shapes(setup).count((d_in, d_out))
+    for (d_in, d_out), count in sorted(collections.Counter(adapted_shapes(setup)).items()):
         x, g = torch.randn(n, t, d_in, device=dev), torch.randn(n, t, d_out, device=dev)
         a_t, b = torch.randn(n, r, d_in, device=dev), torch.randn(n, r, d_out, device=dev)
         y, dx = torch.zeros(n, t, d_out, device=dev), torch.zeros(n, t, d_in, device=dev)
