@@ -1,8 +1,6 @@
 """``python -m polytropon``: the command line (see :mod:`polytropon.app.cli`)."""
 
-import sys
-
-from .app.cli import main
+from .app.cli import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

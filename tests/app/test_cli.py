@@ -75,3 +75,38 @@ def test_console_entry_points(tmp_path):
     assert proc.returncode == 2 and len(ours) == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == ours[0]
 
+
+
+def test_the_installed_command_is_the_entry_point():
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="polytropon")
+    assert script.value == "polytropon.app.cli:entry_point"
+
+
+ENTRY_SCRIPT = """
+import atexit, sys
+atexit.register(lambda: print("teardown ran"))
+from polytropon.app.cli import entry_point
+sys.argv = ["polytropon", *sys.argv[1:]]
+entry_point()
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_launched_worker_ends_without_the_interpreters_teardown_and_loses_no_output(world_size):
+    """Under a distributed launcher (WORLD_SIZE > 1) the process ends with ``os._exit`` once its output is flushed:
+    atexit handlers (the interpreter's teardown) do not run, yet block-buffered output and the exit code survive."""
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # pipes block-buffered, as by default
+    env.update(PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), WORLD_SIZE=world_size)
+    ok = subprocess.run([sys.executable, "-c", ENTRY_SCRIPT, "--help"], capture_output=True, text=True, env=env,
+                        timeout=120)
+    bad = subprocess.run([sys.executable, "-c", ENTRY_SCRIPT, "train", "--bogus"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    help_text = build_parser().format_help()
+    assert ok.returncode == 0 and ok.stdout.startswith(help_text)
+    assert bad.returncode == 2 and "polytropon: error: unrecognized arguments: --bogus" in bad.stderr
+    teardown = world_size == "1"
+    assert ok.stdout.endswith("teardown ran\n") is teardown
+    assert ("teardown ran" in bad.stdout) is teardown

@@ -24,6 +24,7 @@ def test_torchrun_two_cpu_processes(tiny_bert, tiny_data, tmp_path):
         PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
         POLYTROPON_RANK_DUMP_DIR=str(dumps),
         OMP_NUM_THREADS="1",
+        PYTHONFAULTHANDLER="1",  # a rank that crashes prints its Python stack
     )
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -67,7 +68,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_bert, tiny_data, tmp_path):
     train, evaluation = tiny_data
     out, dumps = tmp_path / "run", tmp_path / "ranks"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
-               POLYTROPON_RANK_DUMP_DIR=str(dumps), OMP_NUM_THREADS="1")
+               POLYTROPON_RANK_DUMP_DIR=str(dumps), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     cmd = [
         "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",

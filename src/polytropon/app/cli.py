@@ -18,15 +18,16 @@ under :mod:`polytropon.app.commands`, listed in :data:`COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from .commands import adapt, evaluate, export_lora, inspect, merge, suite, train
-from .console import CliError
+from .console import CliError, world_size
 from .defaults import DEFAULT_MODEL_NAME
 
-__all__ = ["main", "build_parser", "CliError", "DEFAULT_MODEL_NAME", "COMMANDS"]
+__all__ = ["main", "entry_point", "build_parser", "CliError", "DEFAULT_MODEL_NAME", "COMMANDS"]
 
 #: The verbs, in the order of ``--help``. Each module has ``VERB``, ``HELP``, ``DESCRIPTION``,
 #: ``add_arguments(parser)`` and ``run(args) -> exit code``; a new verb is a new module and its line here.
@@ -86,16 +87,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def close_process_group() -> None:
-    """Shut down the process group a distributed run (torchrun, accelerate) opened, before the process exits.
-
-    Left open, its communication threads are still running while the interpreter tears down, and a process
-    can die with ``terminate called without an active exception`` (seen as a rare SIGABRT in a rank).
-    """
+    """Shut down the process group a distributed run (torchrun, accelerate) opened, once the command is done."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
+def entry_point() -> NoReturn:
+    """The ``polytropon`` executable and ``python -m polytropon``: run :func:`main` and exit with its code.
+
+    A process that a distributed launcher started (``WORLD_SIZE`` > 1) ends with :func:`end_worker_process`
+    instead of the interpreter's usual teardown.
+    """
+    code = main()
+    if world_size() > 1:
+        end_worker_process(code)
+    sys.exit(code)
+
+
+def end_worker_process(code: int) -> NoReturn:
+    """Flush the output and end this process at once with exit status ``code``, skipping the interpreter's teardown.
+
+    Why: DDP keeps its gloo process group, and so the group's C++ worker threads, alive after
+    :func:`torch.distributed.destroy_process_group`. If one of those threads needs the GIL while the interpreter
+    is finalizing (to free a tensor that Python also referenced), CPython ends the thread with ``pthread_exit``,
+    whose unwinding through C++ aborts the whole process (SIGABRT, ``terminate called without an active
+    exception``) after the run has succeeded. Every file the command writes is closed before it returns; what is
+    left to do here is flushing standard output, standard error and the ``logging`` handlers.
+    """
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()
