@@ -227,4 +227,7 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
+    from polytropon.app.cli import end_worker_process
+
     main(sys.argv[1])
+    end_worker_process(0)  # as `polytropon` does in a launched rank: no interpreter teardown beside gloo's threads
