@@ -27,7 +27,7 @@ from .commands import adapt, evaluate, export_lora, inspect, merge, suite, train
 from .console import CliError, world_size
 from .defaults import DEFAULT_MODEL_NAME
 
-__all__ = ["main", "entry_point", "build_parser", "CliError", "DEFAULT_MODEL_NAME", "COMMANDS"]
+__all__ = ["main", "entry_point", "end_worker_process", "build_parser", "CliError", "DEFAULT_MODEL_NAME", "COMMANDS"]
 
 #: The verbs, in the order of ``--help``. Each module has ``VERB``, ``HELP``, ``DESCRIPTION``,
 #: ``add_arguments(parser)`` and ``run(args) -> exit code``; a new verb is a new module and its line here.
