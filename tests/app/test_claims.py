@@ -115,7 +115,8 @@ def _tiny_jobs():
     return [Job("multitask", "mhr", 0, recipe, (("mhr-z", few),), shots=4, few_shot_steps=2),
             Job("few-shot", "lora", 1, few, shots=4, few_shot_steps=2),
             Job("multitask", "lora-params", 1, Recipe(steps=3, batch_size=8, n_skills=2, r=2, max_length=16),
-                (("shared-ft", few),), shots=4, few_shot_steps=2)]
+                (("shared-ft", few),), shots=4, few_shot_steps=2),
+            Job("head-only", "head-only", 0, recipe)]
 
 
 def test_the_worker_pool_returns_what_one_process_computes(tiny_setup):
@@ -129,6 +130,8 @@ def test_the_worker_pool_returns_what_one_process_computes(tiny_setup):
     for a, b in zip(pooled, local):
         assert a["record"]["per_task"] == b["record"]["per_task"]
         assert a["record"].get("losses") == b["record"].get("losses")
+        # the head-only baseline too, though each process starts with its own random torch seed
+        assert a["record"].get("eval_loss") == b["record"].get("eval_loss")
         assert [f["per_task"] for f in a["few_shot"]] == [f["per_task"] for f in b["few_shot"]]
     mhr = pooled[0]
     assert len(mhr["record"]["losses"]) == 3 and all(math.isfinite(loss) for loss in mhr["record"]["losses"])

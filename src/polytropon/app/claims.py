@@ -130,8 +130,8 @@ def run_job(setup: Setup, job: Job) -> dict[str, Any]:
 
 
 def _head_only(base: Any, data: Any, job: Job) -> dict[str, Any]:
-    """A classification head trained on the frozen base model (at most 1,280 training rows, 60 epochs)."""
-    import copy
+    """A classification head trained on the frozen base model (at most 1,280 training rows, 60 epochs), starting,
+    like every method, from the head :meth:`~polytropon.app.experiment.BaseModel.fresh` draws from the job's seed."""
     import random
 
     from .experiment import LABEL_TO_ID, eval_examples, family_means
@@ -141,12 +141,13 @@ def _head_only(base: Any, data: Any, job: Job) -> dict[str, Any]:
     if len(rows) > 1280:
         rows = [rows[i] for i in sorted(random.Random(job.seed).sample(range(len(rows)), 1280))]
     task_to_id = {t: i for i, t in enumerate(data.tasks)}
-    metrics = head_only_baseline(copy.deepcopy(base.model), base.tokenizer, rows, data.eval_rows, task_to_id,
+    metrics = head_only_baseline(base.fresh(job.seed), base.tokenizer, rows, data.eval_rows, task_to_id,
                                  LABEL_TO_ID, job.recipe.max_length if job.recipe is not None else 48, epochs=60,
                                  seed=job.seed)
     per_task = {task: m["accuracy"] for task, m in metrics.items()}
     return {"method": "head-only", "seed": job.seed, "accuracy": family_means(per_task, data.suite.tasks),
-            "per_task": per_task, "eval_examples": eval_examples(data.eval_rows)}
+            "per_task": per_task, "eval_loss": {task: m["loss"] for task, m in metrics.items()},
+            "eval_examples": eval_examples(data.eval_rows)}
 
 
 def _start_worker(setup: Setup) -> None:
