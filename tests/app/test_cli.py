@@ -76,7 +76,6 @@ def test_console_entry_points(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == ours[0]
 
 
-
 def test_the_installed_command_is_the_entry_point():
     from importlib.metadata import entry_points
 

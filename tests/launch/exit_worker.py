@@ -4,7 +4,7 @@ Written as training scripts usually are: a ``DistributedDataParallel`` model tha
 last collectives started asynchronously on tensors Python created and dropped, ``destroy_process_group()``, and the
 end of the script: ``MODE=teardown`` through the interpreter's usual teardown, ``MODE=end_worker_process`` as a
 launched ``polytropon`` rank ends. DDP keeps the gloo process group and its threads alive past
-``destroy_process_group``; with the usual teardown about half of such launches abort in a rank (SIGABRT,
+``destroy_process_group``; with the usual teardown most such launches (13 of 18 here) abort in a rank (SIGABRT,
 ``terminate called without an active exception``, the message a rank of ``polytropon train`` once died with).
 Run by ``tests/app/test_distributed.py``.
 """
